@@ -1,0 +1,77 @@
+"""Pure loss functions, as the original LightningDOT computes them.
+
+All take static shapes with weights/masks instead of boolean indexing, so they jit without
+recompiling: a "weights" array selects which rows count (1) and which are padding (0).
+Shapes: Q text queries, N images, B batch, M positions, V vocab, F features, C classes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _weighted_mean(values, weights):
+    """Sum(values * weights) / max(sum(weights), 1)."""
+    weights = weights.astype(values.dtype)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def contrastive_loss_per_example(text_embeddings, image_embeddings):
+    """LightningDOT's CMR / fine-tuning loss per pair, in-batch, positives on the diagonal.
+
+    Args:
+      text_embeddings: f32[B, P]; image_embeddings: f32[B, P] (pair i is caption i, image i).
+    Returns:
+      f32[B]: 0.5 * CE(text i → images) + 0.5 * CE(image i → texts). Raw dot products: no
+      temperature, no normalization, other captions of the same image count as negatives.
+    """
+    scores = jnp.einsum("qp,np->qn", text_embeddings, image_embeddings,
+                        preferred_element_type=jnp.float32)
+    text_to_image = -jnp.diagonal(jax.nn.log_softmax(scores, axis=1))
+    image_to_text = -jnp.diagonal(jax.nn.log_softmax(scores, axis=0))
+    return 0.5 * text_to_image + 0.5 * image_to_text
+
+
+def contrastive_loss(text_embeddings, image_embeddings):
+    """Mean of `contrastive_loss_per_example` over the batch: f32[]."""
+    return jnp.mean(contrastive_loss_per_example(text_embeddings, image_embeddings))
+
+
+def masked_lm_loss(logits, labels, ignore_index: int = -1):
+    """VMLM: cross-entropy averaged over the masked tokens.
+
+    Args:
+      logits: f32[..., V]; labels: int[...] with `ignore_index` where nothing is predicted.
+    Returns: f32[].
+    """
+    valid = labels != ignore_index
+    safe = jnp.where(valid, labels, 0)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    return _weighted_mean(nll, valid)
+
+
+def mrfr_loss(prediction, target, weights):
+    """SMRM feature regression: MSE averaged over every element of the masked regions.
+
+    Args:
+      prediction, target: f32[..., F]; weights: [...] 1 for masked regions, 0 otherwise.
+    Returns: f32[] = sum over masked regions of ||pred - target||² / (n_masked · F).
+    """
+    squared = jnp.sum(jnp.square(prediction.astype(jnp.float32) - target), axis=-1)
+    return _weighted_mean(squared, weights) / prediction.shape[-1]
+
+
+def mrc_kl_loss(logits, soft_labels, weights):
+    """SMRM region classification (MRC-kl): KL(soft_labels ‖ softmax(logits)) averaged over
+    every element of the masked regions (as torch's kl_div(reduction='none').mean()).
+
+    Args:
+      logits, soft_labels: f32[..., C]; weights: [...] 1 for masked regions.
+    Returns: f32[].
+    """
+    log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    # p·(log p − log q), with 0·log 0 = 0 as torch's xlogy.
+    kl = jax.scipy.special.xlogy(soft_labels, soft_labels) - soft_labels * log_q
+    return _weighted_mean(jnp.sum(kl, axis=-1), weights) / logits.shape[-1]

@@ -1,0 +1,55 @@
+"""CrossEncoder: UNITER ITM, the slow-stage re-ranker."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ldot_jax.models.config import CrossEncoderConfig
+from ldot_jax.models.layers import dense
+from ldot_jax.models.towers import UniterTrunk
+
+
+class CrossEncoderOutput(NamedTuple):
+    """sequence: [B, L + R, H] packed (text then regions, no gap); mask: bool[B, L + R];
+    pooled: [B, H] = tanh(pooler(h0)); itm_logits: f32[B, 2]; rank_score: f32[B]."""
+
+    sequence: jnp.ndarray
+    mask: jnp.ndarray
+    pooled: jnp.ndarray
+    itm_logits: jnp.ndarray
+    rank_score: jnp.ndarray
+
+
+class CrossEncoder(nn.Module):
+    """UNITER single stream over a caption and an image's regions.
+
+    Params: {"uniter": {"embeddings", "region_embeddings", "encoder"}, "pooler", "itm_output",
+    "rank_output"}. The re-ranking score is the raw `rank_output` logit.
+    """
+
+    config: CrossEncoderConfig
+
+    def setup(self):
+        c = self.config.transformer
+        self.uniter = UniterTrunk(c, self.config.region)
+        self.pooler = dense(c, c.hidden_size)
+        self.itm_output = dense(c, 2)
+        self.rank_output = dense(c, 1)
+
+    def __call__(self, input_ids, text_mask, region_feat, boxes, region_mask,
+                 deterministic: bool = True) -> CrossEncoderOutput:
+        """input_ids: i32[B, L]; text_mask: [B, L] prefix mask; region_feat: f[B, R, F];
+        boxes: f[B, R, 7]; region_mask: [B, R] prefix mask. Pair i is (caption i, image i)."""
+        sequence, mask = self.uniter(input_ids, text_mask, region_feat, boxes, region_mask,
+                                     pack=True, deterministic=deterministic)
+        pooled = jnp.tanh(self.pooler(sequence[:, 0]))
+        return CrossEncoderOutput(sequence, mask, pooled,
+                                  self.itm_output(pooled).astype(jnp.float32),
+                                  self.rank_output(pooled)[:, 0].astype(jnp.float32))
+
+    def score(self, input_ids, text_mask, region_feat, boxes, region_mask):
+        """f32[B]: the re-ranking logit of each (caption, image) pair."""
+        return self(input_ids, text_mask, region_feat, boxes, region_mask).rank_score

@@ -1,0 +1,155 @@
+"""BERT building blocks, numerically faithful to transformers 2.3 / UNITER.
+
+Post-LN blocks, exact-erf GELU, LayerNorm eps from the config (1e-12 in every original model),
+additive attention bias (1 - mask) * -10000 (not -inf), position ids arange(L).
+
+Shapes: B batch, L sequence, H hidden, N heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldot_jax.models.config import TransformerConfig
+
+# The original masks with -10000, not -inf: padded keys still get exp(-10000) = 0 in float32,
+# and the constant is part of what parity with converted checkpoints depends on.
+MASK_VALUE = -10000.0
+
+
+def gelu(x):
+    """Exact (erf) GELU, as BERT and UNITER use."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def attention_bias(mask, dtype=jnp.float32):
+    """Additive attention bias from a key mask.
+
+    Args:
+      mask: [B, L] with 1 (or True) for real tokens.
+    Returns:
+      [B, 1, 1, L]: 0 for real keys, -10000 for padding.
+    """
+    return ((1.0 - mask.astype(dtype)) * MASK_VALUE)[:, None, None, :]
+
+
+def dense(config: TransformerConfig, features: int, name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, dtype=config.compute_dtype, param_dtype=config.params_dtype,
+                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+def layer_norm(config: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
+    # Flax computes LayerNorm statistics in at least float32 even for bf16 inputs.
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype,
+                        param_dtype=config.params_dtype, name=name)
+
+
+def embed(config: TransformerConfig, num: int, features: int | None = None,
+          name: str | None = None) -> nn.Embed:
+    return nn.Embed(num, features or config.hidden_size, dtype=config.compute_dtype,
+                    param_dtype=config.params_dtype,
+                    embedding_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+class TextEmbeddings(nn.Module):
+    """word + position + token type, then LayerNorm and dropout (BertEmbeddings).
+
+    The token-type table is also used for regions (type 1) by UNITER; `type_embedding` exposes it.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        c = self.config
+        self.word_embeddings = embed(c, c.vocab_size)
+        self.position_embeddings = embed(c, c.max_position_embeddings)
+        self.token_type_embeddings = embed(c, c.type_vocab_size)
+        self.layer_norm = layer_norm(c)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+
+    def __call__(self, input_ids, token_type_ids=None, deterministic: bool = True):
+        """input_ids: i32[B, L] → [B, L, H]. Position ids are arange(L)."""
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+             + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.layer_norm(x), deterministic=deterministic)
+
+    def type_embedding(self, token_type_ids):
+        """i32[...] → [..., H]: rows of the shared token-type table."""
+        return self.token_type_embeddings(token_type_ids)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: query/key/value projections, attention, output projection.
+
+    The output projection's residual and LayerNorm live in `TransformerLayer` (post-LN).
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, hidden, bias, deterministic: bool = True):
+        """hidden: [B, L, H]; bias: f32[B, 1, 1, L] additive → [B, L, H]."""
+        c = self.config
+        batch, length, _ = hidden.shape
+        split = lambda x: x.reshape(batch, length, c.num_heads, c.head_dim)
+        query = split(dense(c, c.hidden_size, "query")(hidden))
+        key = split(dense(c, c.hidden_size, "key")(hidden))
+        value = split(dense(c, c.hidden_size, "value")(hidden))
+        if c.attention_impl == "fused":
+            context = jax.nn.dot_product_attention(query, key, value,
+                                                   bias=bias.astype(query.dtype))
+        else:
+            context = self._xla_attention(query, key, value, bias, deterministic)
+        context = context.reshape(batch, length, c.hidden_size)
+        return dense(c, c.hidden_size, "output")(context)
+
+    def _xla_attention(self, query, key, value, bias, deterministic):
+        c = self.config
+        # Logits and softmax in float32: bf16 softmax over -10000 biases loses the real keys.
+        logits = jnp.einsum("bqnd,bknd->bnqk", query, key,
+                            preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
+        probs = jax.nn.softmax(logits + bias, axis=-1)
+        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+        return jnp.einsum("bnqk,bknd->bqnd", probs.astype(value.dtype), value)
+
+
+class TransformerLayer(nn.Module):
+    """One post-LN BERT block: LN(x + Attn(x)), then LN(h + FFN(h))."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, hidden, bias, deterministic: bool = True):
+        c = self.config
+        dropout = functools.partial(nn.Dropout(c.hidden_dropout), deterministic=deterministic)
+        attended = SelfAttention(c, name="attention")(hidden, bias, deterministic)
+        hidden = layer_norm(c, "attention_layer_norm")(hidden + dropout(attended))
+        inner = gelu(dense(c, c.intermediate_size, "intermediate")(hidden))
+        out = dense(c, c.hidden_size, "output")(inner)
+        return layer_norm(c, "output_layer_norm")(hidden + dropout(out))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of `num_layers` TransformerLayers named layer_0 … layer_{n-1}."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, hidden, mask, deterministic: bool = True):
+        """hidden: [B, L, H]; mask: [B, L] (1 = real) → last-layer states [B, L, H]."""
+        c = self.config
+        layer_cls = TransformerLayer
+        if c.remat:
+            # Recompute each block in the backward pass: activation memory O(1 block).
+            layer_cls = nn.remat(TransformerLayer, static_argnums=(3,))
+        bias = attention_bias(mask)
+        for i in range(c.num_layers):
+            hidden = layer_cls(c, name=f"layer_{i}")(hidden, bias, deterministic)
+        return hidden

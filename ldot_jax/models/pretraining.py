@@ -1,0 +1,86 @@
+"""The LightningDOT pre-training model: the dual encoder plus the VMLM / SMRM heads.
+
+Fusion (the paper's method, `cls_concat='add'` in the original): each text token's state gets
+the image tower's raw last-layer [CLS] state added before the MLM head (VMLM); each region's
+state gets the text tower's raw [CLS] state added before the MRFR / MRC heads (SMRM).
+
+Shapes: B batch, L text length, R regions, H hidden, V vocab, F feature dim, C classes,
+M gathered positions.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ldot_jax.models.config import DualEncoderConfig
+from ldot_jax.models.dual_encoder import DualEncoder
+from ldot_jax.models.heads import MLMHead, MRCHead, MRFRHead
+
+
+def _gather(states, positions):
+    """states: [B, S, H]; positions: i32[B, M] or None → [B, M, H] (or states)."""
+    if positions is None:
+        return states
+    return jnp.take_along_axis(states, positions[..., None], axis=1)
+
+
+class DualEncoderForPretraining(nn.Module):
+    """Params: {"dual_encoder": DualEncoder params, "mlm_head", "mrfr_head", "mrc_head"}."""
+
+    config: DualEncoderConfig
+
+    def setup(self):
+        c = self.config
+        if c.text.hidden_size != c.image.hidden_size:
+            raise ValueError(f"pre-training fuses the towers' states: text hidden_size="
+                             f"{c.text.hidden_size} must equal image hidden_size="
+                             f"{c.image.hidden_size}")
+        self.dual_encoder = DualEncoder(c)
+        self.mlm_head = MLMHead(c.image)
+        self.mrfr_head = MRFRHead(c.image, c.region.feat_dim)
+        self.mrc_head = MRCHead(c.image, c.region.num_classes)
+
+    def __call__(self, input_ids, attention_mask, region_feat, boxes, region_mask,
+                 masked_regions, deterministic: bool = True):
+        """All heads at every position: (VMLM f32[B, L, V], MRFR f32[B, R, F],
+        MRC f32[B, R, C]). Used to initialize every parameter."""
+        args = (input_ids, attention_mask, region_feat, boxes, region_mask)
+        return (self.vmlm_logits(*args, deterministic=deterministic),
+                self.mrfr_prediction(*args, masked_regions, deterministic=deterministic),
+                self.mrc_logits(*args, masked_regions, deterministic=deterministic))
+
+    def vmlm_logits(self, input_ids, attention_mask, region_feat, boxes, region_mask,
+                    positions=None, deterministic: bool = True):
+        """input_ids: i32[B, L] with [MASK]s; positions: i32[B, M] or None → f32[B, M|L, V]."""
+        text = self.dual_encoder.text_states(input_ids, attention_mask, deterministic)
+        image = self.dual_encoder.image_states(region_feat, boxes, region_mask, None,
+                                               deterministic)
+        fused = _gather(text.sequence, positions) + image.cls_state[:, None]
+        table = self.dual_encoder.image_tower.uniter.embeddings.word_embeddings.embedding
+        return self.mlm_head(fused, table)
+
+    def smrm_states(self, input_ids, attention_mask, region_feat, boxes, region_mask,
+                    masked_regions, positions=None, deterministic: bool = True):
+        """Fused region states [B, M|R, H]: region states (masked ones replaced by the mask
+        embedding at the input) + the text tower's [CLS] state. `positions` index regions
+        (0-based, excluding the image [CLS])."""
+        text = self.dual_encoder.text_states(input_ids, attention_mask, deterministic)
+        image = self.dual_encoder.image_states(region_feat, boxes, region_mask, masked_regions,
+                                               deterministic)
+        return _gather(image.sequence[:, 1:], positions) + text.cls_state[:, None]
+
+    def mrfr_prediction(self, input_ids, attention_mask, region_feat, boxes, region_mask,
+                        masked_regions, positions=None, deterministic: bool = True):
+        """→ f32[B, M|R, F]: regressed region features."""
+        fused = self.smrm_states(input_ids, attention_mask, region_feat, boxes, region_mask,
+                                 masked_regions, positions, deterministic)
+        region_embeddings = self.dual_encoder.image_tower.uniter.region_embeddings
+        return self.mrfr_head(fused, region_embeddings.img_linear_kernel())
+
+    def mrc_logits(self, input_ids, attention_mask, region_feat, boxes, region_mask,
+                   masked_regions, positions=None, deterministic: bool = True):
+        """→ f32[B, M|R, C]: detector-class logits."""
+        fused = self.smrm_states(input_ids, attention_mask, region_feat, boxes, region_mask,
+                                 masked_regions, positions, deterministic)
+        return self.mrc_head(fused)

@@ -1,0 +1,229 @@
+"""Model directories: a model config (JSON) plus its parameters (Orbax), and the load API.
+
+A directory written by `save_pretrained` (the converter writes them too) holds:
+  ldot_config.json  {"format_version", "kind", "model": <config dict>, "metadata": {...}}
+  params/           Orbax checkpoint of the Flax params pytree
+It is written to a temporary sibling and renamed into place, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ldot_jax import checkpoint, fileutil
+from ldot_jax.models import config as config_lib
+from ldot_jax.models.config import BertConfig, CrossEncoderConfig, DualEncoderConfig
+from ldot_jax.models.cross_encoder import CrossEncoder
+from ldot_jax.models.dual_encoder import DualEncoder
+from ldot_jax.models.pretraining import DualEncoderForPretraining
+from ldot_jax.models.towers import BertTrunk
+
+CONFIG_FILE = "ldot_config.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+class ModelKind(NamedTuple):
+    """A kind of model directory: its config class, how to build the module, and dummy inputs
+    (smallest shapes) for shape inference."""
+
+    config_cls: type
+    build: Callable[[Any], nn.Module]
+    dummy_inputs: Callable[[Any], tuple]
+
+
+def _text(b=1, length=2):
+    return jnp.zeros((b, length), jnp.int32), jnp.ones((b, length), jnp.int32)
+
+
+def _regions(region, b=1, r=1):
+    return (jnp.zeros((b, r, region.feat_dim), jnp.float32),
+            jnp.zeros((b, r, region.box_dim), jnp.float32), jnp.ones((b, r), jnp.int32))
+
+
+MODEL_KINDS: dict[str, ModelKind] = {
+    "lightningdot": ModelKind(
+        DualEncoderConfig, DualEncoder, lambda c: _text() + _regions(c.region)),
+    "lightningdot_pretrain": ModelKind(
+        DualEncoderConfig, DualEncoderForPretraining,
+        lambda c: _text() + _regions(c.region) + (jnp.ones((1, 1), jnp.int32),)),
+    "uniter_itm": ModelKind(
+        CrossEncoderConfig, CrossEncoder, lambda c: _text() + _regions(c.region)),
+    "bert": ModelKind(BertConfig, lambda c: BertTrunk(c.transformer), lambda c: _text()),
+}
+
+
+def model_kind(kind: str) -> ModelKind:
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; valid kinds are {sorted(MODEL_KINDS)}")
+    return MODEL_KINDS[kind]
+
+
+def build_model(kind: str, config) -> nn.Module:
+    """The Flax module of `kind` for `config`."""
+    spec = model_kind(kind)
+    if not isinstance(config, spec.config_cls):
+        raise ValueError(f"kind {kind!r} takes a {spec.config_cls.__name__}, got "
+                         f"{type(config).__name__}")
+    return spec.build(config)
+
+
+def abstract_params(kind: str, config) -> Any:
+    """Params pytree of jax.ShapeDtypeStruct for `kind` / `config` (nothing is allocated)."""
+    model = build_model(kind, config)
+    inputs = model_kind(kind).dummy_inputs(config)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
+    return variables["params"]
+
+
+def init_params(kind: str, config, rng) -> Any:
+    """Freshly initialized params of `kind` / `config` (BERT init: normal(0.02), LN 1/0)."""
+    model = build_model(kind, config)
+    inputs = model_kind(kind).dummy_inputs(config)
+    return jax.jit(model.init)(rng, *inputs)["params"]
+
+
+def save_pretrained(directory: str | os.PathLike, kind: str, config, params,
+                    metadata: dict | None = None) -> str:
+    """Writes a model directory atomically and returns its absolute path.
+
+    Params must match `abstract_params(kind, config)` in structure and shapes.
+    """
+    _check_params(kind, config, params, where="params to save")
+    body = {"format_version": FORMAT_VERSION, "kind": kind, "model": config_lib.to_dict(config),
+            "metadata": metadata or {}}
+    with fileutil.atomic_directory(directory) as tmp:
+        checkpoint.save_tree(os.path.join(tmp, PARAMS_DIR), params)
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(body, f, indent=1)
+    return os.path.abspath(directory)
+
+
+class Pretrained(NamedTuple):
+    kind: str
+    config: Any
+    params: Any
+    metadata: dict
+
+
+def read_config(directory: str | os.PathLike) -> tuple[str, Any, dict]:
+    """(kind, config, metadata) of a model directory, without loading params."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise checkpoint.CheckpointError(f"model directory {directory} does not exist")
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise checkpoint.CheckpointError(
+            f"{directory} is not a complete ldot_jax model directory: {CONFIG_FILE} is missing")
+    try:
+        with open(path) as f:
+            body = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise checkpoint.CheckpointError(f"{path} is unreadable: {e}") from e
+    for key in ("format_version", "kind", "model"):
+        if key not in body:
+            raise checkpoint.CheckpointError(f"{path}: key {key!r} is missing")
+    if body["format_version"] != FORMAT_VERSION:
+        raise checkpoint.CheckpointError(
+            f"{path}: format_version {body['format_version']} is not supported "
+            f"(this ldot_jax reads {FORMAT_VERSION})")
+    spec = model_kind(body["kind"])
+    config = config_lib.from_dict(spec.config_cls, body["model"], where=f"{path}: model")
+    return body["kind"], config, body.get("metadata", {})
+
+
+def load_pretrained(directory: str | os.PathLike, sharding=None, **numerics) -> Pretrained:
+    """Loads a model directory. `numerics` (dtype, attention_impl, remat, …) override the saved
+    config's compute settings; parameters keep their stored dtype."""
+    kind, config, metadata = read_config(directory)
+    if numerics:
+        config = config_lib.replace_numerics(config, **numerics)
+    params_path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    stored = checkpoint.tree_metadata(params_path)
+    expected = abstract_params(kind, config)
+    _compare_trees(expected, stored, where=params_path)
+    params = checkpoint.restore_tree(params_path, expected, sharding)
+    return Pretrained(kind, config, params, metadata)
+
+
+def load_dual_encoder(directory: str | os.PathLike, **numerics) -> tuple[DualEncoder, Any]:
+    """(DualEncoder, params) from a converted LightningDOT checkpoint or a trained model.
+
+    A pre-training directory (kind lightningdot_pretrain) gives its dual encoder (the heads
+    are dropped). `numerics` override compute settings, e.g. `dtype="bfloat16"`.
+    """
+    loaded = load_pretrained(directory, **numerics)
+    if loaded.kind == "lightningdot":
+        return DualEncoder(loaded.config), loaded.params
+    if loaded.kind == "lightningdot_pretrain":
+        return DualEncoder(loaded.config), loaded.params["dual_encoder"]
+    raise checkpoint.CheckpointError(
+        f"{directory} holds a {loaded.kind!r} model, not a dual encoder "
+        f"(lightningdot or lightningdot_pretrain)")
+
+
+def load_pretraining_model(directory: str | os.PathLike,
+                           **numerics) -> tuple[DualEncoderForPretraining, Any]:
+    """(DualEncoderForPretraining, params) from a lightningdot_pretrain directory."""
+    loaded = load_pretrained(directory, **numerics)
+    if loaded.kind != "lightningdot_pretrain":
+        raise checkpoint.CheckpointError(
+            f"{directory} holds a {loaded.kind!r} model, not lightningdot_pretrain")
+    return DualEncoderForPretraining(loaded.config), loaded.params
+
+
+def load_cross_encoder(directory: str | os.PathLike, **numerics) -> tuple[CrossEncoder, Any]:
+    """(CrossEncoder, params) from a converted UNITER ITM checkpoint or a trained re-ranker."""
+    loaded = load_pretrained(directory, **numerics)
+    if loaded.kind != "uniter_itm":
+        raise checkpoint.CheckpointError(
+            f"{directory} holds a {loaded.kind!r} model, not a cross-encoder (uniter_itm)")
+    return CrossEncoder(loaded.config), loaded.params
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _compare_trees(expected, actual, where: str) -> None:
+    """Raises CheckpointError listing missing / unexpected leaves and shape mismatches."""
+    want, have = _flat(expected), _flat(actual)
+    problems = []
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    if missing:
+        problems.append(f"missing {len(missing)} parameter(s): {missing[:20]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} parameter(s): {unexpected[:20]}")
+    for name in sorted(set(want) & set(have)):
+        if tuple(want[name].shape) != tuple(have[name].shape):
+            problems.append(f"{name}: stored shape {tuple(have[name].shape)}, model expects "
+                            f"{tuple(want[name].shape)}")
+    if problems:
+        raise checkpoint.CheckpointError(f"{where} does not match the model: "
+                                         + "; ".join(problems))
+
+
+def _check_params(kind, config, params, where):
+    _compare_trees(abstract_params(kind, config), params, where)
+
+
+def describe(config) -> str:
+    """One line: sizes of a config, for logs."""
+    parts = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, config_lib.TransformerConfig):
+            parts.append(f"{f.name}: {value.num_layers}L/{value.hidden_size}H/"
+                         f"{value.num_heads}A vocab {value.vocab_size}")
+        elif not dataclasses.is_dataclass(value):
+            parts.append(f"{f.name}={value}")
+    return ", ".join(parts)

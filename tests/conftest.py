@@ -1,0 +1,43 @@
+"""Shared fixtures. Simulated CPU devices are set before JAX is imported."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import ldot_jax  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data"
+# The parity fixtures' towers have hidden 32 and 4 heads (hidden / 64 does not apply).
+SMALL_HEADS = 4
+
+
+@pytest.fixture(scope="session")
+def ldot_io():
+    return dict(np.load(DATA / "ldot_small_io.npz"))
+
+
+@pytest.fixture(scope="session")
+def uniter_io():
+    return dict(np.load(DATA / "uniter_small_io.npz"))
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """The three parity checkpoints converted through the public API: kind → directory."""
+    root = tmp_path_factory.mktemp("converted")
+    sources = {"lightningdot": "ldot_small_weights.npz",
+               "lightningdot_pretrain": "ldot_small_pretrain_weights.npz",
+               "uniter_itm": "uniter_small_weights.npz"}
+    return {kind: ldot_jax.convert_checkpoint(kind, DATA / name, root / kind,
+                                              num_heads=SMALL_HEADS)
+            for kind, name in sources.items()}
+
+
+def prefix_mask(lengths, width):
+    """int32[B, width]: 1 for the first lengths[i] positions of row i."""
+    return (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
