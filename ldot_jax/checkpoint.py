@@ -7,7 +7,7 @@ restored onto explicit shardings, so a tree saved on one mesh restores onto anot
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -40,6 +40,9 @@ def tree_metadata(path: str | os.PathLike) -> Any:
             f"{path} is not a complete Orbax checkpoint (interrupted write?): {e}") from e
     # Newer Orbax wraps the tree in StepMetadata.item_metadata.tree.
     tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{path} is not a complete Orbax checkpoint (interrupted write?): "
+                              f"its array metadata is missing")
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree,
                         is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
 

@@ -150,12 +150,14 @@ ITM_HEADS = [
 
 @dataclasses.dataclass(frozen=True)
 class KindSpec:
-    """How one kind of checkpoint maps: name rules, keys ignored (regexes), tied tensors
-    (key → the key it must equal) and which tower prefixes carry the sizes."""
+    """How one kind of checkpoint maps: name rules, keys ignored (regexes), and tied tensors
+    (key → the key it must equal). `tied` keys are also written on export, as the original
+    saves them; `aliases` are tied copies that only newer libraries save (accepted on import)."""
 
     rules: list[Rule]
     ignored: tuple[str, ...] = ()
     tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 _POSITION_IDS = r"(.*\.)?embeddings\.position_ids"  # a buffer, saved by some transformers
@@ -170,10 +172,11 @@ def kind_spec(kind: str, trunk_prefix: str = "") -> KindSpec:
         return KindSpec(
             _prefixed(DUAL_ENCODER, "bert.", "dual_encoder/") + PRETRAIN_HEADS,
             (r"bert\.(txt|img)_model\.bert\.pooler\..*", r"itm_output\..*", _POSITION_IDS),
-            {"cls.predictions.decoder.weight":
-                 "bert.img_model.bert.embeddings.word_embeddings.weight",
-             "cls.predictions.decoder.bias": "cls.predictions.bias",
-             "feat_regress.weight": "bert.img_model.bert.img_embeddings.img_linear.weight"})
+            tied={"cls.predictions.decoder.weight":
+                      "bert.img_model.bert.embeddings.word_embeddings.weight",
+                  "feat_regress.weight": "bert.img_model.bert.img_embeddings.img_linear.weight"},
+            # transformers >= 2.4 ties the decoder's bias to the head's bias and saves both.
+            aliases={"cls.predictions.decoder.bias": "cls.predictions.bias"})
     if kind == "uniter_itm":
         return KindSpec(_prefixed(UNITER_TRUNK, trunk_prefix, "uniter/")
                         + _prefixed(ITM_HEADS[:1], trunk_prefix, "") + ITM_HEADS[1:],
@@ -395,8 +398,9 @@ def state_dict_to_params(kind: str, state: Mapping[str, np.ndarray], config) -> 
         if any(re.fullmatch(pattern, key) for pattern in spec.ignored):
             ignored.append(key)
             continue
-        if key in spec.tied:
-            _check_tied(state, key, spec.tied[key])
+        source = spec.tied.get(key) or spec.aliases.get(key)
+        if source:
+            _check_tied(state, key, source)
             continue
         target = next((t for r in spec.rules if (t := r.to_flax(key))), None)
         if target is None or target[0] not in expected:
