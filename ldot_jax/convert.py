@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -56,16 +57,7 @@ class Rule:
     kind: str
 
     def _regex(self, template: str, sep: str) -> re.Pattern:
-        pattern = re.escape(template)
-        for name, sub in _PLACEHOLDERS.items():
-            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{sub})")
-        leaves = "" if self.kind == TENSOR else (
-            re.escape(sep) + "(?P<leaf>" + "|".join(self._leaf_names(sep)) + ")")
-        return re.compile(pattern + leaves + r"\Z")
-
-    def _leaf_names(self, sep):
-        table = _LEAVES[self.kind]
-        return table.keys() if sep == "." else table.values()
+        return _compile(template, sep, self.kind)
 
     def to_flax(self, key: str) -> tuple[str, bool] | None:
         """PyTorch key → (Flax path, transpose?) or None."""
@@ -90,6 +82,18 @@ class Rule:
             return key, False
         inverse = {v: k for k, v in _LEAVES[self.kind].items()}
         return f"{key}.{inverse[m.group('leaf')]}", m.group("leaf") == "kernel"
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(template: str, sep: str, kind: str) -> re.Pattern:
+    """Regex of a Rule template; leaf names follow `sep` ("." PyTorch, "/" Flax)."""
+    pattern = re.escape(template)
+    for name, sub in _PLACEHOLDERS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{sub})")
+    if kind != TENSOR:
+        leaves = _LEAVES[kind].keys() if sep == "." else _LEAVES[kind].values()
+        pattern += re.escape(sep) + "(?P<leaf>" + "|".join(leaves) + ")"
+    return re.compile(pattern + r"\Z")
 
 
 def _prefixed(rules: Iterable[Rule], torch_prefix: str, flax_prefix: str) -> list[Rule]:

@@ -1,6 +1,7 @@
 """The converter: every key used, clear errors, prefixes, dtypes, .pt files, atomic output."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 import ldot_jax
 from ldot_jax import convert, pretrained
+from ldot_jax.models import config as config_lib
 from conftest import DATA, SMALL_HEADS, prefix_mask
 
 
@@ -215,3 +217,36 @@ def test_command_line(tmp_path):
     assert bad.returncode == 2
     assert "error:" in bad.stderr and "txt_model.encode_proj.3.weight" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+REFERENCE_LISTS = {"lightningdot": "ldot_state_dict.txt",
+                   "lightningdot_pretrain": "ldot_pretrain_state_dict.txt",
+                   "uniter_itm": "uniter_state_dict.txt"}
+
+
+def reference_shapes(name):
+    """{key: shape} from the original base-size state_dict listings."""
+    shapes = {}
+    for line in (DATA / "reference" / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, rest = line.split(" ", 1)
+            shapes[key] = tuple(int(x) for x in re.findall(r"\d+", rest.rsplit(" ", 1)[0]))
+    return shapes
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCE_LISTS))
+def test_base_size_names_and_shapes_match_the_released_checkpoints(kind):
+    """Base-size Flax params map onto exactly the released state_dict keys and shapes (less the
+    ignored ones), and the sizes inferred back from them are the base config."""
+    config = (config_lib.base_cross_encoder_config() if kind == "uniter_itm"
+              else config_lib.base_dual_encoder_config())
+    abstract = pretrained.abstract_params(kind, config)
+    # Zero-stride arrays: the shapes of 220M parameters without allocating them.
+    params = jax.tree.map(lambda s: np.broadcast_to(np.float32(0), s.shape), abstract)
+    state = convert.params_to_state_dict(kind, params)
+    reference = reference_shapes(REFERENCE_LISTS[kind])
+    spec = convert.kind_spec(kind, convert.trunk_prefix(kind, reference))
+    ignored = {k for k in reference if any(re.fullmatch(p, k) for p in spec.ignored)}
+    assert {k: tuple(v.shape) for k, v in state.items()} == {
+        k: v for k, v in reference.items() if k not in ignored}
+    assert convert.infer_config(kind, state) == config

@@ -17,37 +17,22 @@ def _transform(config: TransformerConfig, hidden):
         gelu(dense(config, config.hidden_size, "transform")(hidden)))
 
 
-class MLMHead(nn.Module):
-    """VMLM: logits over the vocabulary; the decoder is the IMAGE tower's word-embedding table
-    (tied), with its own bias."""
+class TiedOutputHead(nn.Module):
+    """An output layer whose weight belongs to another module (tied), with its own bias.
+
+    VMLM: the weight is the IMAGE tower's word-embedding table [V, H] (logits over the
+    vocabulary). MRFR: it is `img_linear`'s kernel [F, H], used transposed (regressed features).
+    """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, hidden, word_embeddings):
-        """hidden: [..., H]; word_embeddings: [V, H] → f32[..., V]."""
-        bias = self.param("bias", nn.initializers.zeros, (word_embeddings.shape[0],),
+    def __call__(self, hidden, tied_weight):
+        """hidden: [..., H]; tied_weight: [O, H] → f32[..., O]."""
+        bias = self.param("bias", nn.initializers.zeros, (tied_weight.shape[0],),
                           self.config.params_dtype)
         hidden = _transform(self.config, hidden)
-        logits = jnp.einsum("...h,vh->...v", hidden, word_embeddings.astype(hidden.dtype),
-                            preferred_element_type=jnp.float32)
-        return logits + bias
-
-
-class MRFRHead(nn.Module):
-    """SMRM feature regression: output weight = img_linear's (tied, used transposed), own
-    bias."""
-
-    config: TransformerConfig
-    feat_dim: int
-
-    @nn.compact
-    def __call__(self, hidden, img_linear_kernel):
-        """hidden: [..., H]; img_linear_kernel: [F, H] → f32[..., F]."""
-        bias = self.param("bias", nn.initializers.zeros, (self.feat_dim,),
-                          self.config.params_dtype)
-        hidden = _transform(self.config, hidden)
-        out = jnp.einsum("...h,fh->...f", hidden, img_linear_kernel.astype(hidden.dtype),
+        out = jnp.einsum("...h,oh->...o", hidden, tied_weight.astype(hidden.dtype),
                          preferred_element_type=jnp.float32)
         return out + bias
 

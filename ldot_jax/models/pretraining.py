@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from ldot_jax.models.config import DualEncoderConfig
 from ldot_jax.models.dual_encoder import DualEncoder
-from ldot_jax.models.heads import MLMHead, MRCHead, MRFRHead
+from ldot_jax.models.heads import MRCHead, TiedOutputHead
 
 
 def _gather(states, positions):
@@ -37,8 +37,8 @@ class DualEncoderForPretraining(nn.Module):
                              f"{c.text.hidden_size} must equal image hidden_size="
                              f"{c.image.hidden_size}")
         self.dual_encoder = DualEncoder(c)
-        self.mlm_head = MLMHead(c.image)
-        self.mrfr_head = MRFRHead(c.image, c.region.feat_dim)
+        self.mlm_head = TiedOutputHead(c.image)
+        self.mrfr_head = TiedOutputHead(c.image)
         self.mrc_head = MRCHead(c.image, c.region.num_classes)
 
     def __call__(self, input_ids, attention_mask, region_feat, boxes, region_mask,
