@@ -370,17 +370,6 @@ def _set(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
-def _flat(tree, prefix="") -> dict[str, Any]:
-    out = {}
-    for name, value in tree.items():
-        path = f"{prefix}{name}"
-        if isinstance(value, Mapping):
-            out.update(_flat(value, path + "/"))
-        else:
-            out[path] = value
-    return out
-
-
 def _torch_name(spec: KindSpec, path: str) -> tuple[str, bool]:
     for rule in spec.rules:
         found = rule.to_torch(path)
@@ -396,7 +385,7 @@ def state_dict_to_params(kind: str, state: Mapping[str, np.ndarray], config) -> 
     mismatches (key, checkpoint shape, expected shape, in PyTorch layout).
     """
     spec = kind_spec(kind, trunk_prefix(kind, state))
-    expected = {p: s.shape for p, s in _flat(pretrained.abstract_params(kind, config)).items()}
+    expected = {p: s.shape for p, s in pretrained.flatten_params(pretrained.abstract_params(kind, config)).items()}
     params, ignored, unknown, mismatched, mismatched_keys = {}, [], [], [], set()
     for key, value in state.items():
         if any(re.fullmatch(pattern, key) for pattern in spec.ignored):
@@ -419,7 +408,7 @@ def state_dict_to_params(kind: str, state: Mapping[str, np.ndarray], config) -> 
             mismatched_keys.add(key)
             continue
         _set(params, path, np.ascontiguousarray(value))
-    converted = _flat(params)
+    converted = pretrained.flatten_params(params)
     missing = sorted(name for p in expected if p not in converted
                      and (name := _torch_name(spec, p)[0]) not in mismatched_keys)
     problems = []
@@ -453,7 +442,7 @@ def params_to_state_dict(kind: str, params, trunk: str | None = None) -> dict[st
         trunk = {"uniter_itm": "uniter.", "bert": "bert."}.get(kind, "")
     spec = kind_spec(kind, trunk)
     state = {}
-    for path, value in _flat(params).items():
+    for path, value in pretrained.flatten_params(params).items():
         key, transpose = _torch_name(spec, path)
         value = np.asarray(value)
         state[key] = value.T if transpose else value

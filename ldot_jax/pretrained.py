@@ -188,14 +188,15 @@ def load_cross_encoder(directory: str | os.PathLike, **numerics) -> tuple[CrossE
     return CrossEncoder(loaded.config), loaded.params
 
 
-def _flat(tree) -> dict[str, Any]:
+def flatten_params(tree) -> dict[str, Any]:
+    """{"a/b/kernel": leaf} for a nested params dict (NumPy, jax or abstract leaves)."""
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _compare_trees(expected, actual, where: str) -> None:
     """Raises CheckpointError listing missing / unexpected leaves and shape mismatches."""
-    want, have = _flat(expected), _flat(actual)
+    want, have = flatten_params(expected), flatten_params(actual)
     problems = []
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
