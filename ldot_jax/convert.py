@@ -385,7 +385,8 @@ def state_dict_to_params(kind: str, state: Mapping[str, np.ndarray], config) -> 
     mismatches (key, checkpoint shape, expected shape, in PyTorch layout).
     """
     spec = kind_spec(kind, trunk_prefix(kind, state))
-    expected = {p: s.shape for p, s in pretrained.flatten_params(pretrained.abstract_params(kind, config)).items()}
+    abstract = pretrained.abstract_params(kind, config)
+    expected = {p: s.shape for p, s in pretrained.flatten_params(abstract).items()}
     params, ignored, unknown, mismatched, mismatched_keys = {}, [], [], [], set()
     for key, value in state.items():
         if any(re.fullmatch(pattern, key) for pattern in spec.ignored):
