@@ -1,0 +1,150 @@
+"""BERT WordPiece tokenization through the `tokenizers` library.
+
+Loads a BERT `vocab.txt` (cased, uncased, multilingual) or trains a WordPiece vocabulary on a
+caption corpus (the built-in dataset does), and turns captions into `[CLS] wordpieces [SEP]`
+ids. The length policy follows the original: `max_length` counts wordpieces WITHOUT [CLS] and
+[SEP] (the original's id2len); "drop" rejects longer captions (the original drops training
+captions over 60), "truncate" cuts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Sequence
+
+from tokenizers.implementations import BertWordPieceTokenizer
+
+from ldot_jax import fileutil
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+POLICIES = ("truncate", "drop")
+VOCAB_FILE = "vocab.txt"
+SETTINGS_FILE = "tokenizer.json"
+
+
+class Tokenizer:
+    """WordPiece tokenizer with BERT's special tokens.
+
+    Attributes: vocab_size, pad_id, unk_id, cls_id, sep_id, mask_id, and `random_token_range`
+    ([low, high): ids VMLM may draw as random replacements, i.e. past the special tokens; the
+    original's `v_range` [106, vocab] for bert-base-cased).
+    """
+
+    def __init__(self, vocab: dict[str, int], lowercase: bool, strip_accents: bool | None = None,
+                 source: str = "<vocab>"):
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(f"{source}: the vocabulary lacks the special token(s) {missing}")
+        self.lowercase = lowercase
+        self.strip_accents = lowercase if strip_accents is None else strip_accents
+        self._vocab = dict(vocab)
+        self._impl = BertWordPieceTokenizer(self._vocab, lowercase=lowercase,
+                                            strip_accents=self.strip_accents)
+        # Special tokens are added by `encode` itself: the length policy needs the bare count.
+        self._impl.post_processor = None
+        self.vocab_size = len(self._vocab)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            self._vocab[t] for t in SPECIAL_TOKENS)
+        self.random_token_range = (_first_regular_id(self._vocab), self.vocab_size)
+
+    @classmethod
+    def from_vocab_file(cls, path: str | os.PathLike, lowercase: bool | None = None,
+                        strip_accents: bool | None = None) -> "Tokenizer":
+        """From a BERT vocab.txt (one token per line, id = line number).
+
+        `lowercase` None: uncased if the vocabulary has no upper-case word (bert-base-uncased,
+        multilingual-uncased), cased otherwise (bert-base-cased, multilingual-cased).
+        """
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"vocabulary file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n") for line in f]
+        vocab = {}
+        for i, token in enumerate(tokens):
+            if token in vocab:
+                raise ValueError(f"{path}: token {token!r} appears twice (lines "
+                                 f"{vocab[token] + 1} and {i + 1})")
+            vocab[token] = i
+        if lowercase is None:
+            lowercase = not any(t[:1].isupper() for t in tokens if not t.startswith("["))
+        return cls(vocab, lowercase, strip_accents, source=path)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """From a directory written by `save` (vocab.txt + tokenizer.json settings)."""
+        directory = os.fspath(directory)
+        settings_path = os.path.join(directory, SETTINGS_FILE)
+        settings = {}
+        if os.path.isfile(settings_path):
+            with open(settings_path) as f:
+                settings = json.load(f)
+        return cls.from_vocab_file(os.path.join(directory, VOCAB_FILE),
+                                   settings.get("lowercase"), settings.get("strip_accents"))
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, lowercase: bool = True,
+              min_frequency: int = 2) -> "Tokenizer":
+        """Trains a WordPiece vocabulary of at most `vocab_size` tokens on `texts`.
+
+        The special tokens come first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+        """
+        trainer = BertWordPieceTokenizer(lowercase=lowercase)
+        trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                                    special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+        return cls(trainer.get_vocab(), lowercase)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes vocab.txt (ids = line numbers) and tokenizer.json (casing) atomically."""
+        os.makedirs(directory, exist_ok=True)
+        tokens = sorted(self._vocab, key=self._vocab.get)
+        fileutil.atomic_write_text(os.path.join(directory, VOCAB_FILE),
+                                   "".join(t + "\n" for t in tokens))
+        fileutil.atomic_write_text(
+            os.path.join(directory, SETTINGS_FILE),
+            json.dumps({"lowercase": self.lowercase, "strip_accents": self.strip_accents}))
+
+    def wordpieces(self, texts: Sequence[str]) -> list[list[int]]:
+        """Wordpiece ids of each text, without [CLS] / [SEP]."""
+        return [e.ids for e in self._impl.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode(self, text: str, max_length: int | None = None,
+               policy: str = "truncate") -> list[int] | None:
+        """`[CLS] wordpieces [SEP]` ids of one text; None if dropped by the policy."""
+        return self.encode_batch([text], max_length, policy)[0]
+
+    def encode_batch(self, texts: Sequence[str], max_length: int | None = None,
+                     policy: str = "truncate") -> list[list[int] | None]:
+        """`[CLS] wordpieces [SEP]` ids per text. With `max_length` (wordpieces, specials not
+        counted), "truncate" keeps the first `max_length` wordpieces and "drop" returns None
+        for a longer text."""
+        if policy not in POLICIES:
+            raise ValueError(f"length policy {policy!r}: expected one of {POLICIES}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length={max_length}: expected at least 1 wordpiece")
+        out = []
+        for pieces in self.wordpieces(texts):
+            if max_length is not None and len(pieces) > max_length:
+                if policy == "drop":
+                    out.append(None)
+                    continue
+                pieces = pieces[:max_length]
+            out.append([self.cls_id, *pieces, self.sep_id])
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids (special tokens removed, wordpieces joined)."""
+        return self._impl.decode(list(ids), skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._vocab.get(token)
+
+
+def _first_regular_id(vocab: dict[str, int]) -> int:
+    """The first id after the leading block of special / unused tokens ([PAD], [unused0], …)."""
+    tokens = sorted(vocab, key=vocab.get)
+    for token in tokens:
+        if not (token.startswith("[") and token.endswith("]")):
+            return vocab[token]
+    return len(tokens)
