@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Reinstall whenever the declared dependencies change.
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
-# Simulated CPU devices for the sharding tests; harmless elsewhere.
+# 8 simulated CPU devices, so multi-device code paths run on a CPU-only machine.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: demo test install clean

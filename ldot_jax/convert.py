@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert_checkpoint(args.kind, args.input, args.output, args.num_heads,
                                  args.trust_pickle)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kind, config, _ = pretrained.read_config(out)

@@ -6,16 +6,24 @@ import contextlib
 import os
 import shutil
 import uuid
+from typing import Callable
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
+def atomic_directory(path: str | os.PathLike, replaceable: Callable[[str], bool] = lambda p: False):
     """Yields a temporary directory next to `path`; on success it replaces `path`.
 
     On any exception the temporary directory is removed and `path` is left as it was. An
-    existing `path` is moved aside first and deleted only after the new one is in place.
+    existing `path` is replaced only if it is an empty directory or `replaceable(path)` says it
+    is one of ours; anything else is an error (never delete a user's unrelated data). The old
+    one is moved aside to `.NAME.old-*` and deleted only after the new one is in place: after a
+    crash between the two renames, the previous version is still there under that name.
     """
     path = os.path.abspath(path)
+    if os.path.lexists(path) and not (
+            os.path.isdir(path) and (not os.listdir(path) or replaceable(path))):
+        raise FileExistsError(f"refusing to replace {path}: it exists and is not a directory "
+                              f"this operation wrote (choose another output path)")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     token = uuid.uuid4().hex[:8]
@@ -42,6 +50,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with open(tmp, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

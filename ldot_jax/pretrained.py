@@ -99,10 +99,10 @@ def save_pretrained(directory: str | os.PathLike, kind: str, config, params,
     _check_params(kind, config, params, where="params to save")
     body = {"format_version": FORMAT_VERSION, "kind": kind, "model": config_lib.to_dict(config),
             "metadata": metadata or {}}
-    with fileutil.atomic_directory(directory) as tmp:
+    is_model_dir = lambda path: os.path.isfile(os.path.join(path, CONFIG_FILE))
+    with fileutil.atomic_directory(directory, replaceable=is_model_dir) as tmp:
         checkpoint.save_tree(os.path.join(tmp, PARAMS_DIR), params)
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(body, f, indent=1)
+        fileutil.atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(body, indent=1))
     return os.path.abspath(directory)
 
 
@@ -140,8 +140,9 @@ def read_config(directory: str | os.PathLike) -> tuple[str, Any, dict]:
 
 
 def load_pretrained(directory: str | os.PathLike, sharding=None, **numerics) -> Pretrained:
-    """Loads a model directory. `numerics` (dtype, attention_impl, remat, …) override the saved
-    config's compute settings; parameters keep their stored dtype."""
+    """Loads a model directory. `numerics` (see `config.NUMERICS`: dtype, attention_impl,
+    remat, dropout rates) override the saved config's compute settings; parameters keep their
+    stored dtype."""
     kind, config, metadata = read_config(directory)
     if numerics:
         config = config_lib.replace_numerics(config, **numerics)
@@ -191,7 +192,7 @@ def load_cross_encoder(directory: str | os.PathLike, **numerics) -> tuple[CrossE
 def flatten_params(tree) -> dict[str, Any]:
     """{"a/b/kernel": leaf} for a nested params dict (NumPy, jax or abstract leaves)."""
     return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+            for path, leaf in jax.tree.flatten_with_path(tree)[0]}
 
 
 def _compare_trees(expected, actual, where: str) -> None:

@@ -27,7 +27,7 @@ def save_npz(path, state):
 
 def flat(tree):
     return {"/".join(str(k.key) for k in p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+            for p, v in jax.tree.flatten_with_path(tree)[0]}
 
 
 def assert_same_params(a, b):
@@ -187,17 +187,42 @@ def test_bad_kind_and_missing_file(tmp_path):
         ldot_jax.convert_checkpoint("lightningdot", tmp_path / "nope.pt", tmp_path / "x")
 
 
-def test_failed_conversion_keeps_the_good_output(tmp_path, ldot_state):
+def test_write_interrupted_midway_keeps_the_good_output(tmp_path, ldot_state, monkeypatch):
+    """A crash after part of the new output is on disk leaves the old directory intact."""
     good = convert_state(tmp_path, ldot_state, name="out")
     before = flat(pretrained.load_pretrained(good).params)
-    broken = dict(ldot_state)
-    del broken["img_model.encode_proj.3.bias"]
-    source = save_npz(tmp_path / "broken.npz", broken)
-    with pytest.raises(ValueError, match="missing"):
+    changed = {k: v + 1.0 for k, v in ldot_state.items()}
+    source = save_npz(tmp_path / "changed.npz", changed)
+    real_save = pretrained.checkpoint.save_tree
+
+    def save_then_crash(path, tree):
+        real_save(path, tree)  # the new params are fully written…
+        raise OSError("disk full")  # …and the config never is
+
+    monkeypatch.setattr(pretrained.checkpoint, "save_tree", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
         ldot_jax.convert_checkpoint("lightningdot", source, good, num_heads=SMALL_HEADS)
+    monkeypatch.undo()
     after = flat(pretrained.load_pretrained(good).params)
     assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], "temporary leftovers"
+    # Without the crash, the same call replaces the old model.
+    ldot_jax.convert_checkpoint("lightningdot", source, good, num_heads=SMALL_HEADS)
+    replaced = flat(pretrained.load_pretrained(good).params)
+    np.testing.assert_array_equal(replaced["text_tower/encode_proj/dense_in/bias"],
+                                  changed["txt_model.encode_proj.0.bias"])
+
+
+def test_never_replaces_a_directory_that_is_not_a_model(tmp_path):
+    precious = tmp_path / "models"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing to replace .*models"):
+        ldot_jax.convert_checkpoint("lightningdot", DATA / "ldot_small_weights.npz", precious,
+                                    num_heads=SMALL_HEADS)
+    assert (precious / "precious.txt").read_text() == "keep me" and (precious / "sub").is_dir()
 
 
 def test_command_line(tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ldot_jax
+from ldot_jax import losses
 from ldot_jax.models import config as config_lib
 from ldot_jax.models.towers import pack_text_and_regions
 from conftest import prefix_mask
@@ -118,7 +119,7 @@ def test_jit_and_remat_match_eager(converted, ldot_io):
 
     def loss(model, p):
         text, image = model.apply({"params": p}, *args)
-        return ldot_jax.losses.contrastive_loss(text.embedding, image.embedding)
+        return losses.contrastive_loss(text.embedding, image.embedding)
 
     eager = loss(eager_model, params)
     jitted, grads = jax.jit(jax.value_and_grad(lambda p: loss(eager_model, p)))(params)
@@ -140,6 +141,14 @@ def test_dropout_only_in_training(dual, ldot_io):
     assert np.abs(np.asarray(run(False, 0)) - np.asarray(run(False, 1))).max() > 1e-3
 
 
+def test_fused_attention_refuses_dropout_in_training(converted, ldot_io):
+    model, params = ldot_jax.load_dual_encoder(converted["lightningdot"], attention_impl="fused")
+    io = ldot_io
+    with pytest.raises(ValueError, match="attention_impl='fused' has no attention dropout"):
+        model.apply({"params": params}, io["in_txt_input_ids"], io["in_txt_attention_mask"],
+                    False, method=model.encode_text, rngs={"dropout": jax.random.key(0)})
+
+
 def test_config_errors_and_round_trip():
     base = config_lib.base_dual_encoder_config()
     assert config_lib.from_dict(config_lib.DualEncoderConfig, config_lib.to_dict(base)) == base
@@ -149,6 +158,10 @@ def test_config_errors_and_round_trip():
         config_lib.TransformerConfig(attention_impl="flash")
     with pytest.raises(ValueError, match=r"config.text: unknown key\(s\) \['hiden_size'\]"):
         config_lib.from_dict(config_lib.DualEncoderConfig, {"text": {"hiden_size": 3}})
+    with pytest.raises(ValueError, match=r"\['dtyp'\] cannot be overridden.*'dtype'"):
+        config_lib.replace_numerics(base, dtyp="bfloat16")
+    with pytest.raises(ValueError, match="hidden_size"):
+        config_lib.replace_numerics(base, hidden_size=12)
     bf16 = config_lib.replace_numerics(base, dtype="bfloat16")
     assert bf16.text.dtype == bf16.image.dtype == "bfloat16"
     assert dataclasses.replace(bf16.text, dtype="float32") == base.text

@@ -111,9 +111,10 @@ def test_cross_encoder_pooled_and_rank_score(cross, uniter_io):
     assert_close(cross.rank_score, uniter_io["out_rank_scores"][:, 0])
 
 
-@pytest.fixture(scope="module")
-def pretrain(converted):
-    return ldot_jax.load_pretraining_model(converted["lightningdot_pretrain"])
+@pytest.fixture(scope="module", params=IMPLS)
+def pretrain(request, converted):
+    return ldot_jax.load_pretraining_model(converted["lightningdot_pretrain"],
+                                           attention_impl=request.param)
 
 
 def test_vmlm_logits_and_loss(pretrain, ldot_io):
@@ -162,7 +163,10 @@ def test_smrm_heads_and_losses(pretrain, ldot_io, features):
     assert_close(np.asarray(jax.nn.log_softmax(logits, -1))[masks], io["pre_mrc_logits"])
     soft_labels = np.zeros(logits.shape, np.float32)
     soft_labels[masks] = io["pre_mrc_label_targets"]
-    assert_close(losses.mrc_kl_loss(logits, soft_labels, masks), io["pre_mrckl_loss_mean"])
+    kl = losses.mrc_kl_loss(logits, soft_labels, masks)
+    assert_close(kl, io["pre_mrckl_loss_mean"])
+    # The loss is ~5e-4: also hold it to a relative tolerance.
+    np.testing.assert_allclose(kl, io["pre_mrckl_loss_mean"], rtol=1e-4)
 
 
 def test_pretrain_cmr_loss(converted, ldot_io):

@@ -91,16 +91,30 @@ def test_loader_checks_the_kind(converted):
         ldot_jax.load_cross_encoder(converted["lightningdot"])
 
 
-def test_bfloat16_compute(converted, ldot_io):
-    """bf16 compute keeps float32 params and float32 outputs close to the float32 model."""
-    io = ldot_io
+@pytest.mark.parametrize("impl", ["xla", "fused"])
+def test_bfloat16_compute(converted, ldot_io, uniter_io, impl):
+    """bf16 compute keeps float32 params and gives float32 outputs close to the float32
+    model, for both towers and the cross-encoder."""
+    io, u = ldot_io, uniter_io
+    region_mask = io["in_img_attention_mask"][:, 1:]
+    text_mask = (np.arange(8)[None] < u["in_txt_lens"][:, None]).astype(np.int32)
+    cross_regions = (np.arange(6)[None] < u["in_num_bbs"][:, None]).astype(np.int32)
     outs = {}
     for dtype in ("float32", "bfloat16"):
-        model, params = ldot_jax.load_dual_encoder(converted["lightningdot"], dtype=dtype)
-        assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
-        outs[dtype] = model.apply({"params": params}, io["in_txt_input_ids"],
-                                  io["in_txt_attention_mask"], method=model.encode_text)
-    assert outs["bfloat16"].dtype == np.float32
-    reference = np.asarray(outs["float32"])
-    error = np.abs(np.asarray(outs["bfloat16"]) - reference).max()
-    assert error < 0.05 * np.abs(reference).max(), error
+        dual, params = ldot_jax.load_dual_encoder(converted["lightningdot"], dtype=dtype,
+                                                  attention_impl=impl)
+        cross, cparams = ldot_jax.load_cross_encoder(converted["uniter_itm"], dtype=dtype,
+                                                     attention_impl=impl)
+        assert all(x.dtype == np.float32 for x in jax.tree.leaves((params, cparams)))
+        outs[dtype] = (
+            dual.apply({"params": params}, io["in_txt_input_ids"], io["in_txt_attention_mask"],
+                       method=dual.encode_text),
+            dual.apply({"params": params}, io["in_img_feat"], io["in_img_pos_feat"],
+                       region_mask, method=dual.encode_image),
+            cross.apply({"params": cparams}, u["in_input_ids"], text_mask, u["in_img_feat"],
+                        u["in_img_pos_feat"], cross_regions).pooled)
+    for low, reference in zip(outs["bfloat16"], outs["float32"]):
+        reference = np.asarray(reference)
+        error = np.abs(np.asarray(low, np.float32) - reference).max()
+        assert 0 < error < 0.05 * np.abs(reference).max(), error
+    assert outs["bfloat16"][0].dtype == np.float32

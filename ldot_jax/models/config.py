@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "fused")
+# TransformerConfig fields that change how a model computes, not what it is (sizes, param dtype).
+NUMERICS = ("dtype", "attention_impl", "remat", "hidden_dropout", "attention_dropout")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -29,8 +31,9 @@ class TransformerConfig:
 
     `dtype` is the compute dtype; parameters are always stored in `param_dtype` (float32 by
     default). `attention_impl` "xla" is the explicit softmax(QK^T/sqrt(d) + bias)V of the
-    original (supports attention dropout); "fused" calls `jax.nn.dot_product_attention`, which
-    may dispatch to cuDNN flash attention on GPUs and has no attention-probability dropout.
+    original (supports attention dropout); "fused" calls `jax.nn.dot_product_attention` with
+    the implementation JAX picks (XLA in jax 0.10), which has no attention-probability dropout:
+    training with it requires attention_dropout = 0.
     """
 
     vocab_size: int = 28996
@@ -158,8 +161,12 @@ def from_dict(cls, values: Mapping[str, Any], where: str = "config"):
 
 
 def replace_numerics(config, **changes):
-    """Returns `config` with numerics (dtype, attention_impl, remat, dropout…) changed in
-    every TransformerConfig it contains, e.g. `replace_numerics(cfg, dtype="bfloat16")`."""
+    """Returns `config` with numerics (the fields in NUMERICS) changed in every
+    TransformerConfig it contains, e.g. `replace_numerics(cfg, dtype="bfloat16")`."""
+    unknown = sorted(set(changes) - set(NUMERICS))
+    if unknown:
+        raise ValueError(f"{unknown} cannot be overridden at load time; the numerics that can "
+                         f"are {list(NUMERICS)}")
     if isinstance(config, TransformerConfig):
         return dataclasses.replace(config, **changes)
     updates = {f.name: replace_numerics(getattr(config, f.name), **changes)

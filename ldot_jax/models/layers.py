@@ -43,9 +43,10 @@ def dense(config: TransformerConfig, features: int, name: str | None = None) -> 
 
 
 def layer_norm(config: TransformerConfig, name: str | None = None) -> nn.LayerNorm:
-    # Flax computes LayerNorm statistics in at least float32 even for bf16 inputs.
+    # Statistics in at least float32 even for bf16 inputs; two-pass variance as PyTorch (the
+    # one-pass E[x²]−E[x]² loses precision when |mean| ≫ std).
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=config.compute_dtype,
-                        param_dtype=config.params_dtype, name=name)
+                        param_dtype=config.params_dtype, use_fast_variance=False, name=name)
 
 
 def embed(config: TransformerConfig, num: int, features: int | None = None,
@@ -103,6 +104,10 @@ class SelfAttention(nn.Module):
         key = split(dense(c, c.hidden_size, "key")(hidden))
         value = split(dense(c, c.hidden_size, "value")(hidden))
         if c.attention_impl == "fused":
+            if not deterministic and c.attention_dropout > 0:
+                raise ValueError(f"attention_impl='fused' has no attention dropout; training "
+                                 f"with attention_dropout={c.attention_dropout} needs "
+                                 f"attention_impl='xla' or attention_dropout=0")
             context = jax.nn.dot_product_attention(query, key, value,
                                                    bias=bias.astype(query.dtype))
         else:
