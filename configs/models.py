@@ -1,0 +1,43 @@
+"""Model presets: sizes and numerics of the dual encoder and the cross-encoder.
+
+    from configs import models
+    cfg = models.get_config("lightningdot_base")          # or "uniter_base", "small", "tiny"
+    model_config = ldot_jax.models.config.model_config(cfg.kind, cfg.model)
+
+`lightningdot_base` is the released LightningDOT bi-encoder (bert-base-cased text tower,
+UNITER-base image tower, 768-d vectors); `uniter_base` the UNITER-base ITM re-ranker; `small`
+the size of the parity fixtures (hidden 32, 2 layers, 4 heads); `tiny` the size unit tests train.
+Experiment configs take `model` from here and override fields, e.g.
+`--config.model.text.dtype=bfloat16`.
+"""
+
+import ml_collections
+
+_BERT_BASE = dict(vocab_size=28996, hidden_size=768, num_layers=12, num_heads=12,
+                  intermediate_size=3072, max_position_embeddings=512)
+_SMALL = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+              max_position_embeddings=64)
+_TINY = dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+             max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _dual(transformer, project_dim, feat_dim=2048, cls_token_id=101):
+    return dict(text=dict(transformer), image=dict(transformer), project_dim=project_dim,
+                region=dict(feat_dim=feat_dim, box_dim=7, num_classes=1601),
+                cls_token_id=cls_token_id)
+
+
+PRESETS = {
+    "lightningdot_base": ("lightningdot", _dual(_BERT_BASE, 768)),
+    "uniter_base": ("uniter_itm", dict(transformer=dict(_BERT_BASE),
+                                       region=dict(feat_dim=2048, box_dim=7, num_classes=1601))),
+    "small": ("lightningdot", _dual(_SMALL, 24)),
+    "tiny": ("lightningdot", _dual(_TINY, 8, feat_dim=32, cls_token_id=2)),
+}
+
+
+def get_config(arg: str = "lightningdot_base") -> ml_collections.ConfigDict:
+    if arg not in PRESETS:
+        raise ValueError(f"unknown model preset {arg!r}; valid presets are {sorted(PRESETS)}")
+    kind, model = PRESETS[arg]
+    return ml_collections.ConfigDict({"kind": kind, "model": model})

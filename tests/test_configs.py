@@ -1,0 +1,50 @@
+"""Every config file under configs/ loads and builds valid model configs."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+from ldot_jax import pretrained
+from ldot_jax.models import config as config_lib
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_module(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_presets_build_the_published_sizes():
+    models = load_module(CONFIGS / "models.py")
+    for name in models.PRESETS:
+        cfg = models.get_config(name)
+        built = config_lib.model_config(cfg.kind, cfg.model)
+        pretrained.abstract_params(cfg.kind, built)  # the module builds with these sizes
+    base = models.get_config("lightningdot_base")
+    assert config_lib.model_config(base.kind, base.model) == config_lib.base_dual_encoder_config()
+    uniter = models.get_config("uniter_base")
+    assert (config_lib.model_config(uniter.kind, uniter.model)
+            == config_lib.base_cross_encoder_config())
+    with pytest.raises(ValueError, match="unknown model preset 'huge'"):
+        models.get_config("huge")
+
+
+def test_overrides_are_validated():
+    models = load_module(CONFIGS / "models.py")
+    cfg = models.get_config("small")
+    cfg.model.text.dtype = "bfloat16"
+    assert config_lib.model_config(cfg.kind, cfg.model).text.dtype == "bfloat16"
+    cfg.model.text.num_heads = 5
+    with pytest.raises(ValueError, match="hidden_size=32 is not divisible by num_heads=5"):
+        config_lib.model_config(cfg.kind, cfg.model)
+
+
+def test_every_config_file_loads():
+    for path in sorted(CONFIGS.glob("*.py")):
+        module = load_module(path)
+        assert hasattr(module, "get_config"), f"{path} has no get_config"
+        assert module.get_config() is not None
