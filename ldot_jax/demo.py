@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from ldot_jax import convert, pretrained
+from ldot_jax.data.batching import prefix_mask
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data"
 HEADS = 4  # the parity models: hidden 32, 4 heads
@@ -37,10 +38,6 @@ def _timed(fn, *args, repeat=20):
     for _ in range(repeat):
         jax.block_until_ready(fn(*args))
     return result, 1e3 * (time.perf_counter() - start) / repeat
-
-
-def _prefix_mask(lengths, width):
-    return (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
 
 
 def run(workdir: str, fixtures: pathlib.Path = FIXTURES) -> dict[str, float]:
@@ -94,9 +91,9 @@ def run(workdir: str, fixtures: pathlib.Path = FIXTURES) -> dict[str, float]:
 
     u = dict(np.load(fixtures / "uniter_small_io.npz"))
     rank = cross.apply({"params": cross_params}, u["in_input_ids"],
-                       _prefix_mask(u["in_txt_lens"], u["in_input_ids"].shape[1]),
+                       prefix_mask(u["in_txt_lens"], u["in_input_ids"].shape[1]),
                        u["in_img_feat"], u["in_img_pos_feat"],
-                       _prefix_mask(u["in_num_bbs"], u["in_img_feat"].shape[1]),
+                       prefix_mask(u["in_num_bbs"], u["in_img_feat"].shape[1]),
                        method=cross.score)
     diffs = {
         "text vectors": np.abs(np.asarray(text) - io["out_txt_pooled"]).max(),

@@ -40,7 +40,7 @@ def atomic_directory(path: str | os.PathLike, replaceable: Callable[[str], bool]
         os.rename(path, old)
     os.rename(tmp, path)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

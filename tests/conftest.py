@@ -10,6 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import ldot_jax  # noqa: E402
+from ldot_jax.data.batching import prefix_mask  # noqa: E402,F401  (re-exported for tests)
 
 DATA = pathlib.Path(__file__).parent / "data"
 # The parity fixtures' towers have hidden 32 and 4 heads (hidden / 64 does not apply).
@@ -36,8 +37,3 @@ def converted(tmp_path_factory):
     return {kind: ldot_jax.convert_checkpoint(kind, DATA / name, root / kind,
                                               num_heads=SMALL_HEADS)
             for kind, name in sources.items()}
-
-
-def prefix_mask(lengths, width):
-    """int32[B, width]: 1 for the first lengths[i] positions of row i."""
-    return (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)

@@ -12,6 +12,7 @@ import ldot_jax
 from ldot_jax import pretrained
 from ldot_jax.checkpoint import CheckpointError
 from ldot_jax.models import config as config_lib
+from conftest import prefix_mask
 
 
 def copy_dir(src, dst):
@@ -97,8 +98,8 @@ def test_bfloat16_compute(converted, ldot_io, uniter_io, impl):
     model, for both towers and the cross-encoder."""
     io, u = ldot_io, uniter_io
     region_mask = io["in_img_attention_mask"][:, 1:]
-    text_mask = (np.arange(8)[None] < u["in_txt_lens"][:, None]).astype(np.int32)
-    cross_regions = (np.arange(6)[None] < u["in_num_bbs"][:, None]).astype(np.int32)
+    text_mask = prefix_mask(u["in_txt_lens"], 8)
+    cross_regions = prefix_mask(u["in_num_bbs"], 6)
     outs = {}
     for dtype in ("float32", "bfloat16"):
         dual, params = ldot_jax.load_dual_encoder(converted["lightningdot"], dtype=dtype,

@@ -74,6 +74,11 @@ def collate(examples: Sequence[Mapping], text_buckets: Sequence[int],
     return batch
 
 
+def prefix_mask(lengths, width: int) -> np.ndarray:
+    """int32[B, width]: 1 for the first lengths[i] positions of row i, 0 after."""
+    return (np.arange(width)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+
+
 def same_image(image_index) -> np.ndarray:
     """bool[B, B]: True where captions i and j describe the same image (the positives when all
     captions of an image count as positives; invalid rows (-1) match nothing)."""

@@ -49,9 +49,8 @@ def layer_norm(config: TransformerConfig, name: str | None = None) -> nn.LayerNo
                         param_dtype=config.params_dtype, use_fast_variance=False, name=name)
 
 
-def embed(config: TransformerConfig, num: int, features: int | None = None,
-          name: str | None = None) -> nn.Embed:
-    return nn.Embed(num, features or config.hidden_size, dtype=config.compute_dtype,
+def embed(config: TransformerConfig, num: int, name: str | None = None) -> nn.Embed:
+    return nn.Embed(num, config.hidden_size, dtype=config.compute_dtype,
                     param_dtype=config.params_dtype,
                     embedding_init=nn.initializers.normal(config.initializer_range), name=name)
 
