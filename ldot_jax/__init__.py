@@ -9,18 +9,32 @@ The public API:
   save_pretrained(dir, kind, config, params)
 """
 
-from ldot_jax.convert import convert_checkpoint
-from ldot_jax.models import (CrossEncoder, CrossEncoderConfig, DualEncoder, DualEncoderConfig,
-                             DualEncoderForPretraining, RegionConfig, TransformerConfig,
-                             dot_scores)
-from ldot_jax.pretrained import (load_cross_encoder, load_dual_encoder, load_pretrained,
-                                 load_pretraining_model, save_pretrained)
+import importlib
+
+# Exports are imported on first use, so that light submodules (the data generators that worker
+# processes run) do not pay for importing JAX and Flax.
+_EXPORTS = {
+    "convert_checkpoint": "ldot_jax.convert",
+    "CrossEncoder": "ldot_jax.models", "CrossEncoderConfig": "ldot_jax.models",
+    "DualEncoder": "ldot_jax.models", "DualEncoderConfig": "ldot_jax.models",
+    "DualEncoderForPretraining": "ldot_jax.models", "RegionConfig": "ldot_jax.models",
+    "TransformerConfig": "ldot_jax.models", "dot_scores": "ldot_jax.models",
+    "load_cross_encoder": "ldot_jax.pretrained", "load_dual_encoder": "ldot_jax.pretrained",
+    "load_pretrained": "ldot_jax.pretrained", "load_pretraining_model": "ldot_jax.pretrained",
+    "save_pretrained": "ldot_jax.pretrained",
+}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ldot_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CrossEncoder", "CrossEncoderConfig", "DualEncoder", "DualEncoderConfig",
-    "DualEncoderForPretraining", "RegionConfig", "TransformerConfig", "convert_checkpoint",
-    "dot_scores", "load_cross_encoder", "load_dual_encoder", "load_pretrained",
-    "load_pretraining_model", "save_pretrained",
-]
+__all__ = sorted(_EXPORTS)

@@ -332,25 +332,40 @@ def captions(objects: list[SceneObject], count: int, rng: np.random.Generator) -
 # Records
 
 
+def scene_objects(seed: int, split: str, index: int,
+                  config: ScenesConfig) -> tuple[list[SceneObject], str]:
+    """(objects, twin_of) of one image: odd indices may be hard twins of index - 1 (with
+    probability `hard_fraction`); twin_of is the original's image_id for twins, else ""."""
+    rng = _record_rng(seed, split, index)
+    if index % 2 == 1 and rng.random() < 2 * config.hard_fraction:
+        twin = make_twin(sample_objects(_record_rng(seed, split, index - 1),
+                                        config.max_objects), rng)
+        if twin is not None:
+            return twin, f"{split}_{index - 1:06d}"
+    return sample_objects(_record_rng(seed, split, index), config.max_objects), ""
+
+
+def scene_captions(seed: int, split: str, index: int, config: ScenesConfig,
+                   objects: list[SceneObject] | None = None) -> list[str]:
+    """The captions of one image. They have their own random stream, so a vocabulary can be
+    trained on a split's captions without rendering anything."""
+    if objects is None:
+        objects = scene_objects(seed, split, index, config)[0]
+    return captions(objects, config.captions_per_image, _record_rng(seed, split + "#text", index))
+
+
 def generate_record(seed: int, split: str, index: int, config: ScenesConfig,
                     projection: FeatureProjection | None = None) -> dict:
     """One image with its regions and captions, a pure function of (seed, split, index).
 
-    Odd indices may be hard twins of index - 1 (with probability `hard_fraction`).
     Returns a dict: image_id (str), image uint8[S, S, 3], region_feat f32[n, feat_dim],
     boxes f32[n, 7], soft_labels f32[n, C], captions (list of str), objects (list of dicts),
     twin_of (image_id of the original for hard twins, else "").
     """
     projection = projection or FeatureProjection(config.feat_dim, config.projection_seed,
                                                  config.feature_noise)
-    rng = _record_rng(seed, split, index)
-    objects, twin_of = None, ""
-    if index % 2 == 1 and rng.random() < 2 * config.hard_fraction:
-        base_objects = sample_objects(_record_rng(seed, split, index - 1), config.max_objects)
-        objects = make_twin(base_objects, rng)
-        twin_of = f"{split}_{index - 1:06d}" if objects is not None else ""
-    if objects is None:
-        objects = sample_objects(_record_rng(seed, split, index), config.max_objects)
+    objects, twin_of = scene_objects(seed, split, index, config)
+    rng = _record_rng(seed, split + "#pixels", index)
     image = render(objects, config.image_size, rng)
     corners, kinds = region_boxes(objects, rng)
     order = rng.permutation(len(kinds))  # detectors do not list objects first
@@ -363,7 +378,27 @@ def generate_record(seed: int, split: str, index: int, config: ScenesConfig,
         "region_feat": projection(thumbnails(image, corners), rng),
         "boxes": boxes.astype(np.float32),
         "soft_labels": soft_labels(kinds, objects, rng),
-        "captions": captions(objects, config.captions_per_image, rng),
+        "captions": scene_captions(seed, split, index, config, objects),
         "objects": [dataclasses.asdict(o) for o in objects],
         "twin_of": twin_of,
     }
+
+
+def generate_chunk(job: tuple) -> list[dict]:
+    """Records [start, stop) of a split, as datasets store them: `job` is (seed, split, start,
+    stop, config, image_size); the picture is average-pooled to image_size (0 drops it) and the
+    generation-only keys (objects, twin_of) are left out."""
+    seed, split, start, stop, config, image_size = job
+    projection = FeatureProjection(config.feat_dim, config.projection_seed,
+                                   config.feature_noise)
+    out = []
+    for index in range(start, stop):
+        record = generate_record(seed, split, index, config, projection)
+        del record["objects"], record["twin_of"]
+        image = record.pop("image")
+        if image_size:
+            f = config.image_size // image_size
+            record["image"] = image.reshape(image_size, f, image_size, f, 3).mean(
+                axis=(1, 3)).round().astype(np.uint8)
+        out.append(record)
+    return out

@@ -1,0 +1,147 @@
+"""Opening datasets: by registered name (generated or converted on first use, reused after) or
+from a prepared directory. `load` returns the splits as random-access sources of records
+(see data/schema.py) and the text vocabulary that goes with them.
+
+    data = load("scenes", data_dir="runs/data")                       # built-in, no download
+    data = load("karpathy", config="flickr30k", manual_dir="~/flickr30k", vocab="vocab.txt")
+    data = load("runs/data/ldot_uniter_db/coco/1.0.0", vocab="bert-base-cased-vocab.txt")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Mapping, Sequence
+
+import tensorflow_datasets as tfds
+
+from ldot_jax.data import builder_base, schema
+from ldot_jax.data.jsonl import Jsonl
+from ldot_jax.data.karpathy import Karpathy
+from ldot_jax.data.multi30k import Multi30k
+from ldot_jax.data.scenes_builder import Scenes, ensure_vocabulary
+from ldot_jax.data.tokenizer import Tokenizer
+from ldot_jax.data.uniter_db import UniterDb
+
+BUILDERS = {"scenes": Scenes, "karpathy": Karpathy, "multi30k": Multi30k, "jsonl": Jsonl,
+            "uniter_db": UniterDb}
+DEFAULT_DATA_DIR = os.environ.get("LDOT_DATA_DIR", os.path.expanduser("~/ldot_jax_data"))
+
+
+class PretokenizedText:
+    """The special ids of a dataset stored as wordpiece ids (UNITER's txt_db meta.json), for
+    pipelines that need [CLS] / [SEP] / [MASK] and the random-token range but no vocabulary."""
+
+    def __init__(self, meta: Mapping):
+        self.pad_id = 0
+        self.cls_id, self.sep_id, self.mask_id, self.unk_id = (
+            int(meta[k]) for k in ("CLS", "SEP", "MASK", "UNK"))
+        self.random_token_range = tuple(int(v) for v in meta["v_range"])
+        self.vocab_size = self.random_token_range[1]
+
+    def encode_batch(self, texts, max_length=None, policy="truncate"):
+        raise ValueError("this dataset is pre-tokenized and has no vocabulary: load it with "
+                         "vocab=<the vocab.txt its ids come from> to encode new text")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalDataset:
+    """A prepared dataset. `splits[name][i]` is record i of a split (a dict, see schema)."""
+
+    name: str
+    directory: str
+    spec: schema.RecordSpec
+    splits: Mapping[str, Sequence[dict]]
+    tokenizer: Tokenizer | PretokenizedText | None
+
+    def split(self, name: str) -> Sequence[dict]:
+        if name not in self.splits:
+            raise KeyError(f"dataset {self.name} has no split {name!r} (splits: "
+                           f"{sorted(self.splits)})")
+        return self.splits[name]
+
+
+def make_builder(name: str, config=None, data_dir: str | None = None,
+                 **overrides) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of a registered dataset. `config` is a config name or object;
+    `overrides` replace fields of the named config (e.g. train_size=2000 for scenes)."""
+    if name not in BUILDERS:
+        raise KeyError(f"unknown dataset {name!r}; registered: {sorted(BUILDERS)} (or give "
+                       f"the directory of a prepared dataset)")
+    cls = BUILDERS[name]
+    if config is None or isinstance(config, str):
+        configs = {c.name: c for c in cls.BUILDER_CONFIGS}
+        if config is None and configs:
+            config = cls.BUILDER_CONFIGS[0].name
+        if config not in configs:
+            raise KeyError(f"dataset {name!r} has no config {config!r} (configs: "
+                           f"{sorted(configs)}); pass a config object for other settings")
+        config = configs[config]
+    if overrides:
+        bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(config)})
+        if bad:
+            raise KeyError(f"dataset {name!r}: unknown config field(s) {bad}")
+        config = dataclasses.replace(config, **overrides)
+        # TFDS keys directories by config name: other settings get a name of their own.
+        digest = hashlib.sha1(json.dumps(config.settings(), sort_keys=True).encode())
+        config = dataclasses.replace(config, name=f"{config.name}-{digest.hexdigest()[:10]}")
+    return cls(config=config, data_dir=os.path.expanduser(data_dir or DEFAULT_DATA_DIR),
+               file_format="array_record")
+
+
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> None:
+    """Generates or converts the dataset unless it is already there (then checks that it was
+    made with the same settings)."""
+    if builder.is_prepared():
+        builder_base.check_settings(builder)
+        return
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
+    builder.download_and_prepare(download_config=download_config)
+
+
+def load(name_or_dir: str, *, config=None, data_dir: str | None = None,
+         manual_dir: str | None = None, vocab: str | None = None,
+         **overrides) -> RetrievalDataset:
+    """Opens a dataset, preparing it on first use.
+
+    `vocab`: a vocab.txt (or a directory saved by `Tokenizer.save`); default: the vocabulary
+    saved with the data (the scenes'), else the special ids of a pre-tokenized dataset, else
+    None.
+    """
+    if os.path.isfile(os.path.join(os.path.expanduser(name_or_dir), "dataset_info.json")):
+        builder = tfds.builder_from_directory(os.path.expanduser(name_or_dir))
+    else:
+        builder = make_builder(name_or_dir, config, data_dir, **overrides)
+        prepare(builder, manual_dir)
+        if isinstance(builder, Scenes):
+            ensure_vocabulary(builder)
+    directory = os.fspath(builder.data_dir)
+    settings = dict(builder.info.metadata or {}).get("settings", {})
+    tokenizer = _tokenizer(vocab, directory, settings.get("text_meta"))
+    sources = builder.as_data_source()
+    return RetrievalDataset(name=builder.name, directory=directory,
+                            spec=builder_base.record_spec_of(builder),
+                            splits={str(k): v for k, v in sources.items()}, tokenizer=tokenizer)
+
+
+def _tokenizer(vocab, directory, text_meta):
+    if vocab is not None:
+        vocab = os.path.expanduser(vocab)
+        tokenizer = (Tokenizer.load(vocab) if os.path.isdir(vocab)
+                     else Tokenizer.from_vocab_file(vocab))
+        if text_meta:
+            theirs = {k: text_meta[k] for k in ("CLS", "SEP", "MASK")}
+            ours = {"CLS": tokenizer.cls_id, "SEP": tokenizer.sep_id, "MASK": tokenizer.mask_id}
+            if theirs != ours:
+                raise ValueError(f"vocabulary {vocab} has special ids {ours}, but the dataset's "
+                                 f"ids were made with {theirs}: use the vocab.txt of the "
+                                 f"tokenizer named in the txt_db's meta.json")
+        return tokenizer
+    if os.path.isfile(os.path.join(directory, "vocab.txt")):
+        return Tokenizer.load(directory)
+    if text_meta:
+        return PretokenizedText(text_meta)
+    return None

@@ -1,0 +1,261 @@
+"""grain input pipelines (no TensorFlow): training batches of (caption, image) pairs with
+VMLM / SMRM masks, and evaluation batches that hold every image and every caption once.
+
+Training: captions are the examples. The caption index (`CaptionIndex`) tokenizes a split
+once, applying the length policy (skips are counted and logged). Then, with grain:
+  shuffle(seed) → this process's shard → repeat(epochs) → batch + pad to buckets → masks
+Each epoch is a new permutation; processes take disjoint strided shards of it, all of the same
+length, so every process runs the same number of steps. The iterator's state
+(`iterator.get_state()`, a small dict) goes into training checkpoints; `set_state` on a fresh
+iterator of the same pipeline continues the same data order, masks included (masks are drawn
+from the seed and the batch position).
+
+A training batch (per process, B = global batch / process count) is `batching.collate`'s dict
+plus:
+  vmlm_input_ids i32[B, L], vmlm_labels i32[B, L] (-1 where nothing is predicted),
+  region_masked bool[B, R]  (SMRM; only with `mask_regions`).
+All captions of one image are positives of each other: `batching.same_image(image_index)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+import tqdm
+
+from ldot_jax.data import batching, masking, schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Batching and masking settings.
+
+    batch_size: global batch (split evenly over processes).
+    text_buckets: padded caption lengths, counting [CLS] and [SEP].
+    region_buckets: padded region counts.
+    max_text_len / length_policy: wordpieces (without [CLS]/[SEP]); the original drops
+      training captions over 60 wordpieces and keeps all at evaluation.
+    """
+
+    batch_size: int = 128
+    text_buckets: tuple[int, ...] = (16, 24, 32, 48, 64)
+    region_buckets: tuple[int, ...] = (16, 36, 64, 100)
+    max_text_len: int | None = 60
+    length_policy: str = "drop"
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat forever
+    mask_text: bool = True
+    mask_regions: bool = True
+    num_threads: int = 4
+    prefetch: int = 4  # batches
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size}: expected ≥ 1")
+        if self.max_text_len is not None and self.max_text_len + 2 > max(self.text_buckets):
+            raise ValueError(f"max_text_len={self.max_text_len} (+2 for [CLS]/[SEP]) exceeds "
+                             f"the largest text bucket {max(self.text_buckets)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption index
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionIndex:
+    """Every kept caption of a split: caption t belongs to image `image[t]` (a position in the
+    split) and has ids `token_ids[t]` = [CLS] wordpieces [SEP]. `skipped` counts captions the
+    length policy dropped."""
+
+    image: np.ndarray  # i32[T]
+    token_ids: list[np.ndarray]
+    skipped: int
+    num_images: int
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+
+def build_caption_index(images: Sequence[dict], tokenizer, max_text_len: int | None,
+                        policy: str, split: str = "split") -> CaptionIndex:
+    """Reads every record's captions once (a progress bar), tokenizes and applies the policy."""
+    owners, texts, pieces = [], [], []
+    pretokenized = None
+    for i in tqdm.trange(len(images), desc=f"indexing {split} captions", unit="image",
+                         leave=False, mininterval=2.0):
+        record = images[i]
+        if pretokenized is None:
+            pretokenized = "caption_ids" in record
+        if pretokenized:
+            pieces += schema.split_caption_ids(record)
+            owners += [i] * len(record["caption_lengths"])
+        else:
+            captions = [c.decode() if isinstance(c, bytes) else c for c in record["captions"]]
+            texts += captions
+            owners += [i] * len(captions)
+    if not owners:
+        raise ValueError(f"{split}: no captions in {len(images)} images")
+    if pretokenized:
+        ids = []
+        for p in pieces:
+            if max_text_len is not None and len(p) > max_text_len:
+                if policy == "drop":
+                    ids.append(None)
+                    continue
+                p = p[:max_text_len]
+            ids.append([tokenizer.cls_id, *p.tolist(), tokenizer.sep_id])
+    else:
+        if tokenizer is None:
+            raise ValueError(f"{split}: captions need a tokenizer (load the dataset with "
+                             f"vocab=...)")
+        ids = tokenizer.encode_batch(texts, max_text_len, policy)
+    keep = [t for t, x in enumerate(ids) if x is not None]
+    skipped = len(ids) - len(keep)
+    if skipped:
+        log.warning("%s: %d of %d captions skipped (longer than %d wordpieces, policy %r)",
+                    split, skipped, len(ids), max_text_len, policy)
+    if not keep:
+        raise ValueError(f"{split}: every caption was dropped by max_text_len={max_text_len}")
+    return CaptionIndex(image=np.asarray(owners, np.int32)[keep],
+                        token_ids=[np.asarray(ids[t], np.int32) for t in keep],
+                        skipped=skipped, num_images=len(images))
+
+
+def _regions(record: dict) -> dict:
+    out = {"region_feat": np.asarray(record["region_feat"], np.float32),
+           "boxes": np.asarray(record["boxes"], np.float32)}
+    if "soft_labels" in record:
+        out["soft_labels"] = np.asarray(record["soft_labels"], np.float32)
+    return out
+
+
+class CaptionSource:
+    """Random access over (caption, image) examples: the grain source of training."""
+
+    def __init__(self, images: Sequence[dict], index: CaptionIndex):
+        self._images, self._index = images, index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, t: int) -> dict:
+        image = int(self._index.image[t])
+        return {"input_ids": self._index.token_ids[t], "image_index": image, "text_index": int(t),
+                **_regions(self._images[image])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def shard_bounds(length: int, process_index: int, process_count: int) -> slice:
+    """The strided slice of a shuffled epoch that one process reads: disjoint across
+    processes and of equal length (the remainder of length / process_count is left out)."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+    usable = length // process_count * process_count
+    if not usable:
+        raise ValueError(f"{length} examples cannot be split over {process_count} processes")
+    return slice(process_index, usable, process_count)
+
+
+def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
+                     config: PipelineConfig, process_index: int = 0,
+                     process_count: int = 1) -> grain.IterDataset:
+    """Batches for training (see the module docstring); iterate with `iter(...)`."""
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    local_batch = config.batch_size // process_count
+    ds = grain.MapDataset.source(CaptionSource(images, index)).shuffle(seed=config.seed)
+    ds = ds[shard_bounds(len(index), process_index, process_count)]
+    if len(ds) < local_batch:
+        raise ValueError(f"{len(ds)} captions per process are fewer than one batch of "
+                         f"{local_batch}")
+    ds = ds.repeat(config.num_epochs)
+
+    def collate(examples):
+        return batching.collate(examples, config.text_buckets, config.region_buckets)
+
+    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=collate)
+    if config.mask_text or config.mask_regions:
+        ds = ds.random_map(_masker(tokenizer, config), seed=config.seed)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
+                                                prefetch_buffer_size=config.prefetch))
+
+
+def _masker(tokenizer, config: PipelineConfig):
+    def add_masks(batch: dict, rng: np.random.Generator) -> dict:
+        batch = dict(batch)
+        if config.mask_text:
+            batch["vmlm_input_ids"], batch["vmlm_labels"] = masking.mask_text(
+                batch["input_ids"], batch["attention_mask"], rng, tokenizer.mask_id,
+                tokenizer.random_token_range)
+        if config.mask_regions:
+            batch["region_masked"] = masking.mask_regions(batch["region_mask"], rng)
+        return batch
+    return add_masks
+
+
+def steps_per_epoch(index: CaptionIndex, config: PipelineConfig, process_count: int = 1) -> int:
+    return len(index) // process_count // (config.batch_size // process_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _plan(n: int, batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+    """i32[num_batches, batch_size] item positions for this process (-1 = padding). Items are
+    split into contiguous per-process ranges; every process gets the same number of batches."""
+    per_process = -(-n // process_count)
+    num_batches = max(1, -(-per_process // batch_size))
+    plan = np.full((process_count, num_batches * batch_size), -1, np.int32)
+    for p in range(process_count):
+        items = np.arange(p * per_process, min(n, (p + 1) * per_process))
+        plan[p, :len(items)] = items
+    return plan[process_index].reshape(num_batches, batch_size)
+
+
+def _padded(examples: list[dict], rows: int, template: dict, text_buckets, region_buckets):
+    """collate with fixed `rows`; an all-padding batch is built from `template` and marked
+    invalid."""
+    if examples:
+        return batching.collate(examples, text_buckets, region_buckets, rows)
+    batch = batching.collate([template], text_buckets, region_buckets, rows)
+    batch["valid"][:] = False
+    batch["image_index"][:] = -1
+    batch["text_index"][:] = -1
+    return batch
+
+
+def eval_image_batches(images: Sequence[dict], batch_size: int, region_buckets,
+                       process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Every image of a split once (across processes), padded to full batches:
+    region_feat f32[B, R, F], boxes f32[B, R, 7], region_mask i32[B, R], image_index i32[B]
+    (-1 for padding), valid bool[B] (and text fields of a dummy caption, ignored)."""
+    template = {"input_ids": [0, 0], "image_index": 0, "text_index": -1,
+                **_regions(images[0])}
+    for rows in _plan(len(images), batch_size, process_index, process_count):
+        examples = [{"input_ids": [0, 0], "image_index": int(i), "text_index": -1,
+                     **_regions(images[int(i)])} for i in rows if i >= 0]
+        yield _padded(examples, batch_size, template, (2,), region_buckets)
+
+
+def eval_caption_batches(index: CaptionIndex, batch_size: int, text_buckets,
+                         process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Every caption of the index once (across processes), padded to full batches:
+    input_ids i32[B, L], attention_mask i32[B, L], text_index i32[B], image_index i32[B]
+    (the caption's image: the ground truth), valid bool[B] (and one dummy region, ignored)."""
+    dummy = {"region_feat": np.zeros((1, 1), np.float32), "boxes": np.zeros((1, 7), np.float32)}
+    template = {"input_ids": index.token_ids[0], "image_index": 0, "text_index": 0, **dummy}
+    for rows in _plan(len(index), batch_size, process_index, process_count):
+        examples = [{"input_ids": index.token_ids[t], "image_index": int(index.image[t]),
+                     "text_index": int(t), **dummy} for t in rows if t >= 0]
+        yield _padded(examples, batch_size, template, text_buckets, (1,))
