@@ -3,7 +3,7 @@ VMLM / SMRM masks, and evaluation batches that hold every image and every captio
 
 Training: captions are the examples. The caption index (`CaptionIndex`) tokenizes a split
 once, applying the length policy (skips are counted and logged). Then, with grain:
-  shuffle(seed) → this process's shard → repeat(epochs) → batch + pad to buckets → masks
+  shuffle(seed) → this process's shard → batch + pad to buckets → repeat(epochs) → masks
 Each epoch is a new permutation; processes take disjoint strided shards of it, all of the same
 length, so every process runs the same number of steps. The iterator's state
 (`iterator.get_state()`, a small dict) goes into training checkpoints; `set_state` on a fresh
@@ -178,12 +178,13 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
     if len(ds) < local_batch:
         raise ValueError(f"{len(ds)} captions per process are fewer than one batch of "
                          f"{local_batch}")
-    ds = ds.repeat(config.num_epochs)
 
     def collate(examples):
         return batching.collate(examples, config.text_buckets, config.region_buckets)
 
+    # Batch, then repeat: a batch never mixes two epochs, each epoch drops its own remainder.
     ds = ds.batch(local_batch, drop_remainder=True, batch_fn=collate)
+    ds = ds.repeat(config.num_epochs)
     if config.mask_text or config.mask_regions:
         ds = ds.random_map(_masker(tokenizer, config), seed=config.seed)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,

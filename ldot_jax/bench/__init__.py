@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m ldot_jax.bench NAME [flags]`; results go to BENCHMARKS.md."""

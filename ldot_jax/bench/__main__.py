@@ -1,0 +1,19 @@
+"""python -m ldot_jax.bench {data} [flags]: runs one benchmark (see ldot_jax/bench/)."""
+
+import importlib
+import sys
+
+BENCHMARKS = {"data": "ldot_jax.bench.data"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python -m ldot_jax.bench {{{','.join(BENCHMARKS)}}} [flags]",
+              file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""grain pipelines: bucket shapes only, epochs that cover every caption once (per process
+shards disjoint), resume from a saved iterator state, masks, length policy, evaluation that
+yields every image and caption exactly once."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from ldot_jax.data import batching, pipeline, scenes
+from ldot_jax.data.tokenizer import Tokenizer
+
+CONFIG = scenes.ScenesConfig(feat_dim=32)
+TEXT_BUCKETS, REGION_BUCKETS = (8, 12, 16, 24), (4, 6, 8)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return scenes.generate_chunk((3, "train", 0, 37, CONFIG, 0))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(images):
+    return Tokenizer.train((c for r in images for c in r["captions"]), 300)
+
+
+@pytest.fixture(scope="module")
+def index(images, tokenizer):
+    return pipeline.build_caption_index(images, tokenizer, 22, "drop")
+
+
+def _config(**kw):
+    base = dict(batch_size=12, text_buckets=TEXT_BUCKETS, region_buckets=REGION_BUCKETS,
+                max_text_len=22, num_threads=2)
+    return pipeline.PipelineConfig(**{**base, **kw})
+
+
+def test_batches_have_bucket_shapes_and_true_pairs(images, index, tokenizer):
+    it = iter(pipeline.training_dataset(images, index, tokenizer, _config()))
+    for _ in range(20):
+        batch = next(it)
+        assert batch["input_ids"].shape[0] == 12 and batch["input_ids"].shape[1] in TEXT_BUCKETS
+        assert batch["region_feat"].shape[1] in REGION_BUCKETS
+        assert batch["valid"].all()
+        for row in range(12):  # each row pairs a caption with its own image
+            t, i = batch["text_index"][row], batch["image_index"][row]
+            assert index.image[t] == i
+            ids = index.token_ids[t]
+            np.testing.assert_array_equal(batch["input_ids"][row, :len(ids)], ids)
+            n = len(images[i]["region_feat"])
+            np.testing.assert_array_equal(batch["region_feat"][row, :n], images[i]["region_feat"])
+            assert batch["region_mask"][row].sum() == n
+        positives = batching.same_image(batch["image_index"])
+        assert (positives == (index.image[batch["text_index"]][:, None]
+                              == index.image[batch["text_index"]][None, :])).all()
+
+
+def test_masks(images, index, tokenizer):
+    it = iter(pipeline.training_dataset(images, index, tokenizer, _config()))
+    batch = next(it)
+    labels, masked = batch["vmlm_labels"], batch["vmlm_input_ids"]
+    selected = labels >= 0
+    assert selected.any(axis=1).all()  # at least one per caption
+    lengths = batch["attention_mask"].sum(1)
+    assert not selected[:, 0].any() and not selected[np.arange(12), lengths - 1].any()
+    np.testing.assert_array_equal(labels[selected], batch["input_ids"][selected])
+    np.testing.assert_array_equal(masked[~selected], batch["input_ids"][~selected])
+    region = batch["region_masked"]
+    assert region.any(axis=1).all() and not (region & (batch["region_mask"] == 0)).any()
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_epochs_cover_every_caption_once(images, index, tokenizer, processes):
+    config = _config(num_epochs=2, mask_text=False, mask_regions=False)
+    epochs = {0: [], 1: []}
+    steps = pipeline.steps_per_epoch(index, config, processes)
+    for p in range(processes):
+        batches = list(pipeline.training_dataset(images, index, tokenizer, config, p, processes))
+        assert len(batches) == 2 * steps  # same step count on every process
+        for k, batch in enumerate(batches):
+            epochs[k // steps].append(batch["text_index"])
+    for epoch in epochs.values():
+        seen = np.concatenate(epoch)
+        assert len(np.unique(seen)) == len(seen)  # disjoint shards, no repeats in an epoch
+        assert len(seen) >= len(index) - processes * (12 + 1)  # only the remainders are left
+    assert not np.array_equal(np.concatenate(epochs[0]), np.concatenate(epochs[1]))
+
+
+def test_resume_continues_the_same_order_and_masks(images, index, tokenizer):
+    dataset = pipeline.training_dataset(images, index, tokenizer, _config(seed=7))
+    it = iter(dataset)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(8)]  # crosses an epoch boundary
+    resumed = iter(pipeline.training_dataset(images, index, tokenizer, _config(seed=7)))
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    other_seed = next(iter(pipeline.training_dataset(images, index, tokenizer, _config(seed=8))))
+    assert not np.array_equal(other_seed["text_index"], expected[0]["text_index"])
+
+
+def test_length_policy_counts_and_logs(images, tokenizer, caplog):
+    lengths = [len(p) for p in tokenizer.wordpieces([c for r in images for c in r["captions"]])]
+    limit = int(np.median(lengths))
+    with caplog.at_level(logging.WARNING):
+        index = pipeline.build_caption_index(images, tokenizer, limit, "drop", "train")
+    assert index.skipped == sum(n > limit for n in lengths) > 0
+    assert f"{index.skipped} of {len(lengths)} captions skipped" in caplog.text
+    assert max(len(t) for t in index.token_ids) <= limit + 2
+    truncated = pipeline.build_caption_index(images, tokenizer, limit, "truncate")
+    assert truncated.skipped == 0 and len(truncated) == len(lengths)
+
+
+def test_bad_pipeline_settings(images, index, tokenizer):
+    with pytest.raises(ValueError, match="exceeds the largest text bucket 24"):
+        _config(max_text_len=30)
+    with pytest.raises(ValueError, match="not divisible by the 5 processes"):
+        pipeline.training_dataset(images, index, tokenizer, _config(), 0, 5)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        pipeline.training_dataset(images, index, tokenizer, _config(batch_size=400))
+    with pytest.raises(ValueError, match="no captions in 2 images"):
+        pipeline.build_caption_index([{"captions": []}] * 2, tokenizer, None, "drop")
+
+
+@pytest.mark.parametrize("processes", [1, 3])
+def test_evaluation_yields_everything_once(images, index, processes):
+    image_seen, caption_seen, counts = [], [], set()
+    for p in range(processes):
+        batches = list(pipeline.eval_image_batches(images, 8, REGION_BUCKETS, p, processes))
+        counts.add(len(batches))
+        for batch in batches:
+            assert batch["region_feat"].shape[0] == 8
+            assert batch["region_feat"].shape[1] in REGION_BUCKETS
+            assert (batch["image_index"][~batch["valid"]] == -1).all()
+            valid = batch["image_index"][batch["valid"]]
+            image_seen += valid.tolist()
+            for row, i in enumerate(batch["image_index"]):
+                if i >= 0:
+                    n = len(images[i]["region_feat"])
+                    np.testing.assert_array_equal(batch["region_feat"][row, :n],
+                                                  images[i]["region_feat"])
+                    assert batch["region_mask"][row].sum() == n
+        caption_batches = list(pipeline.eval_caption_batches(index, 16, TEXT_BUCKETS, p,
+                                                             processes))
+        counts.add(("captions", len(caption_batches)))
+        for batch in caption_batches:
+            assert batch["input_ids"].shape[0] == 16
+            assert batch["input_ids"].shape[1] in TEXT_BUCKETS
+            t = batch["text_index"][batch["valid"]]
+            caption_seen += t.tolist()
+            np.testing.assert_array_equal(batch["image_index"][batch["valid"]], index.image[t])
+    assert sorted(image_seen) == list(range(len(images)))
+    assert sorted(caption_seen) == list(range(len(index)))
+    assert len(counts) == 2  # every process runs the same number of batches
+
+
+def test_pretokenized_captions(tmp_path):
+    class Special:
+        cls_id, sep_id = 101, 102
+    record = {"captions": [b"a", b"b"], "caption_ids": np.array([7, 8, 9], np.int32),
+              "caption_lengths": np.array([2, 1], np.int32)}
+    index = pipeline.build_caption_index([record, record], Special(), 1, "drop")
+    assert [t.tolist() for t in index.token_ids] == [[101, 9, 102], [101, 9, 102]]
+    assert index.skipped == 2 and index.image.tolist() == [0, 1]
