@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ldot_jax.data import datasets, parallel, scenes, schema, uniter_db
+from ldot_jax.data import datasets, parallel, pipeline, scenes, schema, uniter_db
 from ldot_jax.data.scenes_builder import scenes_config
 from ldot_jax.data.tokenizer import Tokenizer
 import fixture_files as ff
@@ -47,6 +47,18 @@ def test_scenes_generated_in_parallel_equal_the_generator(scenes_dir, monkeypatc
     caption = expected[0]["captions"][0]
     assert data.tokenizer.unk_id not in data.tokenizer.encode(caption)
     assert data.tokenizer.decode(data.tokenizer.encode(caption)) == caption.replace(",", " ,")
+
+
+def test_caption_table_is_cached(scenes_dir):
+    data = datasets.load("scenes", data_dir=scenes_dir, **TINY)
+    table = data.caption_table("val")
+    assert [row["captions"] for row in table] == [
+        [_text(c) for c in data.split("val")[i]["captions"]] for i in range(10)]
+    path = os.path.join(data.directory, "captions_val.json")
+    with open(path, "w") as f:  # the second call reads the cache
+        f.write('[{"captions": ["cached"]}]')
+    assert data.caption_table("val") == [{"captions": ["cached"]}]
+    os.remove(path)
 
 
 def test_scenes_reused_not_regenerated(scenes_dir, monkeypatch):
@@ -266,6 +278,10 @@ def test_uniter_conversion(uniter_files):
     assert isinstance(data.tokenizer, datasets.PretokenizedText)
     assert (data.tokenizer.cls_id, data.tokenizer.sep_id, data.tokenizer.mask_id) == (101, 102,
                                                                                        103)
+    index = pipeline.build_caption_index(data.caption_table("train"), data.tokenizer, None,
+                                         "drop")
+    assert [t.tolist() for t in index.token_ids] == [[101, 2000, 2001, 2002, 102],
+                                                     [101, 2020, 2021, 102], [101, 2010, 102]]
     train = data.split("train")
     first = train[0]  # images in order of their first text
     assert _text(first["image_id"]) == "flickr30k_000000000001"

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     prepare_s = time.perf_counter() - start
     config = pipeline.PipelineConfig(batch_size=args.batch_size, num_threads=args.threads)
     start = time.perf_counter()
-    index = pipeline.build_caption_index(data.split("train"), data.tokenizer,
+    index = pipeline.build_caption_index(data.caption_table("train"), data.tokenizer,
                                          config.max_text_len, config.length_policy, "train")
     index_s = time.perf_counter() - start
     rate, batches = _pipeline_rate(

@@ -12,11 +12,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from typing import Mapping, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 
+from ldot_jax import fileutil
 from ldot_jax.data import builder_base, schema
 from ldot_jax.data.jsonl import Jsonl
 from ldot_jax.data.karpathy import Karpathy
@@ -24,6 +28,8 @@ from ldot_jax.data.multi30k import Multi30k
 from ldot_jax.data.scenes_builder import Scenes, ensure_vocabulary
 from ldot_jax.data.tokenizer import Tokenizer
 from ldot_jax.data.uniter_db import UniterDb
+
+log = logging.getLogger(__name__)
 
 BUILDERS = {"scenes": Scenes, "karpathy": Karpathy, "multi30k": Multi30k, "jsonl": Jsonl,
             "uniter_db": UniterDb}
@@ -61,6 +67,32 @@ class RetrievalDataset:
             raise KeyError(f"dataset {self.name} has no split {name!r} (splits: "
                            f"{sorted(self.splits)})")
         return self.splits[name]
+
+    def caption_table(self, name: str) -> list[dict]:
+        """Per image of a split: {"captions": [str]} (plus "caption_ids" / "caption_lengths"
+        when pre-tokenized), what `pipeline.build_caption_index` needs, without the regions.
+        Reading a whole split decodes every record, so the table is cached next to the data
+        (`captions_<split>.json`; skipped if the directory is read-only)."""
+        path = os.path.join(self.directory, f"captions_{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                return json.load(f)
+        images = self.split(name)
+        table = []
+        for i in tqdm.trange(len(images), desc=f"reading {name} captions", unit="image",
+                             leave=False, mininterval=2.0):
+            record = images[i]
+            row = {"captions": [c.decode() if isinstance(c, bytes) else c
+                                for c in record["captions"]]}
+            if "caption_ids" in record:
+                row["caption_ids"] = np.asarray(record["caption_ids"]).tolist()
+                row["caption_lengths"] = np.asarray(record["caption_lengths"]).tolist()
+            table.append(row)
+        try:
+            fileutil.atomic_write_text(path, json.dumps(table))
+        except OSError as e:
+            log.info("caption table not cached (%s)", e)
+        return table
 
 
 def make_builder(name: str, config=None, data_dir: str | None = None,

@@ -25,7 +25,6 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
-import tqdm
 
 from ldot_jax.data import batching, masking, schema
 
@@ -84,11 +83,15 @@ class CaptionIndex:
 
 def build_caption_index(images: Sequence[dict], tokenizer, max_text_len: int | None,
                         policy: str, split: str = "split") -> CaptionIndex:
-    """Reads every record's captions once (a progress bar), tokenizes and applies the policy."""
+    """Tokenizes every caption once and applies the length policy.
+
+    `images`: per image, a record or any dict with its "captions" (and "caption_ids" /
+    "caption_lengths" if pre-tokenized), e.g. `RetrievalDataset.caption_table(split)`, which
+    is much faster to read than the records.
+    """
     owners, texts, pieces = [], [], []
     pretokenized = None
-    for i in tqdm.trange(len(images), desc=f"indexing {split} captions", unit="image",
-                         leave=False, mininterval=2.0):
+    for i in range(len(images)):
         record = images[i]
         if pretokenized is None:
             pretokenized = "caption_ids" in record
