@@ -215,6 +215,11 @@ def test_jsonl_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match="image 'nowhere'.*nowhere.npz does not exist"):
         datasets.load("jsonl", data_dir=str(tmp_path / "o2"), manual_dir=str(root),
                       feat_dim=ff.FEAT_DIM)
+    with open(root / "train.jsonl", "w") as f:
+        f.write('{"image_id": "../escape", "caption": "y"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:1: image_id '../escape' cannot name"):
+        datasets.load("jsonl", data_dir=str(tmp_path / "o3"), manual_dir=str(root),
+                      feat_dim=ff.FEAT_DIM)
 
 
 # ---------------------------------------------------------------------------------------------

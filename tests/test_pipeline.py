@@ -167,3 +167,14 @@ def test_pretokenized_captions(tmp_path):
     index = pipeline.build_caption_index([record, record], Special(), 1, "drop")
     assert [t.tolist() for t in index.token_ids] == [[101, 9, 102], [101, 9, 102]]
     assert index.skipped == 2 and index.image.tolist() == [0, 1]
+
+
+def test_a_process_past_the_end_gets_invalid_batches_of_the_same_shape(images):
+    per_process = [list(pipeline.eval_image_batches(images[:5], 4, REGION_BUCKETS, p, 4))
+                   for p in range(4)]
+    assert [len(b) for b in per_process] == [1, 1, 1, 1]
+    last = per_process[3][0]
+    assert not last["valid"].any() and (last["image_index"] == -1).all()
+    assert last["region_feat"].shape[0] == 4 and last["region_feat"].shape[1] in REGION_BUCKETS
+    seen = sorted(i for b in per_process for i in b[0]["image_index"][b[0]["valid"]])
+    assert seen == [0, 1, 2, 3, 4]

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Iterable, Iterator, Mapping
 
 import tensorflow_datasets as tfds
 
-from ldot_jax.data import schema
+from ldot_jax.data import region_files, schema
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,31 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder):
         if not count:
             raise ValueError(f"{self.name}: split {split!r} is empty")
         log.info("%s: wrote %d images to split %r", self.name, count, split)
+
+
+@dataclasses.dataclass
+class FeatureFilesConfig(RecordsConfig):
+    """For datasets whose regions are per-image .npz files (see data/region_files.py) in
+    `features_dir`: inside the manual_dir, or an absolute path."""
+
+    features_dir: str = "features"
+
+
+class FeatureFilesBuilder(RecordsBuilder):
+    """Base of the builders that read captions from files in the TFDS `manual_dir` and regions
+    from `<features_dir>/<image_id>.npz`. Subclasses implement `split_images`."""
+
+    def split_images(self, root: str) -> Mapping[str, Iterable[tuple[str, list[str]]]]:
+        """{split: iterable of (image_id, captions)} from the files in `root`."""
+        raise NotImplementedError
+
+    def split_records(self, dl_manager):
+        root = os.fspath(dl_manager.manual_dir)
+        features = os.path.join(root, self.builder_config.features_dir)
+        spec = self.builder_config.record_spec()
+        return {split: (region_files.image_record(features, image_id, captions, spec)
+                        for image_id, captions in images)
+                for split, images in self.split_images(root).items()}
 
 
 def check_settings(builder: tfds.core.DatasetBuilder) -> None:

@@ -10,19 +10,12 @@ Images keep the order of their first line.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
-from ldot_jax.data import region_files
-from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
+from ldot_jax.data.builder_base import FeatureFilesBuilder, FeatureFilesConfig
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclasses.dataclass
-class JsonlConfig(RecordsConfig):
-    features_dir: str = "features"
 
 
 def read_jsonl(path: str) -> dict[str, list[str]]:
@@ -39,6 +32,9 @@ def read_jsonl(path: str) -> dict[str, list[str]]:
             if not isinstance(item, dict) or not isinstance(item.get("image_id"), str):
                 raise ValueError(f"{path}:{number}: expected an object with a string "
                                  f"'image_id', got {line.strip()[:80]!r}")
+            if item["image_id"] in ("", ".", "..") or "/" in item["image_id"]:
+                raise ValueError(f"{path}:{number}: image_id {item['image_id']!r} cannot name a "
+                                 f"feature file (features/<image_id>.npz)")
             captions = images.setdefault(item["image_id"], [])
             if "caption" in item:
                 if not isinstance(item["caption"], str) or not item["caption"].strip():
@@ -48,22 +44,16 @@ def read_jsonl(path: str) -> dict[str, list[str]]:
     return images
 
 
-class Jsonl(RecordsBuilder):
+class Jsonl(FeatureFilesBuilder):
     """A user's collection in the JSONL custom format."""
 
     name = "ldot_jsonl"
-    BUILDER_CONFIGS = [JsonlConfig(name="default")]
+    BUILDER_CONFIGS = [FeatureFilesConfig(name="default")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
-    def split_records(self, dl_manager):
-        config = self.builder_config
-        root = os.fspath(dl_manager.manual_dir)
-        features = os.path.join(root, config.features_dir)
-        spec = config.record_spec()
+    def split_images(self, root):
         present = [s for s in SPLITS if os.path.isfile(os.path.join(root, f"{s}.jsonl"))]
         if not present:
             raise FileNotFoundError(f"{root}: no train.jsonl, val.jsonl or test.jsonl")
-        return {split: (region_files.image_record(features, image_id, captions, spec)
-                        for image_id, captions in read_jsonl(
-                            os.path.join(root, f"{split}.jsonl")).items())
+        return {split: list(read_jsonl(os.path.join(root, f"{split}.jsonl")).items())
                 for split in present}

@@ -15,15 +15,14 @@ import json
 import os
 
 from ldot_jax.data import region_files
-from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
+from ldot_jax.data.builder_base import FeatureFilesBuilder, FeatureFilesConfig
 
 SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass
-class KarpathyConfig(RecordsConfig):
+class KarpathyConfig(FeatureFilesConfig):
     annotations: str = "dataset_flickr30k.json"  # file name inside manual_dir
-    features_dir: str = "features"               # inside manual_dir (or an absolute path)
     restval_to_train: bool = True
 
 
@@ -60,7 +59,7 @@ def read_karpathy(path: str, restval_to_train: bool = True) -> dict[str, list[di
     return splits
 
 
-class Karpathy(RecordsBuilder):
+class Karpathy(FeatureFilesBuilder):
     """Flickr30k / COCO (Karpathy split) with precomputed region features."""
 
     name = "ldot_karpathy"
@@ -70,14 +69,9 @@ class Karpathy(RecordsBuilder):
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
-    def split_records(self, dl_manager):
+    def split_images(self, root):
         config = self.builder_config
-        root = os.fspath(dl_manager.manual_dir)
         splits = read_karpathy(os.path.join(root, config.annotations), config.restval_to_train)
-        features = os.path.join(root, config.features_dir)
-        spec = config.record_spec()
-        return {split: (region_files.image_record(
-                            features, region_files.image_stem(image["filename"]),
-                            image["captions"], spec)
-                        for image in images)
+        return {split: [(region_files.image_stem(image["filename"]), image["captions"])
+                        for image in images]
                 for split, images in splits.items()}

@@ -18,17 +18,16 @@ import gzip
 import os
 
 from ldot_jax.data import region_files
-from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
+from ldot_jax.data.builder_base import FeatureFilesBuilder, FeatureFilesConfig
 
 SPLIT_FILES = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 LANGUAGES = ("en", "de", "fr", "cs")
 
 
 @dataclasses.dataclass
-class Multi30kConfig(RecordsConfig):
+class Multi30kConfig(FeatureFilesConfig):
     language: str = "de"
     task: int = 1
-    features_dir: str = "features"
 
 
 def _read_lines(path: str) -> list[str]:
@@ -67,7 +66,7 @@ def read_multi30k(root: str, split: str, language: str, task: int) -> list[dict]
             for i, image in enumerate(images)]
 
 
-class Multi30k(RecordsBuilder):
+class Multi30k(FeatureFilesBuilder):
     """Multi30K captions (one language per config) with Flickr30k region features."""
 
     name = "ldot_multi30k"
@@ -75,13 +74,8 @@ class Multi30k(RecordsBuilder):
         Multi30kConfig(name="de_task2", language="de", task=2)]
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
-    def split_records(self, dl_manager):
+    def split_images(self, root):
         config = self.builder_config
-        root = os.fspath(dl_manager.manual_dir)
-        features = os.path.join(root, config.features_dir)
-        spec = config.record_spec()
-        return {split: (region_files.image_record(
-                            features, region_files.image_stem(image["filename"]),
-                            image["captions"], spec)
-                        for image in read_multi30k(root, split, config.language, config.task))
+        return {split: [(region_files.image_stem(image["filename"]), image["captions"])
+                        for image in read_multi30k(root, split, config.language, config.task)]
                 for split in SPLIT_FILES}

@@ -227,12 +227,12 @@ def _plan(n: int, batch_size: int, process_index: int, process_count: int) -> np
     return plan[process_index].reshape(num_batches, batch_size)
 
 
-def _padded(examples: list[dict], rows: int, template: dict, text_buckets, region_buckets):
-    """collate with fixed `rows`; an all-padding batch is built from `template` and marked
-    invalid."""
+def _padded(examples: list[dict], rows: int, template, text_buckets, region_buckets):
+    """collate with fixed `rows`; an all-padding batch (a process past the end of the data) is
+    built from `template()` and marked invalid."""
     if examples:
         return batching.collate(examples, text_buckets, region_buckets, rows)
-    batch = batching.collate([template], text_buckets, region_buckets, rows)
+    batch = batching.collate([template()], text_buckets, region_buckets, rows)
     batch["valid"][:] = False
     batch["image_index"][:] = -1
     batch["text_index"][:] = -1
@@ -244,8 +244,8 @@ def eval_image_batches(images: Sequence[dict], batch_size: int, region_buckets,
     """Every image of a split once (across processes), padded to full batches:
     region_feat f32[B, R, F], boxes f32[B, R, 7], region_mask i32[B, R], image_index i32[B]
     (-1 for padding), valid bool[B] (and text fields of a dummy caption, ignored)."""
-    template = {"input_ids": [0, 0], "image_index": 0, "text_index": -1,
-                **_regions(images[0])}
+    def template():
+        return {"input_ids": [0, 0], "image_index": 0, "text_index": -1, **_regions(images[0])}
     for rows in _plan(len(images), batch_size, process_index, process_count):
         examples = [{"input_ids": [0, 0], "image_index": int(i), "text_index": -1,
                      **_regions(images[int(i)])} for i in rows if i >= 0]
@@ -258,7 +258,8 @@ def eval_caption_batches(index: CaptionIndex, batch_size: int, text_buckets,
     input_ids i32[B, L], attention_mask i32[B, L], text_index i32[B], image_index i32[B]
     (the caption's image: the ground truth), valid bool[B] (and one dummy region, ignored)."""
     dummy = {"region_feat": np.zeros((1, 1), np.float32), "boxes": np.zeros((1, 7), np.float32)}
-    template = {"input_ids": index.token_ids[0], "image_index": 0, "text_index": 0, **dummy}
+    def template():
+        return {"input_ids": index.token_ids[0], "image_index": 0, "text_index": 0, **dummy}
     for rows in _plan(len(index), batch_size, process_index, process_count):
         examples = [{"input_ids": index.token_ids[t], "image_index": int(index.image[t]),
                      "text_index": int(t), **dummy} for t in rows if t >= 0]
