@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -41,6 +42,18 @@ def atomic_directory(path: str | os.PathLike, replaceable: Callable[[str], bool]
     os.rename(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """The JSON value in `path`; errors name the file (`what` says what it should be)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

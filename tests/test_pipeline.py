@@ -167,6 +167,8 @@ def test_pretokenized_captions(tmp_path):
     index = pipeline.build_caption_index([record, record], Special(), 1, "drop")
     assert [t.tolist() for t in index.token_ids] == [[101, 9, 102], [101, 9, 102]]
     assert index.skipped == 2 and index.image.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="length policy 'cut'"):  # the tokenizer's policy check
+        pipeline.build_caption_index([record], Special(), 1, "cut")
 
 
 def test_a_process_past_the_end_gets_invalid_batches_of_the_same_shape(images):

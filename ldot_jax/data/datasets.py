@@ -82,8 +82,7 @@ class RetrievalDataset:
         for i in tqdm.trange(len(images), desc=f"reading {name} captions", unit="image",
                              leave=False, mininterval=2.0):
             record = images[i]
-            row = {"captions": [c.decode() if isinstance(c, bytes) else c
-                                for c in record["captions"]]}
+            row = {"captions": schema.caption_texts(record)}
             if "caption_ids" in record:
                 row["caption_ids"] = np.asarray(record["caption_ids"]).tolist()
                 row["caption_lengths"] = np.asarray(record["caption_lengths"]).tolist()

@@ -11,9 +11,9 @@ splits LightningDOT and UNITER report on (Flickr30k test 1,000 images, COCO test
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
+from ldot_jax import fileutil
 from ldot_jax.data import region_files
 from ldot_jax.data.builder_base import FeatureFilesBuilder, FeatureFilesConfig
 
@@ -28,13 +28,7 @@ class KarpathyConfig(FeatureFilesConfig):
 
 def read_karpathy(path: str, restval_to_train: bool = True) -> dict[str, list[dict]]:
     """{split: [{"filename", "captions"}]} from a Karpathy-split JSON, in file order."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Karpathy split file {path} does not exist")
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = fileutil.read_json(path, "Karpathy split file")
     if not isinstance(data, dict) or "images" not in data:
         raise ValueError(f"{path}: expected an object with an 'images' list")
     splits: dict[str, list[dict]] = {s: [] for s in SPLITS}

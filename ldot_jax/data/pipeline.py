@@ -27,6 +27,7 @@ import grain
 import numpy as np
 
 from ldot_jax.data import batching, masking, schema
+from ldot_jax.data.tokenizer import apply_length_policy
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +100,14 @@ def build_caption_index(images: Sequence[dict], tokenizer, max_text_len: int | N
             pieces += schema.split_caption_ids(record)
             owners += [i] * len(record["caption_lengths"])
         else:
-            captions = [c.decode() if isinstance(c, bytes) else c for c in record["captions"]]
+            captions = schema.caption_texts(record)
             texts += captions
             owners += [i] * len(captions)
     if not owners:
         raise ValueError(f"{split}: no captions in {len(images)} images")
     if pretokenized:
-        ids = []
-        for p in pieces:
-            if max_text_len is not None and len(p) > max_text_len:
-                if policy == "drop":
-                    ids.append(None)
-                    continue
-                p = p[:max_text_len]
-            ids.append([tokenizer.cls_id, *p.tolist(), tokenizer.sep_id])
+        ids = apply_length_policy(pieces, max_text_len, policy, tokenizer.cls_id,
+                                  tokenizer.sep_id)
     else:
         if tokenizer is None:
             raise ValueError(f"{split}: captions need a tokenizer (load the dataset with "

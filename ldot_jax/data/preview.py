@@ -6,6 +6,8 @@ import os
 import textwrap
 from typing import Sequence
 
+from ldot_jax.data import schema
+
 
 def plot_examples(images: Sequence[dict], path: str, count: int = 8) -> str | None:
     """Writes a grid of the first `count` records' pictures and captions to `path` (PNG,
@@ -27,7 +29,7 @@ def plot_examples(images: Sequence[dict], path: str, count: int = 8) -> str | No
         ax.axis("off")
     for ax, record in zip(axes.ravel(), records):
         ax.imshow(record["image"], interpolation="nearest")
-        captions = [c.decode() if isinstance(c, bytes) else c for c in record["captions"]][:3]
+        captions = schema.caption_texts(record)[:3]
         ax.set_title("\n".join(textwrap.shorten(c, 46) for c in captions), fontsize=6.5)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

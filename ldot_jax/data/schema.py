@@ -121,6 +121,11 @@ def check_record(record: Mapping, spec: RecordSpec, source: str) -> dict:
     return out
 
 
+def caption_texts(record: Mapping) -> list[str]:
+    """A record's captions as str (TFDS data sources return bytes)."""
+    return [c.decode() if isinstance(c, bytes) else c for c in record["captions"]]
+
+
 def split_caption_ids(record: Mapping) -> list[np.ndarray]:
     """The per-caption wordpiece arrays of a pre-tokenized record."""
     lengths = np.asarray(record["caption_lengths"])

@@ -119,19 +119,8 @@ class Tokenizer:
         """`[CLS] wordpieces [SEP]` ids per text. With `max_length` (wordpieces, specials not
         counted), "truncate" keeps the first `max_length` wordpieces and "drop" returns None
         for a longer text."""
-        if policy not in POLICIES:
-            raise ValueError(f"length policy {policy!r}: expected one of {POLICIES}")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length={max_length}: expected at least 1 wordpiece")
-        out = []
-        for pieces in self.wordpieces(texts):
-            if max_length is not None and len(pieces) > max_length:
-                if policy == "drop":
-                    out.append(None)
-                    continue
-                pieces = pieces[:max_length]
-            out.append([self.cls_id, *pieces, self.sep_id])
-        return out
+        return apply_length_policy(self.wordpieces(texts), max_length, policy, self.cls_id,
+                                   self.sep_id)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ids (special tokens removed, wordpieces joined)."""
@@ -139,6 +128,27 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._vocab.get(token)
+
+
+def apply_length_policy(pieces: Iterable[Sequence[int]], max_length: int | None, policy: str,
+                        cls_id: int, sep_id: int) -> list[list[int] | None]:
+    """`[CLS] wordpieces [SEP]` per wordpiece list; with `max_length` (specials not counted),
+    "truncate" keeps the first `max_length` wordpieces and "drop" gives None for a longer one.
+    Shared by `Tokenizer.encode_batch` and pre-tokenized datasets."""
+    if policy not in POLICIES:
+        raise ValueError(f"length policy {policy!r}: expected one of {POLICIES}")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length={max_length}: expected at least 1 wordpiece")
+    out = []
+    for ids in pieces:
+        ids = [int(i) for i in ids]
+        if max_length is not None and len(ids) > max_length:
+            if policy == "drop":
+                out.append(None)
+                continue
+            ids = ids[:max_length]
+        out.append([cls_id, *ids, sep_id])
+    return out
 
 
 def _first_regular_id(vocab: dict[str, int]) -> int:

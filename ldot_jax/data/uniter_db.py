@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 
 import lmdb
@@ -23,6 +22,7 @@ import lz4.frame
 import msgpack
 import numpy as np
 
+from ldot_jax import fileutil
 from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
 
 DETECTOR_CLASSES = 1601
@@ -39,16 +39,6 @@ def _open_lmdb(path: str) -> lmdb.Environment:
         raise FileNotFoundError(f"{path}: no LMDB database here (data.mdb missing)")
     return lmdb.open(path, readonly=True, lock=False, readahead=False, create=False,
                      subdir=True, max_readers=512)
-
-
-def _read_json(path: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def _msgpack_numpy(obj):
@@ -77,7 +67,7 @@ class ImageDb:
             compressed = not os.path.isdir(plain) and os.path.isdir(packed)
         self.db_path = packed if compressed else plain
         self.compressed = compressed
-        self.name_to_nbb = _read_json(os.path.join(self.path, f"nbb_{stem}.json"))
+        self.name_to_nbb = fileutil.read_json(os.path.join(self.path, f"nbb_{stem}.json"))
         self._env = _open_lmdb(self.db_path)
 
     def names(self) -> list[str]:
@@ -123,10 +113,10 @@ class TextDb:
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
-        self.id2len = _read_json(os.path.join(self.path, "id2len.json"))
-        self.txt2img = _read_json(os.path.join(self.path, "txt2img.json"))
-        self.img2txts = _read_json(os.path.join(self.path, "img2txts.json"))
-        self.meta = _read_json(os.path.join(self.path, "meta.json"))
+        self.id2len = fileutil.read_json(os.path.join(self.path, "id2len.json"))
+        self.txt2img = fileutil.read_json(os.path.join(self.path, "txt2img.json"))
+        self.img2txts = fileutil.read_json(os.path.join(self.path, "img2txts.json"))
+        self.meta = fileutil.read_json(os.path.join(self.path, "meta.json"))
         self.ids = list(self.id2len)
         self._env = _open_lmdb(self.path)
 
@@ -166,7 +156,7 @@ def uniter_config(name: str, splits: dict, soft_labels: bool = False,
     """A config that converts `splits` ({split: (txt_db, img_db)}); with `soft_labels` the
     1601 detector classes are kept (MRC-kl needs them; ~320 KB per image)."""
     splits = {k: tuple(os.path.abspath(p) for p in v) for k, v in splits.items()}
-    metas = {txt: _read_json(os.path.join(txt, "meta.json")) for txt, _ in splits.values()}
+    metas = {txt: fileutil.read_json(os.path.join(txt, "meta.json")) for txt, _ in splits.values()}
     keys = ("CLS", "SEP", "MASK", "UNK", "v_range")
     meta = {}
     for txt, m in metas.items():
