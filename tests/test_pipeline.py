@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from ldot_jax.data import batching, pipeline, scenes
+from ldot_jax.data import batching, masking, pipeline, scenes
 from ldot_jax.data.tokenizer import Tokenizer
 
 CONFIG = scenes.ScenesConfig(feat_dim=32)
@@ -180,3 +180,27 @@ def test_a_process_past_the_end_gets_invalid_batches_of_the_same_shape(images):
     assert last["region_feat"].shape[0] == 4 and last["region_feat"].shape[1] in REGION_BUCKETS
     seen = sorted(i for b in per_process for i in b[0]["image_index"][b[0]["valid"]])
     assert seen == [0, 1, 2, 3, 4]
+
+
+def test_process_shards_assemble_the_single_process_batch(images, index, tokenizer):
+    """Rows, padding shapes and masks of a global batch do not depend on the process count:
+    process p's rows are rows p, p + P, … of the single-process batch."""
+    single = iter(pipeline.training_dataset(images, index, tokenizer, _config(seed=3)))
+    shards = [iter(pipeline.training_dataset(images, index, tokenizer, _config(seed=3), p, 3))
+              for p in range(3)]
+    for _ in range(6):
+        whole = next(single)
+        parts = [next(s) for s in shards]
+        for key, value in whole.items():
+            for p, part in enumerate(parts):
+                assert part[key].shape[1:] == value.shape[1:], key
+                np.testing.assert_array_equal(part[key], value[p::3], err_msg=key)
+
+
+def test_vmlm_predictions_are_capped():
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, 17)[None].repeat(50, 0)
+    _, labels = masking.mask_text(ids, np.ones_like(ids), rng, 99, (5, 10), mask_prob=0.9,
+                                  max_predictions=masking.max_predictions(16))
+    per_row = (labels != -1).sum(1)
+    assert per_row.max() == 8 and per_row.min() >= 1

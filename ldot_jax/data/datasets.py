@@ -69,20 +69,23 @@ class RetrievalDataset:
         return self.splits[name]
 
     def caption_table(self, name: str) -> list[dict]:
-        """Per image of a split: {"captions": [str]} (plus "caption_ids" / "caption_lengths"
+        """Per image of a split: {"captions": [str], "num_regions": int} (plus "caption_ids" / "caption_lengths"
         when pre-tokenized), what `pipeline.build_caption_index` needs, without the regions.
         Reading a whole split decodes every record, so the table is cached next to the data
         (`captions_<split>.json`; skipped if the directory is read-only)."""
         path = os.path.join(self.directory, f"captions_{name}.json")
         if os.path.isfile(path):
             with open(path) as f:
-                return json.load(f)
+                table = json.load(f)
+            if all("num_regions" in row for row in table):  # else: written by an older version
+                return table
         images = self.split(name)
         table = []
         for i in tqdm.trange(len(images), desc=f"reading {name} captions", unit="image",
                              leave=False, mininterval=2.0):
             record = images[i]
-            row = {"captions": schema.caption_texts(record)}
+            row = {"captions": schema.caption_texts(record),
+                   "num_regions": len(record["region_feat"])}
             if "caption_ids" in record:
                 row["caption_ids"] = np.asarray(record["caption_ids"]).tolist()
                 row["caption_lengths"] = np.asarray(record["caption_lengths"]).tolist()

@@ -18,6 +18,13 @@ import numpy as np
 MASK_PROB = 0.15
 
 
+def max_predictions(length: int) -> int:
+    """The most VMLM positions a row of padded length L may have: L // 2. The loss gathers this
+    many positions (a static shape) instead of scoring the vocabulary at all L; at 15% a row
+    exceeds it with probability < 1e-4 (then a random subset of that size is kept)."""
+    return max(1, length // 2)
+
+
 def _ensure_one(selected, candidates, rng):
     """Rows of `selected` with no True get one random candidate position."""
     empty = ~selected.any(axis=1) & candidates.any(axis=1)
@@ -27,12 +34,14 @@ def _ensure_one(selected, candidates, rng):
 
 
 def mask_text(input_ids, attention_mask, rng: np.random.Generator, mask_id: int,
-              random_token_range: tuple[int, int], mask_prob: float = MASK_PROB):
+              random_token_range: tuple[int, int], mask_prob: float = MASK_PROB,
+              max_predictions: int | None = None):
     """VMLM masking of `[CLS] wordpieces [SEP]` rows.
 
     Args:
       input_ids: int[B, L], 0-padded; attention_mask: [B, L] prefix mask.
       random_token_range: [low, high) ids for random replacements (the tokenizer's).
+      max_predictions: at most this many selected tokens per row (a random subset is kept).
     Returns:
       (masked_ids int32[B, L], labels int32[B, L] with -1 where nothing is predicted).
     """
@@ -44,6 +53,11 @@ def mask_text(input_ids, attention_mask, rng: np.random.Generator, mask_id: int,
     candidates = real & (positions > 0) & (positions < lengths[:, None] - 1)
     selected = candidates & (rng.random(input_ids.shape) < mask_prob)
     selected = _ensure_one(selected, candidates, rng)
+    if max_predictions is not None:
+        for row in np.nonzero(selected.sum(axis=1) > max_predictions)[0]:
+            keep = rng.choice(np.nonzero(selected[row])[0], max_predictions, replace=False)
+            selected[row] = False
+            selected[row, keep] = True
     action = rng.random(input_ids.shape)
     random_ids = rng.integers(*random_token_range, size=input_ids.shape)
     masked = np.where(selected & (action < 0.8), mask_id, input_ids)

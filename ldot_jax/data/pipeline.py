@@ -12,7 +12,8 @@ from the seed and the batch position).
 
 A training batch (per process, B = global batch / process count) is `batching.collate`'s dict
 plus:
-  vmlm_input_ids i32[B, L], vmlm_labels i32[B, L] (-1 where nothing is predicted),
+  vmlm_input_ids i32[B, L], vmlm_labels i32[B, L] (-1 where nothing is predicted; at most
+    `masking.max_predictions(L)` per row, so the loss gathers a fixed number of positions),
   region_masked bool[B, R]  (SMRM; only with `mask_regions`).
 All captions of one image are positives of each other: `batching.same_image(image_index)`.
 """
@@ -77,6 +78,9 @@ class CaptionIndex:
     token_ids: list[np.ndarray]
     skipped: int
     num_images: int
+    # i32[num_images]: regions per image, so every process can pad a global batch to one
+    # region bucket without reading the other processes' records (None if not known).
+    num_regions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image)
@@ -90,10 +94,14 @@ def build_caption_index(images: Sequence[dict], tokenizer, max_text_len: int | N
     "caption_lengths" if pre-tokenized), e.g. `RetrievalDataset.caption_table(split)`, which
     is much faster to read than the records.
     """
-    owners, texts, pieces = [], [], []
+    owners, texts, pieces, regions = [], [], [], []
     pretokenized = None
     for i in range(len(images)):
         record = images[i]
+        if "num_regions" in record:
+            regions.append(int(record["num_regions"]))
+        elif "region_feat" in record:
+            regions.append(len(record["region_feat"]))
         if pretokenized is None:
             pretokenized = "caption_ids" in record
         if pretokenized:
@@ -122,7 +130,9 @@ def build_caption_index(images: Sequence[dict], tokenizer, max_text_len: int | N
         raise ValueError(f"{split}: every caption was dropped by max_text_len={max_text_len}")
     return CaptionIndex(image=np.asarray(owners, np.int32)[keep],
                         token_ids=[np.asarray(ids[t], np.int32) for t in keep],
-                        skipped=skipped, num_images=len(images))
+                        skipped=skipped, num_images=len(images),
+                        num_regions=np.asarray(regions, np.int32)
+                        if len(regions) == len(images) else None)
 
 
 def _regions(record: dict) -> dict:
@@ -166,38 +176,76 @@ def shard_bounds(length: int, process_index: int, process_count: int) -> slice:
 def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
                      config: PipelineConfig, process_index: int = 0,
                      process_count: int = 1) -> grain.IterDataset:
-    """Batches for training (see the module docstring); iterate with `iter(...)`."""
+    """Batches for training (see the module docstring); iterate with `iter(...)`.
+
+    Global batch k is the block [k·B, (k+1)·B) of the shuffled epoch; process p takes its rows
+    p, p + P, … (the strided `shard_bounds` shard) and reads only their records. All processes
+    pad to the buckets of the whole global batch, so their arrays have equal shapes (required
+    to assemble global arrays) and the padded shapes do not depend on the process count.
+    """
     if config.batch_size % process_count:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                          f"{process_count} processes")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+    if process_count > 1 and index.num_regions is None:
+        raise ValueError("multi-process training needs the region count of every image in the "
+                         "caption index (build it from records or a caption table with "
+                         "'num_regions')")
     local_batch = config.batch_size // process_count
-    ds = grain.MapDataset.source(CaptionSource(images, index)).shuffle(seed=config.seed)
-    ds = ds[shard_bounds(len(index), process_index, process_count)]
-    if len(ds) < local_batch:
-        raise ValueError(f"{len(ds)} captions per process are fewer than one batch of "
-                         f"{local_batch}")
+    usable = shard_bounds(len(index), process_index, process_count).stop
+    if usable < config.batch_size:
+        raise ValueError(f"{len(index)} captions are fewer than one batch of "
+                         f"{config.batch_size} (the global batch)")
+    ds = grain.MapDataset.range(len(index)).shuffle(seed=config.seed)[:usable]
+    source = CaptionSource(images, index)
+    lengths = np.asarray([len(t) for t in index.token_ids])
 
-    def collate(examples):
-        return batching.collate(examples, config.text_buckets, config.region_buckets)
+    def load_rows(captions: np.ndarray) -> dict:
+        captions = np.asarray(captions)
+        mine = captions[process_index::process_count]
+        text_len = batching.bucket_size(int(lengths[captions].max()), config.text_buckets,
+                                        "caption length (tokens with [CLS]/[SEP])")
+        if index.num_regions is not None:
+            most = int(index.num_regions[index.image[captions]].max())
+            region_buckets = (batching.bucket_size(most, config.region_buckets,
+                                                   "region count"),)
+        else:
+            region_buckets = config.region_buckets
+        return batching.collate([source[int(t)] for t in mine], (text_len,), region_buckets,
+                                local_batch)
 
     # Batch, then repeat: a batch never mixes two epochs, each epoch drops its own remainder.
-    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=collate)
+    ds = ds.batch(config.batch_size, drop_remainder=True, batch_fn=np.asarray).map(load_rows)
     ds = ds.repeat(config.num_epochs)
     if config.mask_text or config.mask_regions:
-        ds = ds.random_map(_masker(tokenizer, config), seed=config.seed)
+        ds = ds.random_map(_masker(tokenizer, config, process_index, process_count),
+                           seed=config.seed)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
                                                 prefetch_buffer_size=config.prefetch))
 
 
-def _masker(tokenizer, config: PipelineConfig):
+def _masker(tokenizer, config: PipelineConfig, process_index: int, process_count: int):
+    """Masks drawn per row from (seed, batch, global row), so a row gets the same masks
+    whatever the number of processes (multi-host runs equal single-host runs)."""
     def add_masks(batch: dict, rng: np.random.Generator) -> dict:
         batch = dict(batch)
+        base = int(rng.integers(2**63))  # the same on every process: rng depends on k only
+        rows = len(batch["valid"])
+        row_rngs = [np.random.default_rng([base, process_index + process_count * j])
+                    for j in range(rows)]
         if config.mask_text:
-            batch["vmlm_input_ids"], batch["vmlm_labels"] = masking.mask_text(
-                batch["input_ids"], batch["attention_mask"], rng, tokenizer.mask_id,
-                tokenizer.random_token_range)
+            cap = masking.max_predictions(batch["input_ids"].shape[1])
+            pairs = [masking.mask_text(batch["input_ids"][j:j + 1],
+                                       batch["attention_mask"][j:j + 1], row_rngs[j],
+                                       tokenizer.mask_id, tokenizer.random_token_range,
+                                       max_predictions=cap) for j in range(rows)]
+            batch["vmlm_input_ids"] = np.concatenate([p[0] for p in pairs])
+            batch["vmlm_labels"] = np.concatenate([p[1] for p in pairs])
         if config.mask_regions:
-            batch["region_masked"] = masking.mask_regions(batch["region_mask"], rng)
+            batch["region_masked"] = np.concatenate(
+                [masking.mask_regions(batch["region_mask"][j:j + 1], row_rngs[j])
+                 for j in range(rows)])
         return batch
     return add_masks
 
