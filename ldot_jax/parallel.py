@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
@@ -119,15 +120,23 @@ def initialize_distributed(coordinator_address: str | None = None,
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
     """A (data, model) mesh with Explicit axes. `data=-1`: all devices / model.
 
-    `devices`: a subset of `jax.devices()` (e.g. to restore a checkpoint onto fewer devices).
+    A single-process job may ask for fewer devices than it has (the first data × model are
+    used, e.g. to resume a run saved on 8 devices on 2); a multi-process job uses them all.
     """
     devices = list(jax.devices() if devices is None else devices)
     if model < 1 or len(devices) % model:
         raise ValueError(f"mesh model={model} does not divide the {len(devices)} devices")
     if data == -1:
         data = len(devices) // model
-    if data * model != len(devices):
-        raise ValueError(f"mesh data={data} × model={model} ≠ {len(devices)} devices")
+    if data < 1 or data * model > len(devices):
+        raise ValueError(f"mesh data={data} × model={model} needs {data * model} devices, "
+                         f"there are {len(devices)}")
+    if data * model < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(f"mesh data={data} × model={model} < {len(devices)} devices: a "
+                             f"multi-process job must use every device (data=-1)")
+        log.info("mesh uses %d of %d devices", data * model, len(devices))
+        devices = devices[:data * model]
     return jax.make_mesh((data, model), (DATA, MODEL),
                          axis_types=(AxisType.Explicit, AxisType.Explicit), devices=devices)
 
@@ -175,6 +184,20 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def to_host(tree: Any) -> Any:
-    """Replicated (or fully addressable) global arrays → NumPy, on every process."""
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(
-        x.addressable_shards[0].data if not x.is_fully_addressable else x)), tree)
+    """Replicated global arrays → NumPy on every process (no communication)."""
+    def one(x):
+        if x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if not x.sharding.is_fully_replicated:
+            raise ValueError(f"to_host: array of shape {x.shape} is sharded across processes "
+                             f"({x.sharding}); use gather_rows")
+        return np.asarray(x.addressable_shards[0].data)
+    return jax.tree.map(one, tree)
+
+
+def gather_rows(x: jax.Array) -> np.ndarray:
+    """A global array sharded over processes (e.g. [B@data, ...]) → the whole array as NumPy
+    on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

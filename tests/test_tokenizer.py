@@ -76,3 +76,30 @@ def test_bad_vocabularies(tmp_path):
     path.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhi\nhi\n")
     with pytest.raises(ValueError, match=r"token 'hi' appears twice \(lines 6 and 7\)"):
         Tokenizer.from_vocab_file(path)
+
+
+def test_word_vocabulary_is_the_same_in_every_process(tmp_path):
+    """The WordPiece trainer breaks ties by hash (different per process); the scenes
+    vocabulary (`Tokenizer.from_words`) does not, so generated data trains reproducibly."""
+    import subprocess
+    import sys
+    code = ("import sys; from ldot_jax.data.tokenizer import Tokenizer; "
+            "texts = [f'{c} {s} {p} of the {c2} {s}' for c in ('red', 'blue', 'green') "
+            "for c2 in ('pink', 'gray') for s in ('circle', 'square', 'star') "
+            "for p in ('left', 'right', 'above')]; "
+            "Tokenizer.from_words(texts * 2, 200).save(sys.argv[1])")
+    for i in range(3):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(i))], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": str(i)})
+    vocabs = [(tmp_path / str(i) / "vocab.txt").read_text() for i in range(3)]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+
+
+def test_word_vocabulary_tokenizes_seen_and_unseen_words():
+    tok = Tokenizer.from_words(["A red circle.", "a red star", "blue star"], 100)
+    assert tok.decode(tok.encode("a red star")[1:-1]) == "a red star"
+    red, star = tok.token_to_id("red"), tok.token_to_id("star")
+    assert tok.encode("red star") == [tok.cls_id, red, star, tok.sep_id]
+    assert tok.unk_id not in tok.encode("bladder")  # unseen: spelled from characters
+    with pytest.raises(ValueError, match="smaller than"):
+        Tokenizer.from_words(["abcdefghij"], 10)

@@ -81,7 +81,8 @@ def _generate(config: ScenesBuilderConfig, split: str, size: int) -> Iterator[tu
 
 
 def ensure_vocabulary(builder: tfds.core.DatasetBuilder) -> str:
-    """Trains (once) the WordPiece vocabulary on the train captions; returns its directory."""
+    """Builds (once) the vocabulary of the train captions (`Tokenizer.from_words`: whole
+    words, deterministic); returns its directory."""
     directory = os.fspath(builder.data_dir)
     if os.path.isfile(os.path.join(directory, "vocab.txt")):
         return directory
@@ -89,5 +90,5 @@ def ensure_vocabulary(builder: tfds.core.DatasetBuilder) -> str:
     settings = config.scenes_config()
     texts = (caption for index in range(config.train_size)
              for caption in scenes.scene_captions(config.seed, "train", index, settings))
-    Tokenizer.train(texts, VOCAB_SIZE).save(directory)
+    Tokenizer.from_words(texts, VOCAB_SIZE).save(directory)
     return directory

@@ -14,6 +14,8 @@ import os
 from typing import Iterable, Sequence
 
 from tokenizers.implementations import BertWordPieceTokenizer
+from tokenizers.normalizers import BertNormalizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 
 from ldot_jax import fileutil
 
@@ -88,12 +90,44 @@ class Tokenizer:
               min_frequency: int = 2) -> "Tokenizer":
         """Trains a WordPiece vocabulary of at most `vocab_size` tokens on `texts`.
 
-        The special tokens come first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+        The special tokens come first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. The
+        trainer numbers tokens of equal frequency in hash order, which changes from run to
+        run; the other tokens are therefore renumbered canonically (word starts before
+        "##" continuations, then by length and text), so the same texts always give the same
+        ids. (Which tokens are learned can still differ between runs when merges tie; for
+        a reproducible vocabulary of a small closed language use `from_words`.)
         """
         trainer = BertWordPieceTokenizer(lowercase=lowercase)
         trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
                                     special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-        return cls(trainer.get_vocab(), lowercase)
+        learned = [t for t in trainer.get_vocab() if t not in SPECIAL_TOKENS]
+        learned.sort(key=lambda t: (t.startswith("##"), len(t), t))
+        return cls({t: i for i, t in enumerate([*SPECIAL_TOKENS, *learned])}, lowercase)
+
+    @classmethod
+    def from_words(cls, texts: Iterable[str], vocab_size: int,
+                   lowercase: bool = True) -> "Tokenizer":
+        """A deterministic WordPiece vocabulary for a small closed language (the scenes
+        captions): the special tokens, every character seen (alone and as a "##"
+        continuation, so any word of those characters still tokenizes), then whole words
+        (as BERT's pre-tokenizer splits them) by frequency, ties alphabetical, up to
+        `vocab_size` tokens in all. The same texts give the same ids in every process.
+        """
+        normalizer = BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+        splitter = BertPreTokenizer()
+        counts: dict[str, int] = {}
+        for text in texts:
+            for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)):
+                counts[word] = counts.get(word, 0) + 1
+        chars = sorted({c for word in counts for c in word})
+        tokens = [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+        if len(tokens) > vocab_size:
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the {len(tokens)} "
+                             f"special and character tokens")
+        seen = set(tokens)
+        words = sorted((w for w in counts if w not in seen), key=lambda w: (-counts[w], w))
+        tokens += words[:vocab_size - len(tokens)]
+        return cls({t: i for i, t in enumerate(tokens)}, lowercase)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes vocab.txt (ids = line numbers) and tokenizer.json (casing) atomically."""

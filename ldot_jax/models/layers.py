@@ -13,6 +13,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from ldot_jax.models.config import TransformerConfig
 
@@ -49,8 +50,30 @@ def layer_norm(config: TransformerConfig, name: str | None = None) -> nn.LayerNo
                         param_dtype=config.params_dtype, use_fast_variance=False, name=name)
 
 
+def take_rows(table, ids):
+    """table[ids]: [V, H] x int[...] → [..., H], the rows sharded like `ids`.
+
+    Under a mesh with Explicit axes, a gather of a replicated table by batch-sharded ids is
+    ambiguous to JAX unless told the output follows the ids (B@data → [B@data, L, H]).
+    """
+    spec = jax.typeof(ids).sharding.spec
+    if all(axis is None for axis in spec):
+        return jnp.take(table, ids, axis=0)
+    return table.at[ids].get(out_sharding=P(*spec, None))
+
+
+class Embed(nn.Embed):
+    """nn.Embed (same parameter, "embedding" [V, H]) with a sharding-aware lookup."""
+
+    def __call__(self, inputs):
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"{self.name}: expected integer ids, got dtype {inputs.dtype}")
+        table = jnp.asarray(self.embedding, self.dtype)
+        return take_rows(table, inputs)
+
+
 def embed(config: TransformerConfig, num: int, name: str | None = None) -> nn.Embed:
-    return nn.Embed(num, config.hidden_size, dtype=config.compute_dtype,
+    return Embed(num, config.hidden_size, dtype=config.compute_dtype,
                     param_dtype=config.params_dtype,
                     embedding_init=nn.initializers.normal(config.initializer_range), name=name)
 

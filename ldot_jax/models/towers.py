@@ -128,7 +128,7 @@ class UniterTrunk(nn.Module):
         inputs.check_regions(region_feat, boxes, region_mask, self.region, masked_regions)
         inputs.check_batch_sizes(input_ids=input_ids, region_feat=region_feat)
         text = self.embeddings(input_ids, deterministic=deterministic)
-        types = self.embeddings.type_embedding(jnp.ones(region_mask.shape, jnp.int32))
+        types = self.embeddings.type_embedding(jnp.ones_like(region_mask, dtype=jnp.int32))
         regions = self.region_embeddings(region_feat.astype(self.config.compute_dtype),
                                          boxes.astype(self.config.compute_dtype), types,
                                          masked_regions, deterministic)
@@ -194,9 +194,9 @@ class ImageTower(nn.Module):
                  deterministic: bool = True) -> TowerOutput:
         """region_feat: f[B, R, F]; boxes: f[B, R, 7]; region_mask: [B, R];
         masked_regions: [B, R] or None (SMRM) → TowerOutput (S = 1 + R)."""
-        batch = region_feat.shape[0]
-        cls_ids = jnp.full((batch, 1), self.cls_token_id, jnp.int32)
-        sequence, mask = self.uniter(cls_ids, jnp.ones((batch, 1), jnp.int32), region_feat,
+        # Built from region_mask so they are sharded like the batch ([B@data, 1] on a mesh).
+        first = jnp.ones_like(region_mask[:, :1], dtype=jnp.int32)
+        sequence, mask = self.uniter(first * self.cls_token_id, first, region_feat,
                                      boxes, region_mask, masked_regions,
                                      deterministic=deterministic)
         cls_state = sequence[:, 0]

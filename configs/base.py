@@ -1,0 +1,136 @@
+"""Defaults shared by the experiment configs (each experiment file overrides what it changes).
+
+Sections (what reads them):
+  model_kind, model   the network (configs/models.py presets; ldot_jax.models.config)
+  data                dataset name or prepared directory, builder config, splits (data/datasets.py)
+  pipeline            global batch, buckets, caption length (data/pipeline.py)
+  tasks               {task: mix ratio} over cmr / vmlm / mrfr / mrckl (tasks.py)
+  loss                the CMR loss options (contrastive.py, tasks.LossConfig)
+  optimizer           the recipe (optim.py)
+  init                model directories to start from, per tower (initialize.py)
+  mesh                device mesh: data × model (parallel.py)
+  train               steps, logging, evaluation, checkpoints (train.py)
+Fields that default to None are typed placeholders, so `--config.x=value` works on them.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from configs import models
+
+
+def base_config(preset: str, model_kind: str | None = None) -> ml_collections.ConfigDict:
+    preset_config = models.get_config(preset)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model_kind = model_kind or preset_config.kind
+    c.model = preset_config.model
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "scenes"  # a registered dataset, or the directory of a prepared one
+    c.data.config = placeholder(str)
+    c.data.data_dir = placeholder(str)
+    c.data.manual_dir = placeholder(str)
+    c.data.vocab = placeholder(str)
+    c.data.overrides = ml_collections.ConfigDict()  # builder config fields, e.g. train_size
+    c.data.train_split = "train"
+    c.data.eval_split = "val"
+
+    c.pipeline = ml_collections.ConfigDict()
+    c.pipeline.batch_size = 128  # global: split over processes and devices
+    c.pipeline.text_buckets = (16, 24, 32, 48, 64)
+    c.pipeline.region_buckets = (16, 36, 64, 100)
+    c.pipeline.max_text_len = 60
+    c.pipeline.length_policy = "drop"
+    c.pipeline.num_threads = 4
+    c.pipeline.prefetch = 4
+
+    c.tasks = ml_collections.ConfigDict({"cmr": 1})
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "softmax"
+    c.loss.negatives = "global"
+    c.loss.same_image_positives = False
+    c.loss.normalize = False
+    c.loss.chunk_size = placeholder(int)
+    c.loss.temperature = placeholder(float)
+    c.loss.learn_temperature = False
+    c.loss.matryoshka_dims = ()
+    c.loss.matryoshka_weights = ()
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 2e-5
+    c.optimizer.warmup_steps = placeholder(int)
+    c.optimizer.warmup_fraction = 0.1
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.clip_norm = 2.0
+    c.optimizer.accumulation_steps = 1
+    c.optimizer.frozen = ()
+
+    c.init = ml_collections.ConfigDict()
+    c.init.model = placeholder(str)
+    c.init.text = placeholder(str)
+    c.init.image = placeholder(str)
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = placeholder(int)
+    c.train.num_epochs = placeholder(float)
+    c.train.stop_at = placeholder(int)  # end this run early (with a checkpoint)
+    c.train.log_every = 50
+    c.train.eval_every = placeholder(int)
+    c.train.eval_batch_size = 256
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.best_metric = "ar"
+    c.train.best_mode = "max"
+    c.train.async_checkpoints = True
+    c.train.tensorboard = True
+    c.train.progress_bar = True
+    c.train.export = True
+    return c
+
+
+def pretraining_recipe(c: ml_collections.ConfigDict) -> None:
+    """The original's pre-training optimizer (AdamW β2 0.98, eps 1e-6, wd 0.01, clip 5.0,
+    10k warm-up, lr 5e-5)."""
+    c.optimizer.learning_rate = 5e-5
+    c.optimizer.warmup_steps = 10_000
+    c.optimizer.warmup_fraction = placeholder(float)
+    c.optimizer.b2 = 0.98
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.clip_norm = 5.0
+
+
+def tiny(c: ml_collections.ConfigDict, steps: int = 20) -> None:
+    """Shrinks a config to a seconds-long CPU run on a small scenes dataset (tests, smoke)."""
+    c.model = models.get_config("tiny").model
+    c.model.text.vocab_size = c.model.image.vocab_size = 256
+    c.model.region.feat_dim = 32
+    c.model.region.num_classes = 37
+    c.data.name = "scenes"
+    c.data.config = "small"
+    c.data.overrides = ml_collections.ConfigDict(
+        {"train_size": 48, "val_size": 16, "test_size": 16, "feat_dim": 32})
+    c.data.vocab = placeholder(str)
+    c.pipeline.batch_size = 16
+    c.pipeline.text_buckets = (32,)
+    c.pipeline.region_buckets = (16,)
+    c.pipeline.max_text_len = 30
+    c.pipeline.num_threads = 1
+    c.pipeline.prefetch = 1
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.warmup_steps = 2
+    c.optimizer.warmup_fraction = placeholder(float)
+    c.train.num_steps = steps
+    c.train.num_epochs = placeholder(float)
+    c.train.log_every = 5
+    c.train.eval_every = placeholder(int)
+    c.train.eval_batch_size = 16
+    c.train.checkpoint_every = 10
+    c.train.progress_bar = False

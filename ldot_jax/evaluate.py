@@ -1,0 +1,126 @@
+"""Retrieval metrics as LightningDOT defines them, and the dot-product evaluation of a split.
+
+IR (text → image): per caption, a hit at K if its image ranks in the top K; R@K = hits /
+#captions. TR (image → text): per image, a hit at K if ANY of its captions ranks in the top K;
+R@K = hits / #images. AR = the mean of IR and TR at K ∈ {1, 5, 10}. All in percent.
+Ties are broken by index (a stable sort on −score): the tied item with the smaller index ranks
+first, so results never depend on the sort's luck.
+
+Scores are formed block by block (never the whole #captions × #images matrix at once).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+import tqdm
+
+from ldot_jax import parallel
+
+KS = (1, 5, 10)
+
+
+def _rank_of(scores: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """0-based rank of `positions[i]` within row i of `scores` (f32[n, m]): items scoring
+    higher, plus tied items at smaller positions."""
+    true = scores[np.arange(len(scores)), positions][:, None]
+    index = np.arange(scores.shape[1])[None, :]
+    return (np.sum(scores > true, axis=1)
+            + np.sum((scores == true) & (index < positions[:, None]), axis=1))
+
+
+def text_to_image_ranks(text: np.ndarray, image: np.ndarray, caption_image: np.ndarray,
+                        block: int = 1024) -> np.ndarray:
+    """i64[T]: the rank of each caption's image among all images (text f32[T, D], image
+    f32[N, D], caption_image i32[T])."""
+    ranks = np.empty(len(text), np.int64)
+    for start in range(0, len(text), block):
+        stop = start + block
+        scores = text[start:stop] @ image.T
+        ranks[start:stop] = _rank_of(scores, caption_image[start:stop])
+    return ranks
+
+
+def image_to_text_ranks(text: np.ndarray, image: np.ndarray, caption_image: np.ndarray,
+                        block: int = 256) -> np.ndarray:
+    """i64[N]: per image, the best rank of any of its captions among all captions (images
+    without captions get N·T, never a hit)."""
+    num_images = len(image)
+    best = np.full(num_images, np.iinfo(np.int64).max, np.int64)
+    for start in range(0, num_images, block):
+        stop = min(start + block, num_images)
+        scores = (text @ image[start:stop].T).T  # [n, T]: each image's row over captions
+        owners = np.nonzero((caption_image >= start) & (caption_image < stop))[0]
+        if not len(owners):
+            continue
+        rows = caption_image[owners] - start
+        ranks = _rank_of(scores[rows], owners)
+        np.minimum.at(best, rows + start, ranks)
+    return best
+
+
+def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
+    """{K: percent of ranks < K}."""
+    return {k: 100.0 * float(np.mean(ranks < k)) for k in ks}
+
+
+def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.ndarray,
+                      ks: Sequence[int] = KS) -> dict[str, float]:
+    """{"ir_r1", "ir_r5", "ir_r10", "tr_r1", …, "ar"} in percent, from the embeddings of every
+    caption (f32[T, D]) and every image (f32[N, D]) of a split; caption_image i32[T] ∈ [0, N)."""
+    text = np.asarray(text, np.float32)
+    image = np.asarray(image, np.float32)
+    caption_image = np.asarray(caption_image)
+    if text.shape[1] != image.shape[1]:
+        raise ValueError(f"text vectors have dim {text.shape[1]}, image vectors {image.shape[1]}")
+    if len(caption_image) != len(text):
+        raise ValueError(f"{len(caption_image)} caption→image ids for {len(text)} captions")
+    if len(caption_image) and (caption_image.min() < 0 or caption_image.max() >= len(image)):
+        raise ValueError(f"caption→image ids outside [0, {len(image)})")
+    ir = recall_at_k(text_to_image_ranks(text, image, caption_image), ks)
+    tr = recall_at_k(image_to_text_ranks(text, image, caption_image), ks)
+    out = {f"ir_r{k}": v for k, v in ir.items()}
+    out.update({f"tr_r{k}": v for k, v in tr.items()})
+    out["ar"] = float(np.mean(list(ir.values()) + list(tr.values())))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding a split with the dual encoder (data parallel, every process gets everything)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "side"))
+def _encode(model, params, batch, side: str):
+    def fn(module):
+        dual = getattr(module, "dual_encoder", module)
+        if side == "text":
+            return dual.encode_text(batch["input_ids"], batch["attention_mask"])
+        return dual.encode_image(batch["region_feat"], batch["boxes"], batch["region_mask"])
+    return model.apply({"params": params}, method=fn)
+
+
+def embed_batches(model, params, batches: Iterable[dict], mesh, side: str, index_key: str,
+                  total: int | None = None, desc: str | None = None) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+    """Runs one tower over evaluation batches (pipeline.eval_*_batches, this process's share)
+    and returns (vectors f32[n, P], ids i64[n]) of every valid row of every process, sorted
+    by id. `params` are the tower owner's params (DualEncoder or pre-training model)."""
+    vectors, ids = [], []
+    show = desc is not None and jax.process_index() == 0
+    for batch in tqdm.tqdm(batches, total=total, desc=desc, disable=not show, leave=False,
+                           unit="batch"):
+        keep = {k: batch[k] for k in ("input_ids", "attention_mask", "region_feat", "boxes",
+                                      "region_mask", "valid", index_key)}
+        with jax.set_mesh(mesh):
+            global_batch = parallel.global_batch(keep, mesh)
+            out = _encode(model, params, global_batch, side)
+        vectors.append(parallel.gather_rows(out))
+        ids.append(parallel.gather_rows(global_batch[index_key]))
+        ids[-1] = np.where(parallel.gather_rows(global_batch["valid"]), ids[-1], -1)
+    vectors, ids = np.concatenate(vectors), np.concatenate(ids)
+    keep = ids >= 0
+    order = np.argsort(ids[keep], kind="stable")
+    return vectors[keep][order].astype(np.float32), ids[keep][order]

@@ -1,0 +1,119 @@
+"""Initializing a model to train from converted checkpoints, per tower.
+
+    params = initialize.from_pretrained(params, kind, {"text": bert_dir, "image": uniter_dir})
+
+Targets: "model" (the whole dual encoder, from a LightningDOT fine-tuned or pre-training
+directory), "text" (the text tower) and "image" (the image tower). Sources are model
+directories written by `python -m ldot_jax.convert` (or by training):
+
+  target  source kind              what is copied
+  model   lightningdot(_pretrain)  both towers (+ the pre-training heads when both have them)
+  text    bert                     text_tower/bert          (LightningDOT: bert-base-cased)
+  text    lightningdot(_pretrain)  text_tower
+  image   uniter_itm               image_tower/uniter       (LightningDOT: UNITER-base)
+  image   bert                     image_tower/uniter embeddings + encoder
+  image   lightningdot(_pretrain)  image_tower
+
+Leaves present in both with equal shapes are copied; a shape mismatch is an error naming the
+path; leaves the source lacks (e.g. encode_proj from a UNITER checkpoint) keep their fresh
+initialization and are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+
+from ldot_jax import pretrained
+from ldot_jax.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("model", "text", "image")
+_DUAL_KINDS = ("lightningdot", "lightningdot_pretrain")
+
+
+def _dual_params(kind: str, params: dict) -> dict:
+    return params["dual_encoder"] if kind == "lightningdot_pretrain" else params
+
+
+def _source_subtree(target: str, source_kind: str, source: dict, directory: str) -> dict:
+    """The part of a source checkpoint that maps onto `target`, laid out like the target's
+    subtree (the dual encoder for "model", the tower for "text" / "image")."""
+    if source_kind in _DUAL_KINDS:
+        dual = _dual_params(source_kind, source)
+        if target == "model":
+            return source if source_kind == "lightningdot_pretrain" else {"dual_encoder": dual}
+        return dual[f"{target}_tower"]
+    if target == "text" and source_kind == "bert":
+        return {"bert": source}
+    if target == "image" and source_kind == "uniter_itm":
+        return {"uniter": source["uniter"]}
+    if target == "image" and source_kind == "bert":
+        return {"uniter": source}
+    raise CheckpointError(f"init.{target}: {directory} holds a {source_kind!r} model, which "
+                          f"cannot initialize the {target} "
+                          f"{'dual encoder' if target == 'model' else 'tower'}; see "
+                          f"ldot_jax/initialize.py for the valid sources")
+
+
+def _copy(dest: dict, source: dict, where: str) -> tuple[dict, list[str], list[str]]:
+    """dest with every leaf that `source` has replaced: (tree, copied paths, kept paths)."""
+    dest_leaves = pretrained.flatten_params(dest)
+    source_leaves = pretrained.flatten_params(source)
+    copied, kept = [], []
+    out = {}
+    for path, value in dest_leaves.items():
+        if path in source_leaves:
+            new = np.asarray(source_leaves[path])
+            if new.shape != tuple(value.shape):
+                raise CheckpointError(f"{where}: {path} has shape {new.shape} in the checkpoint "
+                                      f"but {tuple(value.shape)} in the model")
+            out[path] = new.astype(value.dtype)
+            copied.append(path)
+        else:
+            out[path] = value
+            kept.append(path)
+    tree: dict = {}
+    for path, value in out.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree, copied, kept
+
+
+def from_pretrained(params: Mapping[str, Any], kind: str,
+                    sources: Mapping[str, str | None]) -> dict:
+    """`params` (host pytree of model `kind`) with `sources` {target: model directory}
+    copied in. Raises CheckpointError when nothing maps or shapes disagree."""
+    params = dict(params)
+    for target, directory in sources.items():
+        if not directory:
+            continue
+        if target not in TARGETS:
+            raise ValueError(f"init.{target}: unknown target; valid targets are {TARGETS}")
+        source = pretrained.load_pretrained(directory)
+        subtree = _source_subtree(target, source.kind, source.params, str(directory))
+        where = f"init.{target} ({directory})"
+        if target == "model":
+            if kind == "lightningdot":
+                subtree = subtree["dual_encoder"]
+            params, copied, kept = _copy(params, subtree, where)
+        else:
+            tower = f"{target}_tower"
+            dual = _dual_params(kind, params)
+            new_tower, copied, kept = _copy(dual[tower], subtree, where)
+            dual = {**dual, tower: new_tower}
+            params = {**params, "dual_encoder": dual} if kind == "lightningdot_pretrain" \
+                else dual
+        if not copied:
+            raise CheckpointError(f"{where}: no parameter of the checkpoint matches the "
+                                  f"{target}")
+        log.info("%s: copied %d tensors, %d keep their initialization%s", where, len(copied),
+                 len(kept), f" ({', '.join(kept[:6])}{', …' if len(kept) > 6 else ''})"
+                 if kept else "")
+    return params

@@ -1,0 +1,83 @@
+"""Where training metrics go: stdout (logging), <workdir>/metrics.jsonl and TensorBoard event
+files (<workdir>/tensorboard, written with tensorboardX: no TensorFlow needed).
+
+Only process 0 writes; the other processes' writers are silent. One JSON line per write:
+    {"step": 100, "split": "train", "loss": 1.23, "steps_per_sec": 4.1, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+JSONL = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+
+
+def _number(value) -> float | int | str:
+    if isinstance(value, str):
+        return value
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        # Line-buffered append: a resumed run continues the same file.
+        self._jsonl = open(os.path.join(workdir, JSONL), "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD))
+
+    def write(self, step: int, scalars: Mapping[str, object], split: str = "train",
+              echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split, **{k: _number(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "split") and isinstance(value, float):
+                    self._tb.add_scalar(f"{split}/{key}", value, int(step))
+        if echo:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in row.items() if k not in ("step", "split"))
+            log.info("[%s] step %d: %s", split, step, text)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_jsonl(workdir: str, split: str | None = None) -> list[dict]:
+    """The rows of <workdir>/metrics.jsonl (optionally of one split)."""
+    path = os.path.join(workdir, JSONL)
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e})") from None
+            if split is None or row.get("split") == split:
+                rows.append(row)
+    return rows

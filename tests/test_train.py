@@ -1,0 +1,353 @@
+"""Training end to end on 8 simulated devices: every config loads; every task's loss and
+gradient on the mesh equal the single-device computation; the tiny demo config trains and
+its loss drops; a resumed run continues exactly; a checkpoint saved on 8 devices restores on
+2; two processes (jax.distributed on localhost) equal one process; SIGTERM saves and stops;
+a non-finite loss stops the run and leaves the last good checkpoint."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ldot_jax import checkpoint, launch, metrics, optim, parallel, pretrained, tasks, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import base, demo, finetune_coco, finetune_flickr30k, pretrain  # noqa: E402
+
+CONFIGS = {"demo": (demo, ["pretrain", "finetune", "pretrain,tiny", "finetune,tiny"]),
+           "pretrain": (pretrain, ["coco_sbu", "vg_cc", "coco_sbu,tiny"]),
+           "finetune_flickr30k": (finetune_flickr30k, ["", "tiny"]),
+           "finetune_coco": (finetune_coco, ["", "tiny"])}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs recompile the same step functions: a persistent cache makes the repeats cheap
+    (shared with the subprocesses through the environment)."""
+    path = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
+    os.environ.pop("JAX_COMPILATION_CACHE_DIR")
+    os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+def tiny_config(data_dir, stage="pretrain", steps=12, **train_overrides):
+    c = demo.get_config(f"{stage},tiny")
+    c.data.data_dir = data_dir
+    c.train.num_steps = steps
+    c.train.log_every = 1
+    c.train.tensorboard = False
+    c.train.checkpoint_every = 1000
+    c.train.update(train_overrides)
+    if stage == "pretrain":  # equal ratios: 12 steps draw every task (seed 0)
+        c.tasks = {"cmr": 1, "vmlm": 1, "mrfr": 1, "mrckl": 1}
+    return c
+
+
+def train_rows(workdir):
+    return {r["step"]: r for r in metrics.read_jsonl(workdir, "train")}
+
+
+def final_params(workdir, step):
+    path = os.path.join(workdir, train.CHECKPOINTS, str(step), checkpoint.STATE)
+    return checkpoint.restore_tree(path, checkpoint.tree_metadata(path))["params"]
+
+
+def assert_rows_close(got, want, steps, atol):
+    for step in steps:
+        for key, value in want[step].items():
+            if key in ("steps_per_sec", "examples_per_sec", "split", "step"):
+                continue
+            assert key in got[step], (step, key)
+            np.testing.assert_allclose(got[step][key], value, atol=atol, rtol=0,
+                                       err_msg=f"step {step} {key}")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_config_loads(name):
+    module, args = CONFIGS[name]
+    for arg in args:
+        c = module.get_config(arg)
+        kind, model_cfg, _ = train.model_and_config(c)
+        assert kind in ("lightningdot", "lightningdot_pretrain")
+        train.loss_config(c), train.pipeline_config(c)
+        names, _ = tasks.check_mix(dict(c.tasks))
+        if kind == "lightningdot":
+            assert names == ("cmr",)
+        params = {"model": pretrained.abstract_params(kind, model_cfg)}
+        optim.make_optimizer(c.optimizer, c.train.num_steps or 100_000, params)
+        assert module.__doc__ and "python -m ldot_jax.main --config=configs/" in module.__doc__
+    with pytest.raises(ValueError, match="expected|option"):
+        module.get_config("nonsense")
+
+
+def test_schedule_decay_mask_and_frozen_tower():
+    schedule = optim.warmup_linear_decay(1.0, 10, 110)
+    assert [float(schedule(s)) for s in (0, 5, 10, 60, 110)] == pytest.approx(
+        [0, 0.5, 1.0, 0.5, 0.0])
+    params = {"model": {"dual_encoder": {"text_tower": {"w": {"kernel": jnp.ones(3),
+                                                              "bias": jnp.ones(3)}},
+                                         "image_tower": {"w": {"kernel": jnp.ones(3)}}}},
+              "contrastive": {"log_scale": jnp.zeros(())}}
+    mask = optim.decay_mask(params)
+    assert mask["model"]["dual_encoder"]["text_tower"]["w"] == {"kernel": True, "bias": False}
+    assert mask["contrastive"]["log_scale"] is False
+    config = {"learning_rate": 0.1, "warmup_steps": 0, "weight_decay": 0.1,
+              "frozen": ("model/dual_encoder/text_tower",)}
+    tx, _ = optim.make_optimizer(config, 10, params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    text = new["model"]["dual_encoder"]["text_tower"]["w"]
+    np.testing.assert_array_equal(text["kernel"], 1.0)
+    assert float(new["model"]["dual_encoder"]["image_tower"]["w"]["kernel"][0]) < 1.0
+    with pytest.raises(ValueError, match="match no parameter"):
+        optim.make_optimizer({**config, "frozen": ("model/nothing",)}, 10, params)
+
+
+def test_accumulation_averages_micro_batches():
+    params = {"w": jnp.zeros(2)}
+    config = {"learning_rate": 0.1, "warmup_steps": 0, "accumulation_steps": 2}
+    tx, _ = optim.make_optimizer(config, 10, params)
+    single, _ = optim.make_optimizer({**config, "accumulation_steps": 1}, 10, params)
+    g1, g2 = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([3.0, 0.5])}
+    state = tx.init(params)
+    u1, state = tx.update(g1, state, params)
+    np.testing.assert_array_equal(u1["w"], 0.0)  # no update on the first micro-step
+    u2, _ = tx.update(g2, state, params)
+    want, _ = single.update(jax.tree.map(lambda a, b: (a + b) / 2, g1, g2),
+                            single.init(params), params)
+    np.testing.assert_allclose(u2["w"], want["w"], rtol=1e-6)
+
+
+def _random_batch(rng, b=16, length=10, regions=6, feat=32, classes=37):
+    labels = np.where(rng.random((b, length)) < 0.3, rng.integers(5, 60, (b, length)), -1)
+    labels[:, 0] = -1
+    return dict(
+        input_ids=rng.integers(5, 60, (b, length)).astype(np.int32),
+        attention_mask=(np.arange(length)[None] < rng.integers(4, length + 1, (b, 1))
+                        ).astype(np.int32),
+        region_feat=rng.normal(size=(b, regions, feat)).astype(np.float32),
+        boxes=rng.random((b, regions, 7)).astype(np.float32),
+        region_mask=np.ones((b, regions), np.int32),
+        image_index=rng.integers(0, 8, b).astype(np.int32),
+        valid=np.arange(b) < b - 2,
+        vmlm_input_ids=rng.integers(5, 60, (b, length)).astype(np.int32),
+        vmlm_labels=labels.astype(np.int32),
+        region_masked=rng.random((b, regions)) < 0.3,
+        soft_labels=np.asarray(jax.nn.softmax(rng.normal(size=(b, regions, classes)))))
+
+
+@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+def test_task_on_8_devices_equals_one_device(task):
+    c = tiny_config("/unused")
+    c.loss.same_image_positives = True
+    c.loss.matryoshka_dims = (4, 8)
+    c.loss.temperature = 0.5
+    c.loss.learn_temperature = True
+    kind, model_cfg, model = train.model_and_config(c)
+    params = {"model": pretrained.init_params(kind, model_cfg, jax.random.key(0)),
+              **train.loss_config(c).init_params()}
+    batch = _random_batch(np.random.default_rng(1))
+    key = jax.random.key(3)
+
+    def run(mesh):
+        setup = tasks.TaskSetup(model, mesh, train.loss_config(c))
+        fn = jax.jit(jax.value_and_grad(lambda p, b: tasks.TASKS[task](p, b, key, setup),
+                                        has_aux=True))
+        if mesh is None:
+            return fn(params, batch)
+        with jax.set_mesh(mesh):
+            return fn(parallel.replicate(params, mesh), parallel.global_batch(batch, mesh))
+
+    (loss1, aux1), grads1 = run(None)
+    (loss8, aux8), grads8 = run(parallel.make_mesh())
+    assert np.isfinite(float(loss1)) and float(loss1) > 0
+    np.testing.assert_allclose(loss8, loss1, atol=1e-5, rtol=1e-5)
+    for k in aux1:
+        np.testing.assert_allclose(aux8[k], aux1[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+                 grads8, grads1)
+    # The gradient reaches what the task trains: both towers for cmr, the heads otherwise.
+    flat = pretrained.flatten_params(grads1)
+    norm = lambda prefix: sum(float(jnp.sum(v ** 2)) for k, v in flat.items()
+                              if k.startswith(prefix))
+    assert norm("model/dual_encoder/text_tower") > 0 and norm("model/dual_encoder/image_tower") > 0
+    head = {"vmlm": "model/mlm_head", "mrfr": "model/mrfr_head", "mrckl": "model/mrc_head"}
+    if task in head:
+        assert norm(head[task]) > 0
+    else:
+        assert norm("model/mlm_head") == 0 and norm("contrastive") > 0
+
+
+def test_vmlm_positions_gather_every_masked_token():
+    labels = np.full((3, 8), -1, np.int32)
+    labels[0, [2, 5]] = [11, 12]
+    labels[1, [1, 2, 3, 6]] = [1, 2, 3, 4]
+    positions, gathered = tasks.vmlm_positions(jnp.asarray(labels))
+    assert positions.shape == (3, 4)
+    np.testing.assert_array_equal(gathered[0], [11, 12, -1, -1])
+    np.testing.assert_array_equal(positions[1], [1, 2, 3, 6])
+    np.testing.assert_array_equal(gathered[2], [-1] * 4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """12 pre-training steps (all four tasks), evaluated and checkpointed at the end."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    summary = train.train_and_evaluate(tiny_config(data_dir), workdir)
+    return workdir, summary
+
+
+def test_pretraining_runs_every_task_and_exports(uninterrupted):
+    workdir, summary = uninterrupted
+    assert summary["step"] == 12 and not summary["preempted"]
+    rows = train_rows(workdir)
+    seen = {k for r in rows.values() for k in r if k.endswith("_loss")}
+    assert {"cmr_loss", "vmlm_loss", "mrfr_loss", "mrckl_loss"} <= seen
+    assert set(summary["eval"]) == {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10",
+                                    "ar"}
+    saved = json.load(open(os.path.join(workdir, train.CONFIG_FILE)))
+    assert saved["tasks"] == {"cmr": 1, "vmlm": 1, "mrfr": 1, "mrckl": 1}
+    loaded = pretrained.load_pretrained(os.path.join(workdir, train.MODEL_DIR))
+    assert loaded.kind == "lightningdot_pretrain"
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params),
+                 jax.device_get(final_params(workdir, 12)["model"]))
+
+
+def test_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
+    workdir, _ = uninterrupted
+    first = train.train_and_evaluate(tiny_config(data_dir, stop_at=6), str(tmp_path))
+    assert first["step"] == 6 and not first["eval"]
+    assert os.listdir(tmp_path / train.CHECKPOINTS) == ["6"]
+    second = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
+    assert second["step"] == 12
+    want, got = train_rows(workdir), train_rows(str(tmp_path))
+    assert_rows_close(got, want, range(7, 13), atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                 final_params(str(tmp_path), 12), final_params(workdir, 12))
+
+
+def test_checkpoint_from_8_devices_restores_on_2(uninterrupted):
+    workdir, _ = uninterrupted
+    c = tiny_config("/unused")
+    kind, model_cfg, model = train.model_and_config(c)
+    states = {}
+    for devices in (8, 2):
+        mesh = parallel.make_mesh(devices)
+        tx, _ = optim.make_optimizer(c.optimizer, 12, {"model": pretrained.abstract_params(
+            kind, model_cfg)})
+        state = train.init_state(c, model, kind, model_cfg, tx, mesh, load_pretrained=False)
+        with checkpoint.TrainCheckpointer(os.path.join(workdir, train.CHECKPOINTS)) as ckpt:
+            states[devices], data_state = ckpt.restore(train._abstract(state))
+        leaf = jax.tree.leaves(states[devices].params)[0]
+        assert len(leaf.sharding.device_set) == devices
+        assert data_state  # the pipeline position came back too
+    assert int(states[2].step) == 12
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 states[2], states[8])
+
+
+def test_tiny_finetuning_loss_drops(data_dir, tmp_path):
+    c = tiny_config(data_dir, "finetune", steps=60, log_every=10)
+    summary = train.train_and_evaluate(c, str(tmp_path))
+    losses = [r["cmr_loss"] for _, r in sorted(train_rows(str(tmp_path)).items())]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert summary["eval"]["ar"] > 0
+
+
+def test_two_processes_equal_one_process(data_dir, tmp_path):
+    """2 processes × 4 CPU devices (jax.distributed, gloo) against 1 process × 8 devices on the
+    same global batches: the same losses and the same updated parameters."""
+    c = tiny_config(data_dir, "finetune", steps=6)
+    c.data.eval_split = ""
+    one = str(tmp_path / "one")
+    train.train_and_evaluate(c, one)
+    two = str(tmp_path / "two")
+    args = [f"--config={ROOT}/configs/demo.py:finetune,tiny", f"--workdir={two}",
+            f"--config.data.data_dir={data_dir}", "--config.train.num_steps=6",
+            "--config.train.log_every=1", "--config.train.tensorboard=False",
+            "--config.data.eval_split="]
+    codes = launch.run_local(2, args, devices_per_process=4, timeout=600, cwd=ROOT)
+    assert codes == [0, 0]
+    assert_rows_close(train_rows(two), train_rows(one), range(1, 7), atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+                 final_params(two, 6), final_params(one, 6))
+    assert not os.path.exists(os.path.join(two, train.MODEL_DIR))  # export: one process only
+
+
+def test_sigterm_saves_and_stops(data_dir, tmp_path):
+    workdir = str(tmp_path)
+    cmd = [sys.executable, "-m", "ldot_jax.main", f"--config={ROOT}/configs/demo.py:finetune,tiny",
+           f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+           "--config.train.num_steps=100000", "--config.train.log_every=1",
+           "--config.train.tensorboard=False"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "XLA_FLAGS": ""})
+    jsonl = os.path.join(workdir, metrics.JSONL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(jsonl) and len(open(jsonl).readlines()) >= 3:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads(out[out.rindex("\n{"):])
+    assert summary["preempted"] and 3 <= summary["step"] < 100000
+    assert glob.glob(os.path.join(workdir, train.CHECKPOINTS, str(summary["step"])))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path,
+                                                                 monkeypatch):
+    """Batch 6 carries NaN features: the run stops naming step 6; the checkpoint of step 4
+    stays the latest and nothing after the NaN is saved."""
+    c = tiny_config(data_dir, "finetune", steps=12, checkpoint_every=4)
+    c.data.eval_split = ""
+    real_load = train.load_data
+
+    class Poisoned:
+        def __init__(self, inner):
+            self.inner, self.count = inner, 0
+
+        def __next__(self):
+            batch = next(self.inner)
+            self.count += 1
+            if self.count == 7:
+                batch = {**batch, "region_feat": batch["region_feat"] * np.nan}
+            return batch
+
+        def get_state(self):
+            return self.inner.get_state()
+
+        def set_state(self, state):
+            self.inner.set_state(state)
+
+    def load_poisoned(config):
+        data = real_load(config)
+        data.iterator = Poisoned(data.iterator)
+        return data
+
+    monkeypatch.setattr(train, "load_data", load_poisoned)
+    with pytest.raises(train.NonFiniteLossError, match="step 6 .*Last good checkpoint: step 4"):
+        train.train_and_evaluate(c, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / train.CHECKPOINTS)) == ["4"]
