@@ -268,30 +268,43 @@ def test_checkpoint_from_8_devices_restores_on_2(uninterrupted):
 
 
 def test_tiny_finetuning_loss_drops(data_dir, tmp_path):
-    c = tiny_config(data_dir, "finetune", steps=60, log_every=10)
+    c = tiny_config(data_dir, "finetune", steps=150, log_every=25)
     summary = train.train_and_evaluate(c, str(tmp_path))
     losses = [r["cmr_loss"] for _, r in sorted(train_rows(str(tmp_path)).items())]
-    assert losses[-1] < losses[0] - 0.1, losses
+    chance = np.log(c.pipeline.batch_size)  # uniform scores over the in-batch images
+    assert losses[-1] < min(losses[0], chance) - 0.3, losses
     assert summary["eval"]["ar"] > 0
 
 
 def test_two_processes_equal_one_process(data_dir, tmp_path):
     """2 processes × 4 CPU devices (jax.distributed, gloo) against 1 process × 8 devices on the
-    same global batches: the same losses and the same updated parameters."""
+    same global batches: the same losses and the same updated parameters.
+
+    Adam with eps 1e-8 turns rounding noise in near-zero gradient entries (sums reduced in
+    another order) into full-size updates; eps = 1 makes updates proportional to gradients
+    (SGD), so equal parameters mean equal gradients."""
     c = tiny_config(data_dir, "finetune", steps=6)
     c.data.eval_split = ""
+    c.optimizer.eps, c.optimizer.learning_rate = 1.0, 1.0
     one = str(tmp_path / "one")
     train.train_and_evaluate(c, one)
     two = str(tmp_path / "two")
     args = [f"--config={ROOT}/configs/demo.py:finetune,tiny", f"--workdir={two}",
             f"--config.data.data_dir={data_dir}", "--config.train.num_steps=6",
             "--config.train.log_every=1", "--config.train.tensorboard=False",
-            "--config.data.eval_split="]
+            "--config.data.eval_split=", "--config.optimizer.eps=1.0",
+            "--config.optimizer.learning_rate=1.0"]
     codes = launch.run_local(2, args, devices_per_process=4, timeout=600, cwd=ROOT)
     assert codes == [0, 0]
-    assert_rows_close(train_rows(two), train_rows(one), range(1, 7), atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
-                 final_params(two, 6), final_params(one, 6))
+    assert_rows_close(train_rows(two), train_rows(one), range(1, 7), atol=1e-6)
+    kind, model_cfg, _ = train.model_and_config(c)
+    initial = pretrained.init_params(kind, model_cfg, jax.random.key(c.seed))
+    trained_one, trained_two = final_params(one, 6)["model"], final_params(two, 6)["model"]
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(trained_one), jax.tree.leaves(initial)))
+    assert moved > 1e-3
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+                 trained_two, trained_one)
     assert not os.path.exists(os.path.join(two, train.MODEL_DIR))  # export: one process only
 
 
