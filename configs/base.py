@@ -11,6 +11,8 @@ Sections (what reads them):
   mesh                device mesh: data × model (parallel.py)
   train               steps, logging, evaluation, checkpoints (train.py)
 Fields that default to None are typed placeholders, so `--config.x=value` works on them.
+As a config file, `configs/base.py:<model preset>` gives these defaults (fine-tuning CMR on
+the scenes data with that preset).
 """
 
 import ml_collections
@@ -93,6 +95,10 @@ def base_config(preset: str, model_kind: str | None = None) -> ml_collections.Co
     c.train.progress_bar = True
     c.train.export = True
     return c
+
+
+def get_config(arg: str = "scenes") -> ml_collections.ConfigDict:
+    return base_config(arg or "scenes")
 
 
 def pretraining_recipe(c: ml_collections.ConfigDict) -> None:

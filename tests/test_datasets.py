@@ -54,10 +54,15 @@ def test_caption_table_is_cached(scenes_dir):
     table = data.caption_table("val")
     assert [row["captions"] for row in table] == [
         [_text(c) for c in data.split("val")[i]["captions"]] for i in range(10)]
+    assert [row["num_regions"] for row in table] == [
+        len(data.split("val")[i]["region_feat"]) for i in range(10)]
     path = os.path.join(data.directory, "captions_val.json")
     with open(path, "w") as f:  # the second call reads the cache
+        f.write('[{"captions": ["cached"], "num_regions": 3}]')
+    assert data.caption_table("val") == [{"captions": ["cached"], "num_regions": 3}]
+    with open(path, "w") as f:  # a table without region counts (older version) is rebuilt
         f.write('[{"captions": ["cached"]}]')
-    assert data.caption_table("val") == [{"captions": ["cached"]}]
+    assert data.caption_table("val") == table
     os.remove(path)
 
 

@@ -159,6 +159,10 @@ def _random_batch(rng, b=16, length=10, regions=6, feat=32, classes=37):
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
 def test_task_on_8_devices_equals_one_device(task):
+    """Loss and metrics of every task on the 8-device mesh equal the single-device
+    computation; for cmr (the sharded contrastive island) the gradient too, and it reaches
+    the learned temperature. (The heads' losses are plain global means; compiling their
+    gradients twice would only re-test XLA.)"""
     c = tiny_config("/unused")
     c.loss.same_image_positives = True
     c.loss.matryoshka_dims = (4, 8)
@@ -172,31 +176,27 @@ def test_task_on_8_devices_equals_one_device(task):
 
     def run(mesh):
         setup = tasks.TaskSetup(model, mesh, train.loss_config(c))
-        fn = jax.jit(jax.value_and_grad(lambda p, b: tasks.TASKS[task](p, b, key, setup),
-                                        has_aux=True))
+        loss_fn = lambda p, b: tasks.TASKS[task](p, b, key, setup)
+        fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True) if task == "cmr" else loss_fn)
         if mesh is None:
             return fn(params, batch)
         with jax.set_mesh(mesh):
             return fn(parallel.replicate(params, mesh), parallel.global_batch(batch, mesh))
 
-    (loss1, aux1), grads1 = run(None)
-    (loss8, aux8), grads8 = run(parallel.make_mesh())
+    one, eight = run(None), run(parallel.make_mesh())
+    if task == "cmr":
+        (loss1, aux1), grads1 = one
+        (loss8, aux8), grads8 = eight
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+                     grads8, grads1)
+        assert float(jnp.abs(grads1["contrastive"]["log_scale"])) > 0
+        assert {"cmr_loss_4d", "temperature"} <= set(aux1)
+    else:
+        (loss1, aux1), (loss8, aux8) = one, eight
     assert np.isfinite(float(loss1)) and float(loss1) > 0
     np.testing.assert_allclose(loss8, loss1, atol=1e-5, rtol=1e-5)
     for k in aux1:
         np.testing.assert_allclose(aux8[k], aux1[k], atol=1e-5, rtol=1e-5, err_msg=k)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-                 grads8, grads1)
-    # The gradient reaches what the task trains: both towers for cmr, the heads otherwise.
-    flat = pretrained.flatten_params(grads1)
-    norm = lambda prefix: sum(float(jnp.sum(v ** 2)) for k, v in flat.items()
-                              if k.startswith(prefix))
-    assert norm("model/dual_encoder/text_tower") > 0 and norm("model/dual_encoder/image_tower") > 0
-    head = {"vmlm": "model/mlm_head", "mrfr": "model/mrfr_head", "mrckl": "model/mrc_head"}
-    if task in head:
-        assert norm(head[task]) > 0
-    else:
-        assert norm("model/mlm_head") == 0 and norm("contrastive") > 0
 
 
 def test_vmlm_positions_gather_every_masked_token():
@@ -312,10 +312,11 @@ def test_sigterm_saves_and_stops(data_dir, tmp_path):
     workdir = str(tmp_path)
     cmd = [sys.executable, "-m", "ldot_jax.main", f"--config={ROOT}/configs/demo.py:finetune,tiny",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-           "--config.train.num_steps=100000", "--config.train.log_every=1",
+           "--config.train.num_steps=150", "--config.train.log_every=1",
            "--config.train.tensorboard=False"]
+    # The same devices and schedule as test_tiny_finetuning_loss_drops: cached programs.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "XLA_FLAGS": ""})
+                            text=True)
     jsonl = os.path.join(workdir, metrics.JSONL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -326,7 +327,7 @@ def test_sigterm_saves_and_stops(data_dir, tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads(out[out.rindex("\n{"):])
-    assert summary["preempted"] and 3 <= summary["step"] < 100000
+    assert summary["preempted"] and 3 <= summary["step"] < 150
     assert glob.glob(os.path.join(workdir, train.CHECKPOINTS, str(summary["step"])))
 
 
@@ -334,7 +335,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
                                                                  monkeypatch):
     """Batch 6 carries NaN features: the run stops naming step 6; the checkpoint of step 4
     stays the latest and nothing after the NaN is saved."""
-    c = tiny_config(data_dir, "finetune", steps=12, checkpoint_every=4)
+    c = tiny_config(data_dir, "finetune", steps=150, checkpoint_every=4)
     c.data.eval_split = ""
     real_load = train.load_data
 
