@@ -1,9 +1,9 @@
-"""python -m ldot_jax.bench {data} [flags]: runs one benchmark (see ldot_jax/bench/)."""
+"""python -m ldot_jax.bench {data,train} [flags]: runs one benchmark (see ldot_jax/bench/)."""
 
 import importlib
 import sys
 
-BENCHMARKS = {"data": "ldot_jax.bench.data"}
+BENCHMARKS = {"data": "ldot_jax.bench.data", "train": "ldot_jax.bench.train"}
 
 
 def main(argv=None) -> int:

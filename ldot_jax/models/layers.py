@@ -72,6 +72,28 @@ class Embed(nn.Embed):
         return take_rows(table, inputs)
 
 
+class Dropout(nn.Module):
+    """nn.Dropout (inverted, rng stream "dropout") whose mask is drawn with the input's
+    sharding: under a mesh with Explicit axes the mask of a [B@data, ...] activation is itself
+    [B@data, ...] (each device draws its own rows of the global mask), where flax's mask
+    would be replicated and rejected. No parameters, so checkpoints are unaffected."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool = True):
+        if deterministic or self.rate == 0.0:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep_prob = 1.0 - self.rate
+        spec = jax.typeof(inputs).sharding.spec
+        sharding = None if all(axis is None for axis in spec) else spec
+        keep = jax.random.bernoulli(self.make_rng("dropout"), keep_prob, inputs.shape,
+                                    out_sharding=sharding)
+        return jnp.where(keep, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 def embed(config: TransformerConfig, num: int, name: str | None = None) -> nn.Embed:
     return Embed(num, config.hidden_size, dtype=config.compute_dtype,
                     param_dtype=config.params_dtype,
@@ -92,7 +114,7 @@ class TextEmbeddings(nn.Module):
         self.position_embeddings = embed(c, c.max_position_embeddings)
         self.token_type_embeddings = embed(c, c.type_vocab_size)
         self.layer_norm = layer_norm(c)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
 
     def __call__(self, input_ids, token_type_ids=None, deterministic: bool = True):
         """input_ids: i32[B, L] → [B, L, H]. Position ids are arange(L)."""
@@ -143,7 +165,7 @@ class SelfAttention(nn.Module):
         logits = jnp.einsum("bqnd,bknd->bnqk", query, key,
                             preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
         probs = jax.nn.softmax(logits + bias, axis=-1)
-        probs = nn.Dropout(c.attention_dropout)(probs, deterministic=deterministic)
+        probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
         return jnp.einsum("bnqk,bknd->bqnd", probs.astype(value.dtype), value)
 
 
@@ -155,7 +177,7 @@ class TransformerLayer(nn.Module):
     @nn.compact
     def __call__(self, hidden, bias, deterministic: bool = True):
         c = self.config
-        dropout = functools.partial(nn.Dropout(c.hidden_dropout), deterministic=deterministic)
+        dropout = functools.partial(Dropout(c.hidden_dropout), deterministic=deterministic)
         attended = SelfAttention(c, name="attention")(hidden, bias, deterministic)
         hidden = layer_norm(c, "attention_layer_norm")(hidden + dropout(attended))
         inner = gelu(dense(c, c.intermediate_size, "intermediate")(hidden))

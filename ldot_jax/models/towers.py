@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from ldot_jax.models import inputs
 from ldot_jax.models.config import RegionConfig, TransformerConfig
-from ldot_jax.models.layers import TextEmbeddings, TransformerEncoder, dense, gelu, layer_norm
+from ldot_jax.models.layers import (Dropout, TextEmbeddings, TransformerEncoder, dense, gelu,
+                                    layer_norm)
 
 
 class TowerOutput(NamedTuple):
@@ -62,7 +63,7 @@ class RegionEmbeddings(nn.Module):
             "mask_embedding", nn.initializers.normal(c.initializer_range),
             (2, self.region.feat_dim), c.params_dtype)
         self.layer_norm = layer_norm(c)
-        self.dropout = nn.Dropout(c.hidden_dropout)
+        self.dropout = Dropout(c.hidden_dropout)
 
     def __call__(self, region_feat, boxes, type_embedding, masked_regions=None,
                  deterministic: bool = True):
