@@ -97,6 +97,34 @@ def base_config(preset: str, model_kind: str | None = None) -> ml_collections.Co
     return c
 
 
+def parse_arg(arg: str | None, choices: tuple[str, ...], default: str,
+              where: str) -> tuple[str, set[str]]:
+    """"choice[,tiny]" → (choice, {"tiny"}); `choices` () takes options only ("tiny")."""
+    parts = [p for p in (arg or "").split(",") if p]
+    choice = parts.pop(0) if choices and parts and parts[0] in choices else default
+    if (choices and choice not in choices) or set(parts) - {"tiny"}:
+        valid = f"one of {choices}, optionally followed by ',tiny'" if choices else "'tiny'"
+        raise ValueError(f"{where}:{arg}: expected {valid}")
+    return choice, set(parts)
+
+
+def finetune_karpathy(name: str, epochs: float, arg: str | None) -> ml_collections.ConfigDict:
+    """The original's fine-tuning recipe on a Karpathy split (configs/finetune_*.py)."""
+    _, options = parse_arg(arg, (), "", f"configs/finetune_{name}.py")
+    c = base_config("lightningdot_base", "lightningdot")
+    c.data.name = "karpathy"
+    c.data.config = name
+    c.data.eval_split = "val"
+    c.tasks = {"cmr": 1}
+    c.pipeline.batch_size = 64
+    c.train.num_epochs = epochs
+    c.train.eval_every = 2_000
+    c.train.checkpoint_every = 2_000
+    if "tiny" in options:
+        tiny(c)
+    return c
+
+
 def get_config(arg: str = "scenes") -> ml_collections.ConfigDict:
     return base_config(arg or "scenes")
 

@@ -21,11 +21,7 @@ STAGES = ("pretrain", "finetune")
 
 
 def get_config(arg: str = "pretrain"):
-    parts = [p for p in (arg or "pretrain").split(",") if p]
-    stage, options = parts[0], set(parts[1:])
-    if stage not in STAGES or options - {"tiny"}:
-        raise ValueError(f"configs/demo.py:{arg}: expected one of {STAGES}, optionally "
-                         f"followed by ',tiny'")
+    stage, options = base.parse_arg(arg, STAGES, "pretrain", "configs/demo.py")
     c = base.base_config("scenes", "lightningdot_pretrain")
     c.data.name = "scenes"
     c.pipeline.batch_size = 128

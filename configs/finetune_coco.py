@@ -17,19 +17,4 @@ from configs import base
 
 
 def get_config(arg: str = ""):
-    options = {p for p in (arg or "").split(",") if p}
-    if options - {"tiny"}:
-        raise ValueError(f"configs/finetune_coco.py:{arg}: the only option is 'tiny'")
-    c = base.base_config("lightningdot_base", "lightningdot")
-    c.data.name = "karpathy"
-    c.data.config = "coco"
-    c.data.eval_split = "val"
-    c.tasks = {"cmr": 1}
-    c.pipeline.batch_size = 64
-    c.train.num_epochs = 20.0
-    c.train.eval_every = 2_000
-    c.train.checkpoint_every = 2_000
-    if "tiny" in options:
-        base.tiny(c)
-        c.model_kind = "lightningdot"
-    return c
+    return base.finetune_karpathy("coco", 20.0, arg)

@@ -32,11 +32,7 @@ MIXES = {"coco_sbu": {"cmr": 16, "vmlm": 8, "mrfr": 4, "mrckl": 4},
 
 
 def get_config(arg: str = "coco_sbu"):
-    parts = [p for p in (arg or "coco_sbu").split(",") if p]
-    mix, options = parts[0], set(parts[1:])
-    if mix not in MIXES or options - {"tiny"}:
-        raise ValueError(f"configs/pretrain.py:{arg}: expected one of {sorted(MIXES)}, "
-                         f"optionally followed by ',tiny'")
+    mix, options = base.parse_arg(arg, tuple(MIXES), "coco_sbu", "configs/pretrain.py")
     c = base.base_config("lightningdot_base", "lightningdot_pretrain")
     base.pretraining_recipe(c)
     c.tasks = dict(MIXES[mix])
