@@ -100,11 +100,15 @@ class TrainCheckpointer:
                 get_metric_fn=lambda metrics: metrics[best_metric],
                 reverse=best_mode == "min", n=keep_best,
                 keep_checkpoints_without_metrics=False))
+        # best_fn also makes Orbax write each step's metrics to disk, so the best step is
+        # still known after a restart (the preservation policy decides what is kept).
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            enable_async_checkpointing=async_save, create=True)
+            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+            best_mode=best_mode, enable_async_checkpointing=async_save, create=True)
         self.directory = os.path.abspath(directory)
         self.best_metric = best_metric
+        self.best_mode = best_mode
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=(STATE, DATA))
 
@@ -115,7 +119,18 @@ class TrainCheckpointer:
         return list(self._manager.all_steps())
 
     def best_step(self) -> int | None:
-        return self._manager.best_step() if self.best_metric else None
+        """The kept step with the best `best_metric` (None without metrics)."""
+        if not self.best_metric:
+            return None
+        scored = {}
+        for step in self.all_steps():
+            metrics = self._manager.metrics(step)
+            if metrics and self.best_metric in metrics:
+                scored[step] = float(metrics[self.best_metric])
+        if not scored:
+            return None
+        pick = max if self.best_mode == "max" else min
+        return pick(scored, key=scored.get)
 
     def save(self, step: int, state: Any, data_state: Mapping | None = None,
              metrics: Mapping[str, float] | None = None) -> bool:

@@ -218,7 +218,7 @@ def test_vmlm_positions_gather_every_masked_token():
 def uninterrupted(data_dir, tmp_path_factory):
     """12 pre-training steps (all four tasks), evaluated and checkpointed at the end."""
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-    summary = train.train_and_evaluate(tiny_config(data_dir), workdir)
+    summary = train.train_and_evaluate(tiny_config(data_dir, tensorboard=True), workdir)
     return workdir, summary
 
 
@@ -230,6 +230,7 @@ def test_pretraining_runs_every_task_and_exports(uninterrupted):
     assert {"cmr_loss", "vmlm_loss", "mrfr_loss", "mrckl_loss"} <= seen
     assert set(summary["eval"]) == {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10",
                                     "ar"}
+    assert glob.glob(os.path.join(workdir, metrics.TENSORBOARD, "events.out.tfevents.*"))
     saved = json.load(open(os.path.join(workdir, train.CONFIG_FILE)))
     assert saved["tasks"] == {"cmr": 1, "vmlm": 1, "mrfr": 1, "mrckl": 1}
     loaded = pretrained.load_pretrained(os.path.join(workdir, train.MODEL_DIR))
@@ -369,3 +370,53 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     with pytest.raises(train.NonFiniteLossError, match="step 6 .*Last good checkpoint: step 4"):
         train.train_and_evaluate(c, str(tmp_path))
     assert sorted(os.listdir(tmp_path / train.CHECKPOINTS)) == ["4"]
+
+
+def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
+    tree = {"w": jnp.arange(3.0)}
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=x.sharding), tree)
+    with checkpoint.TrainCheckpointer(tmp_path, keep=2, best_metric="ar") as ckpt:
+        for step in range(1, 6):
+            metrics = {2: {"ar": 50.0}, 3: {"ar": 10.0}}.get(step)
+            ckpt.save(step, jax.tree.map(lambda x: x + step, tree), {"next_index": step},
+                      metrics)
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 4, 5] and ckpt.best_step() == 2
+        state, data_state = ckpt.restore(abstract, step=2)
+        np.testing.assert_array_equal(state["w"], [2.0, 3.0, 4.0])
+        assert data_state == {"next_index": 2}
+        with pytest.raises(checkpoint.CheckpointError, match="no step 3"):
+            ckpt.restore(abstract, step=3)
+    # After a restart the best step is still known (its metrics are on disk) and kept.
+    with checkpoint.TrainCheckpointer(tmp_path, keep=2, best_metric="ar") as ckpt:
+        for step in (6, 7):
+            ckpt.save(step, tree, {"next_index": step})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 6, 7] and ckpt.best_step() == 2
+    with pytest.raises(ValueError, match="best_mode"):
+        checkpoint.TrainCheckpointer(tmp_path, best_mode="largest")
+
+
+def test_bfloat16_training_step(data_dir):
+    """bf16 compute (f32 parameters and optimizer state): the step's loss is within bf16
+    rounding of the f32 step's, and the parameters stay f32."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        c = tiny_config(data_dir, "finetune")
+        c.model.text.dtype = c.model.image.dtype = dtype
+        kind, model_cfg, model = train.model_and_config(c)
+        mesh = parallel.make_mesh()
+        tx, _ = optim.make_optimizer(c.optimizer, 10, {"model": pretrained.abstract_params(
+            kind, model_cfg)})
+        state = train.init_state(c, model, kind, model_cfg, tx, mesh, load_pretrained=False)
+        step = train.make_train_step("cmr", tasks.TaskSetup(model, mesh, train.loss_config(c)),
+                                     tx)
+        batch = _random_batch(np.random.default_rng(0))
+        batch["text_index"] = np.arange(16, dtype=np.int32)
+        with jax.set_mesh(mesh):
+            state, out = step(state, parallel.global_batch(batch, mesh), jax.random.key(0))
+        assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+        assert bool(out["finite"])
+        losses[dtype] = float(out["loss"])
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
