@@ -158,7 +158,7 @@ def total_steps(config, index: pipeline.CaptionIndex) -> int:
     return max(1, int(round(t.num_epochs * per_epoch)))
 
 
-def init_state(config, model, kind: str, model_config, tx, mesh,
+def init_state(config, kind: str, model_config, tx, mesh,
                load_pretrained: bool = True) -> TrainState:
     """A fresh replicated TrainState (params from the seed, then `config.init` sources)."""
     params = jax.device_get(pretrained.init_params(kind, model_config,
@@ -306,10 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         async_save=t.get("async_checkpoints", True))
     resuming = ckpt.latest_step() is not None
     abstract_params = {"model": pretrained.abstract_params(kind, model_cfg),
-                       **jax.eval_shape(loss_config(config).init_params)}
+                       **jax.eval_shape(setup.loss.init_params)}
     tx, schedule = optim.make_optimizer(config.optimizer, max(1, steps // accumulation),
                                         abstract_params)
-    state = init_state(config, model, kind, model_cfg, tx, mesh, load_pretrained=not resuming)
+    state = init_state(config, kind, model_cfg, tx, mesh, load_pretrained=not resuming)
     if resuming:
         state, data_state = ckpt.restore(_abstract(state))
         data.iterator.set_state(data_state)
@@ -331,8 +331,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     window_start, window_steps = time.perf_counter(), 0
     pending = None  # the previous step's (step, task, metrics): read one step late
 
-    def check(pending):
-        step, task, metrics = pending
+    def settle():
+        """Reads the pending step's metrics (stops on a non-finite loss) into the window."""
+        nonlocal pending
+        if pending is None:
+            return
+        (step, task, metrics), pending = pending, None
         metrics = jax.device_get(metrics)
         if not bool(metrics["finite"]):
             ckpt.wait()
@@ -351,15 +355,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 task = tasks.task_of_step(step, names, probabilities, config.seed)
                 batch = parallel.global_batch(next(data.iterator), mesh)
                 state, metrics = step_fns[task](state, batch, key)
-                if pending is not None:
-                    check(pending)
+                settle()
                 pending = (step, task, metrics)
                 done = step + 1
                 window_steps += 1
                 progress.update(1)
                 if done % t.log_every == 0 or done == stop_at:
-                    check(pending)
-                    pending = None
+                    settle()
                     elapsed = time.perf_counter() - window_start
                     row = {k: float(np.mean(v)) for k, v in window.items()}
                     row["learning_rate"] = float(schedule(done // accumulation))
@@ -381,9 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 preempted = preemption.reached(done)
                 if (preempted or eval_metrics is not None or done == stop_at
                         or (t.get("checkpoint_every") and done % t.checkpoint_every == 0)):
-                    if pending is not None:
-                        check(pending)
-                        pending = None
+                    settle()  # never save after a non-finite step
                     ckpt.save(done, state, data.iterator.get_state(),
                               metrics=eval_metrics if t.get("best_metric") else None)
                 summary["step"] = done
@@ -391,8 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     log.warning("preempted: checkpoint of step %d saved, stopping", done)
                     summary["preempted"] = True
                     break
-            if pending is not None:
-                check(pending)
+            settle()
         ckpt.wait()
         if jax.process_count() == 1 and summary["step"] == steps and t.get("export", True):
             export_model(workdir, kind, model_cfg, state.params["model"])

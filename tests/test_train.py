@@ -255,13 +255,13 @@ def test_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
 def test_checkpoint_from_8_devices_restores_on_2(uninterrupted):
     workdir, _ = uninterrupted
     c = tiny_config("/unused")
-    kind, model_cfg, model = train.model_and_config(c)
+    kind, model_cfg, _ = train.model_and_config(c)
     states = {}
     for devices in (8, 2):
         mesh = parallel.make_mesh(devices)
         tx, _ = optim.make_optimizer(c.optimizer, 12, {"model": pretrained.abstract_params(
             kind, model_cfg)})
-        state = train.init_state(c, model, kind, model_cfg, tx, mesh, load_pretrained=False)
+        state = train.init_state(c, kind, model_cfg, tx, mesh, load_pretrained=False)
         with checkpoint.TrainCheckpointer(os.path.join(workdir, train.CHECKPOINTS)) as ckpt:
             states[devices], data_state = ckpt.restore(train._abstract(state))
         leaf = jax.tree.leaves(states[devices].params)[0]
@@ -409,7 +409,7 @@ def test_bfloat16_training_step(data_dir):
         mesh = parallel.make_mesh()
         tx, _ = optim.make_optimizer(c.optimizer, 10, {"model": pretrained.abstract_params(
             kind, model_cfg)})
-        state = train.init_state(c, model, kind, model_cfg, tx, mesh, load_pretrained=False)
+        state = train.init_state(c, kind, model_cfg, tx, mesh, load_pretrained=False)
         step = train.make_train_step("cmr", tasks.TaskSetup(model, mesh, train.loss_config(c)),
                                      tx)
         batch = _random_batch(np.random.default_rng(0))

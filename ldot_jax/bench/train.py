@@ -75,7 +75,7 @@ def run(preset: str, batch_size: int, text_len: int, regions: int, dtype: str, t
     tx, _ = optim.make_optimizer(c.optimizer, 1000, {"model": pretrained.abstract_params(
         kind, model_cfg)})
     setup = tasks.TaskSetup(model, mesh, train.loss_config(c))
-    state = train.init_state(c, model, kind, model_cfg, tx, mesh, load_pretrained=False)
+    state = train.init_state(c, kind, model_cfg, tx, mesh, load_pretrained=False)
     rng = np.random.default_rng(0)
     batch = synthetic_batch(rng, batch_size, text_len, regions, model_cfg.region.feat_dim,
                             model_cfg.text.vocab_size, model_cfg.region.num_classes)
