@@ -10,6 +10,8 @@ Sections (what reads them):
   init                model directories to start from, per tower (initialize.py)
   mesh                device mesh: data × model (parallel.py)
   train               steps, logging, evaluation, checkpoints (train.py)
+  index               the fast stage: extraction and the index built after training
+                      (ldot_jax/index/build.py, `python -m ldot_jax.index build`)
 Fields that default to None are typed placeholders, so `--config.x=value` works on them.
 As a config file, `configs/base.py:<model preset>` gives these defaults (fine-tuning CMR on
 the scenes data with that preset).
@@ -94,6 +96,21 @@ def base_config(preset: str, model_kind: str | None = None) -> ml_collections.Co
     c.train.tensorboard = True
     c.train.progress_bar = True
     c.train.export = True
+
+    c.index = ml_collections.ConfigDict()
+    c.index.split = "test"
+    c.index.backend = "scann"  # scann | hierarchical | exact
+    c.index.sides = ("image", "text")  # image: for text→image search; text: image→text
+    c.index.shard_size = 4096  # rows per extraction shard (the unit of resuming)
+    c.index.d_low = placeholder(int)  # hierarchical: the coarse prefix (a matryoshka dim)
+    c.index.candidates = 100  # hierarchical: coarse results re-scored at full dimension
+    c.index.health_queries = 1000  # queries of the other modality for recall vs exact
+    # ScaNN overrides of the size rule (index/scann_index.scann_params), e.g. num_leaves.
+    c.index.scann = ml_collections.ConfigDict({
+        "num_leaves": placeholder(int), "leaves_to_search": placeholder(int),
+        "training_sample_size": placeholder(int), "hashing": placeholder(bool),
+        "reorder": placeholder(int), "num_threads": placeholder(int)})
+    c.index.exact = ml_collections.ConfigDict({"chunk_size": 16384, "dtype": "float32"})
     return c
 
 

@@ -62,6 +62,11 @@ def image_to_text_ranks(text: np.ndarray, image: np.ndarray, caption_image: np.n
     return best
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows of f32[n, D] scaled to unit length (zero rows stay zero)."""
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
     """{K: percent of ranks < K}."""
     return {k: 100.0 * float(np.mean(ranks < k)) for k in ks}

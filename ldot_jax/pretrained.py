@@ -9,6 +9,7 @@ It is written to a temporary sibling and renamed into place, so a reader never s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Callable, NamedTuple
@@ -16,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ldot_jax import checkpoint, fileutil
 from ldot_jax.models import config as config_lib
@@ -187,6 +189,20 @@ def load_cross_encoder(directory: str | os.PathLike, **numerics) -> tuple[CrossE
         raise checkpoint.CheckpointError(
             f"{directory} holds a {loaded.kind!r} model, not a cross-encoder (uniter_itm)")
     return CrossEncoder(loaded.config), loaded.params
+
+
+def fingerprint(kind: str, config, params) -> str:
+    """A model's identity: "sha256:<hex>" over its kind, its config (JSON) and every parameter
+    (path, dtype, shape and bytes). An index records the fingerprint of the towers that made
+    its vectors, so vectors from another model are never mixed in silently."""
+    h = hashlib.sha256()
+    h.update(kind.encode())
+    h.update(json.dumps(config_lib.to_dict(config), sort_keys=True).encode())
+    for name, leaf in sorted(flatten_params(params).items()):
+        array = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        h.update(array.tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def flatten_params(tree) -> dict[str, Any]:

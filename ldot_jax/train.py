@@ -36,8 +36,8 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from ldot_jax import (checkpoint, contrastive, evaluate, fileutil, initialize, optim, parallel,
-                      pretrained, tasks)
+from ldot_jax import (checkpoint, contrastive, evaluate, extract, fileutil, initialize, optim,
+                      parallel, pretrained, tasks)
 from ldot_jax.data import datasets, pipeline
 from ldot_jax.metrics import MetricWriter
 from ldot_jax.models import config as model_config_lib
@@ -122,15 +122,7 @@ def load_data(config) -> TrainData:
     """The training iterator (this process's rows) and the evaluation split. Process 0
     prepares the dataset on first use while the others wait."""
     c = config.data
-    kwargs = dict(config=c.get("config"), data_dir=c.get("data_dir"),
-                  manual_dir=c.get("manual_dir"), vocab=c.get("vocab"),
-                  **dict(c.get("overrides", {}) or {}))
-    if jax.process_index() == 0:
-        dataset = datasets.load(c.name, **kwargs)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("ldot_jax: dataset prepared")
-    if jax.process_index() != 0:
-        dataset = datasets.load(c.name, **kwargs)
+    dataset = datasets.load_for_run(c)
     pcfg = pipeline_config(config)
     index = pipeline.build_caption_index(dataset.caption_table(c.train_split), dataset.tokenizer,
                                          pcfg.max_text_len, pcfg.length_policy, c.train_split)
@@ -241,12 +233,7 @@ class Preemption:
 def evaluate_retrieval(model, params, data: TrainData, config, mesh,
                        progress: bool = False) -> dict[str, float]:
     """Dot-product IR / TR recall on the evaluation split (every image and caption once)."""
-    per_process = config.train.eval_batch_size // jax.process_count()
-    pcfg = pipeline_config(config)
-    # Several processes must agree on shapes: pad evaluation batches to the largest bucket.
-    text_buckets = pcfg.text_buckets if jax.process_count() == 1 else (max(pcfg.text_buckets),)
-    region_buckets = (pcfg.region_buckets if jax.process_count() == 1
-                      else (max(pcfg.region_buckets),))
+    per_process, text_buckets, region_buckets = extract.batch_layout(config)
     images = pipeline.eval_image_batches(data.eval_images, per_process, region_buckets,
                                          jax.process_index(), jax.process_count())
     image_vectors, image_ids = evaluate.embed_batches(model, params, images, mesh, "image",
@@ -260,6 +247,9 @@ def evaluate_retrieval(model, params, data: TrainData, config, mesh,
     if len(image_ids) != data.eval_index.num_images or len(text_ids) != len(data.eval_index):
         raise RuntimeError(f"evaluation saw {len(image_ids)} images / {len(text_ids)} captions, "
                            f"expected {data.eval_index.num_images} / {len(data.eval_index)}")
+    if config.loss.get("normalize", False):  # rank as the index of these towers would
+        text_vectors, image_vectors = (evaluate.l2_normalize(text_vectors),
+                                       evaluate.l2_normalize(image_vectors))
     return evaluate.retrieval_metrics(text_vectors, image_vectors,
                                       data.eval_index.image[text_ids])
 

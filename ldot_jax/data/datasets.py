@@ -179,3 +179,21 @@ def _tokenizer(vocab, directory, text_meta):
     if text_meta:
         return PretokenizedText(text_meta)
     return None
+
+
+def load_for_run(data_config) -> RetrievalDataset:
+    """The dataset of a run config's `data` section. In a multi-process job, process 0
+    prepares it first (generation or conversion) while the others wait, then they open it."""
+    import jax  # only here: the data generators' worker processes do not need JAX
+    from jax.experimental import multihost_utils
+    c = data_config
+    kwargs = dict(config=c.get("config"), data_dir=c.get("data_dir"),
+                  manual_dir=c.get("manual_dir"), vocab=c.get("vocab"),
+                  **dict(c.get("overrides", {}) or {}))
+    if jax.process_index() == 0:
+        dataset = load(c.name, **kwargs)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ldot_jax: dataset prepared")
+    if jax.process_index() != 0:
+        dataset = load(c.name, **kwargs)
+    return dataset

@@ -1,0 +1,257 @@
+"""Offline embedding of a corpus: every image (and caption) of a split through a trained tower.
+
+Jitted, batched and sharded like evaluation (each process embeds its rows of every global
+batch; `evaluate.embed_batches` gathers them), and written in shards of `shard_size` rows:
+
+  <out>/manifest.json     {"side", "split", "count", "shard_size", "fingerprint", "normalized"}
+  <out>/shard-00000.npz   vectors f32[n, D], ids i64[n], names str[n] (image ids, or caption
+                          texts), owners i64[n] (a caption's image; -1 for images)
+
+Each shard is written to a temporary file and renamed, so an interrupted extraction leaves only
+whole shards, and running it again computes just the missing ones. A manifest from another
+model (fingerprint), split size or shard size is an error unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import uuid
+from typing import Sequence
+
+import jax
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from ldot_jax import evaluate, fileutil
+from ldot_jax.data import pipeline, schema
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SIDES = ("image", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Embeddings:
+    """vectors f32[n, D] and ids i64[n] (positions in the split: images, or captions in
+    caption-index order), names (image ids or caption texts), owners i64[n] (a caption's
+    image position; -1 for images), and the manifest they came with."""
+
+    vectors: np.ndarray
+    ids: np.ndarray
+    names: list[str]
+    owners: np.ndarray
+    manifest: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """What one side of a split is: `count` items, their names and owners, and a function
+    giving the evaluation batches of items [start, stop) for this process."""
+
+    side: str
+    split: str
+    count: int
+    names: Sequence[str]
+    owners: np.ndarray
+    batches: object  # (start, stop) → iterator of batches with ids relative to `start`
+    index_key: str
+
+
+class _Rows:
+    """records[start:stop] without reading them (TFDS sources index one record at a time)."""
+
+    def __init__(self, records, start, stop):
+        self.records, self.start, self.stop = records, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.records[self.start + i]
+
+
+def batch_layout(config) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(rows per process, text buckets, region buckets) for embedding with `config`. Several
+    processes must agree on shapes, so they pad to the largest bucket."""
+    per_process = config.train.eval_batch_size // jax.process_count()
+    text, regions = tuple(config.pipeline.text_buckets), tuple(config.pipeline.region_buckets)
+    if jax.process_count() > 1:
+        text, regions = (max(text),), (max(regions),)
+    return per_process, text, regions
+
+
+def image_corpus(images: Sequence[dict], split: str, config, names=None) -> Corpus:
+    """Every image of a split. names: the image ids (read from the records if not given)."""
+    per_process, _, regions = batch_layout(config)
+
+    def batches(start, stop):
+        return pipeline.eval_image_batches(_Rows(images, start, stop), per_process, regions,
+                                           jax.process_index(), jax.process_count())
+    if names is None:
+        names = _LazyNames(images)
+    return Corpus("image", split, len(images), names, np.full(len(images), -1, np.int64),
+                  batches, "image_index")
+
+
+class _LazyNames:
+    def __init__(self, images):
+        self.images = images
+
+    def __getitem__(self, i):
+        name = self.images[i]["image_id"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def caption_corpus(table: Sequence[dict], tokenizer, split: str, config) -> Corpus:
+    """Every caption of a split (`RetrievalDataset.caption_table`), truncated to the largest
+    text bucket as in evaluation, in caption-index order."""
+    per_process, text, _ = batch_layout(config)
+    index = pipeline.build_caption_index(table, tokenizer, max(text) - 2, "truncate", split)
+    texts = [t for row in table for t in schema.caption_texts(row)]
+    if len(texts) != len(index):
+        texts = [f"caption {t}" for t in range(len(index))]  # pre-tokenized without text
+
+    def batches(start, stop):
+        sub = dataclasses.replace(index, image=index.image[start:stop],
+                                  token_ids=index.token_ids[start:stop])
+        return pipeline.eval_caption_batches(sub, per_process, text, jax.process_index(),
+                                             jax.process_count())
+    return Corpus("text", split, len(index), texts, index.image.astype(np.int64), batches,
+                  "text_index")
+
+
+def _shard_path(out_dir: str, shard: int) -> str:
+    return os.path.join(out_dir, f"shard-{shard:05d}.npz")
+
+
+def _read_shard(path: str, start: int, stop: int) -> dict | None:
+    """A shard's arrays if it is whole and holds rows [start, stop); None otherwise."""
+    try:
+        with np.load(path) as z:
+            shard = {k: z[k] for k in ("vectors", "ids", "names", "owners")}
+    except Exception as e:  # a torn or foreign file: recompute it
+        log.warning("%s is unreadable (%s): recomputing it", path, e)
+        return None
+    if (not np.array_equal(shard["ids"], np.arange(start, stop))
+            or shard["vectors"].shape[0] != stop - start
+            or not np.all(np.isfinite(shard["vectors"]))):
+        log.warning("%s does not hold rows [%d, %d): recomputing it", path, start, stop)
+        return None
+    return shard
+
+
+def _write_shard(path: str, arrays: dict) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> None:
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return
+    old = fileutil.read_json(path, "extraction manifest")
+    differs = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+    if not differs:
+        return
+    if not overwrite:
+        raise ValueError(f"{out_dir} holds an extraction with other settings "
+                         + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in
+                                     differs.items())
+                         + " (use another output directory, or overwrite=True / --overwrite)")
+    for name in os.listdir(out_dir):
+        if name.startswith("shard-") or name == MANIFEST:
+            os.remove(os.path.join(out_dir, name))
+
+
+def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
+            shard_size: int = 4096, normalize: bool = False, overwrite: bool = False,
+            progress: bool = True) -> Embeddings:
+    """Embeds every item of `corpus` with `model`'s tower for `corpus.side` (params: the
+    DualEncoder's, or the pre-training model's) into shards under `out_dir`, skipping shards
+    already there, and returns all the embeddings. normalize: L2-normalize the vectors (for
+    towers trained with normalized embeddings). Every process calls it; process 0 writes."""
+    if corpus.side not in SIDES:
+        raise ValueError(f"side {corpus.side!r}: expected one of {SIDES}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size}: expected ≥ 1")
+    out_dir = os.path.abspath(out_dir)
+    manifest = {"side": corpus.side, "split": corpus.split, "count": int(corpus.count),
+                "shard_size": int(shard_size), "fingerprint": fingerprint,
+                "normalized": bool(normalize)}
+    writer = jax.process_index() == 0
+    num_shards = -(-corpus.count // shard_size)
+    bounds = [(s * shard_size, min((s + 1) * shard_size, corpus.count))
+              for s in range(num_shards)]
+    done = np.zeros(num_shards, np.int32)
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+        _check_manifest(out_dir, manifest, overwrite)
+        fileutil.atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
+        for s, (start, stop) in enumerate(bounds):
+            path = _shard_path(out_dir, s)
+            done[s] = os.path.isfile(path) and _read_shard(path, start, stop) is not None
+    if jax.process_count() > 1:  # every process must embed the same shards
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    if done.any():
+        log.info("%s: %d of %d shards already extracted", out_dir, int(done.sum()), num_shards)
+    bar = tqdm.tqdm(total=corpus.count, initial=sum(b - a for (a, b), d in zip(bounds, done)
+                                                    if d),
+                    desc=f"embedding {corpus.split} {corpus.side}s", unit=corpus.side,
+                    disable=not (progress and writer), smoothing=0.1)
+    for s, (start, stop) in enumerate(bounds):
+        if done[s]:
+            continue
+        vectors, ids = evaluate.embed_batches(model, params, corpus.batches(start, stop), mesh,
+                                              corpus.side, corpus.index_key)
+        if len(ids) != stop - start or not np.array_equal(ids, np.arange(stop - start)):
+            raise RuntimeError(f"shard {s}: embedded {len(ids)} rows, expected {stop - start}")
+        if normalize:
+            vectors = evaluate.l2_normalize(vectors)
+        if writer:
+            _write_shard(_shard_path(out_dir, s), {
+                "vectors": vectors.astype(np.float32), "ids": np.arange(start, stop),
+                "names": np.asarray([str(corpus.names[i]) for i in range(start, stop)]),
+                "owners": np.asarray(corpus.owners[start:stop], np.int64)})
+        bar.update(stop - start)
+    bar.close()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"ldot_jax: extracted {out_dir}")
+    return read_embeddings(out_dir)
+
+
+def read_embeddings(out_dir: str, fingerprint: str | None = None) -> Embeddings:
+    """Every shard of a finished extraction, concatenated; an error names a missing or
+    partial shard, or a fingerprint other than `fingerprint`."""
+    out_dir = os.path.abspath(out_dir)
+    manifest = fileutil.read_json(os.path.join(out_dir, MANIFEST), "extraction manifest")
+    if fingerprint is not None and manifest["fingerprint"] != fingerprint:
+        raise ValueError(f"{out_dir} was extracted with model {manifest['fingerprint']}, not "
+                         f"{fingerprint}")
+    count, size = manifest["count"], manifest["shard_size"]
+    parts = []
+    for s in range(-(-count // size)):
+        start, stop = s * size, min((s + 1) * size, count)
+        path = _shard_path(out_dir, s)
+        shard = _read_shard(path, start, stop) if os.path.isfile(path) else None
+        if shard is None:
+            raise FileNotFoundError(f"{out_dir}: shard {s} (rows {start}–{stop}) is missing or "
+                                    f"partial: run the extraction again to finish it")
+        parts.append(shard)
+    cat = lambda key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)
+    return Embeddings(cat("vectors").astype(np.float32), cat("ids").astype(np.int64),
+                      [str(n) for n in cat("names")], cat("owners").astype(np.int64), manifest)

@@ -1,0 +1,302 @@
+"""The index interface, its checks, and the on-disk format every backend shares.
+
+An index maps int64 ids to vectors f32[N, D] and answers top-k inner-product queries. Backends
+implement `_add`, `_delete_positions`, `_search`, `params`, `_save_files` and `_load_files`; this
+module does the rest: argument checks with clear errors, the id map, k clamping, and saving.
+
+Directory format (written to a temporary sibling, then renamed into place):
+  index.json   {"format_version", "type", "dim", "count", "params", "info", "files"}
+               info: model_fingerprint, build_time_s, health, … (free-form, JSON)
+               files: {relative path: size in bytes} of every other file, checked on load,
+               so a truncated or missing file is an error instead of wrong results.
+  ids.npy      i64[N]: the id of each stored row (row order is the backend's)
+  …            the backend's own files
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+import time
+import warnings
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ldot_jax import fileutil
+
+FORMAT_VERSION = 1
+META_FILE = "index.json"
+IDS_FILE = "ids.npy"
+
+
+class IndexError_(ValueError):
+    """Base class of index errors (bad files, mismatched models or shapes)."""
+
+
+class IndexFormatError(IndexError_):
+    """A missing, partial or unreadable index directory."""
+
+
+class FingerprintMismatchError(IndexError_):
+    """The index was built from another model than the one querying it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """ids i64[Q, k] and scores f32[Q, k], best first. When a backend finds fewer than k
+    results for a query (an approximate index searching too few partitions), the missing
+    slots hold id -1 and score -inf."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+
+
+def as_vectors(x, dim: int | None, what: str) -> np.ndarray:
+    """x as f32[n, D] (a single vector becomes one row); errors name `what` and the shape."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2:
+        raise ValueError(f"{what}: expected a [n, D] array, got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(f"{what} have dimension {x.shape[1]} but the index has dimension {dim}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{what}: expected floating-point vectors, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} contain NaN or infinite values")
+    return x
+
+
+def clamp_k(k: int, count: int) -> int:
+    """k, or the corpus size with a warning when k is larger (documented behaviour)."""
+    if int(k) != k or k < 1:
+        raise ValueError(f"k={k}: expected a positive integer")
+    if k > count:
+        warnings.warn(f"k={k} is larger than the index ({count} vectors): returning {count}",
+                      stacklevel=3)
+        return count
+    return int(k)
+
+
+class VectorIndex(abc.ABC):
+    """add / delete / search / save; `load_index` reads any backend back."""
+
+    type: ClassVar[str]
+
+    def __init__(self, dim: int):
+        if int(dim) != dim or dim < 1:
+            raise ValueError(f"index dimension {dim}: expected a positive integer")
+        self.dim = int(dim)
+        self._ids = np.zeros(0, np.int64)
+        # Free-form facts about the index, saved with it: the model fingerprint, build time,
+        # health (recall against exact search), what the vectors are.
+        self.info: dict[str, Any] = {}
+
+    # -- ids ----------------------------------------------------------------------------------
+
+    @property
+    def ids(self) -> np.ndarray:
+        """i64[N]: the ids of the stored vectors, in the backend's row order (read-only)."""
+        view = self._ids.view()
+        view.flags.writeable = False
+        return view
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _check_new_ids(self, ids, n: int) -> np.ndarray:
+        if ids is None:
+            start = int(self._ids.max()) + 1 if len(self._ids) else 0
+            return np.arange(start, start + n, dtype=np.int64)
+        ids = np.asarray(ids)
+        if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"ids: expected {n} integers (one per vector), got shape "
+                             f"{ids.shape} dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if ids.min(initial=0) < 0:
+            raise ValueError(f"ids must be ≥ 0 (-1 marks an empty result), got {ids.min()}")
+        unique, counts = np.unique(ids, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(f"ids repeat: {unique[counts > 1][:10].tolist()}")
+        clash = np.intersect1d(ids, self._ids)
+        if len(clash):
+            raise ValueError(f"ids already in the index: {clash[:10].tolist()} (delete them "
+                             f"first to replace their vectors)")
+        return ids
+
+    def positions_of(self, ids) -> np.ndarray:
+        """i64[n]: the rows holding `ids`; a KeyError names ids that are not in the index."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        order = np.argsort(self._ids, kind="stable")
+        found = np.searchsorted(self._ids, ids, sorter=order)
+        found = np.minimum(found, max(len(order) - 1, 0))
+        rows = order[found] if len(order) else np.zeros(len(ids), np.int64)
+        missing = ids[(rows >= len(self._ids)) | (self._ids[rows] != ids)] if len(
+            self._ids) else ids
+        if len(missing):
+            raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+        return rows.astype(np.int64)
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def add(self, vectors, ids=None) -> "VectorIndex":
+        """Adds vectors f32[n, D] under `ids` i64[n] (default: after the largest id)."""
+        vectors = as_vectors(vectors, self.dim, "vectors")
+        ids = self._check_new_ids(ids, len(vectors))
+        if len(ids):
+            self._add(vectors, ids)
+        return self
+
+    def delete(self, ids) -> "VectorIndex":
+        """Removes the vectors of `ids` (a KeyError if one is not in the index)."""
+        ids = np.unique(np.asarray(ids, np.int64).reshape(-1))
+        if len(ids):
+            self._delete_positions(self.positions_of(ids))
+        return self
+
+    def search(self, queries, k: int, **options) -> SearchResult:
+        """Top-k by inner product for queries f32[Q, D] (or one f32[D]). k larger than the
+        index is clamped to its size, with a warning. `options`: the backend's search-time
+        settings (e.g. leaves_to_search)."""
+        queries = as_vectors(queries, self.dim, "queries")
+        if not len(self):
+            raise ValueError(f"the {self.type} index is empty: add vectors before searching")
+        k = clamp_k(k, len(self))
+        positions, scores = self._search(queries, k, **options)
+        valid = (positions >= 0) & (positions < len(self._ids))
+        ids = np.where(valid, self._ids[np.where(valid, positions, 0)], -1)
+        return SearchResult(ids.astype(np.int64),
+                            np.where(valid, scores, -np.inf).astype(np.float32))
+
+    @abc.abstractmethod
+    def params(self) -> dict:
+        """The backend's settings (JSON), saved with the index and given back to `_load_files`."""
+
+    @abc.abstractmethod
+    def _add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Stores checked vectors and appends/places their ids in `self._ids`."""
+
+    @abc.abstractmethod
+    def _delete_positions(self, positions: np.ndarray) -> None:
+        """Removes rows (and their entries of `self._ids`)."""
+
+    @abc.abstractmethod
+    def _search(self, queries: np.ndarray, k: int, **options) -> tuple[np.ndarray, np.ndarray]:
+        """(rows i64[Q, k], scores f32[Q, k]) for checked queries and 1 ≤ k ≤ N."""
+
+    @abc.abstractmethod
+    def _save_files(self, directory: str) -> None:
+        """Writes the backend's files into `directory` (a fresh temporary directory)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _load_files(cls, directory: str, dim: int, ids: np.ndarray, params: dict) -> "VectorIndex":
+        """The index saved in `directory` (files already checked against the manifest)."""
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Writes the index to `path` atomically (a previous index there is replaced only once
+        the new one is complete) and returns the absolute path."""
+        with fileutil.atomic_directory(path, replaceable=is_index_dir) as tmp:
+            np.save(os.path.join(tmp, IDS_FILE), self._ids)
+            self._save_files(tmp)
+            meta = {"format_version": FORMAT_VERSION, "type": self.type, "dim": self.dim,
+                    "count": len(self), "params": self.params(), "info": self.info,
+                    "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": _sizes(tmp)}
+            fileutil.atomic_write_text(os.path.join(tmp, META_FILE),
+                                       json.dumps(meta, indent=1, default=_json_default))
+        return os.path.abspath(path)
+
+
+def _json_default(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+def _sizes(directory: str) -> dict[str, int]:
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, directory)] = os.path.getsize(full)
+    return dict(sorted(out.items()))
+
+
+def is_index_dir(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+# Backends register here (type name → class) when their module is imported.
+BACKENDS: dict[str, type[VectorIndex]] = {}
+
+
+def register(cls: type[VectorIndex]) -> type[VectorIndex]:
+    BACKENDS[cls.type] = cls
+    return cls
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The index.json of an index directory, checked: format version, and every listed file
+    present with its recorded size."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise IndexFormatError(f"index directory {path} does not exist")
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isfile(meta_path):
+        raise IndexFormatError(f"{path} is not a complete index: {META_FILE} is missing (an "
+                               f"interrupted save never leaves one; rebuild the index)")
+    try:
+        meta = fileutil.read_json(meta_path, "index metadata")
+    except ValueError as e:
+        raise IndexFormatError(str(e)) from e
+    for key in ("format_version", "type", "dim", "count", "params", "files"):
+        if key not in meta:
+            raise IndexFormatError(f"{meta_path}: key {key!r} is missing")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise IndexFormatError(f"{meta_path}: format_version {meta['format_version']} is not "
+                               f"supported (this ldot_jax reads {FORMAT_VERSION})")
+    for name, size in meta["files"].items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise IndexFormatError(f"{path}: file {name} is missing")
+        if os.path.getsize(full) != size:
+            raise IndexFormatError(f"{path}: file {name} has {os.path.getsize(full)} bytes, "
+                                   f"the index was saved with {size} (partial or modified)")
+    return meta
+
+
+def load_index(path: str | os.PathLike, fingerprint: str | None = None,
+               force: bool = False) -> VectorIndex:
+    """Reads an index saved by any backend.
+
+    fingerprint: the querying model's (`pretrained.fingerprint`); if the index records a
+    different one, a FingerprintMismatchError names both, unless `force` (e.g. a model
+    re-exported with identical weights but another config layout).
+    """
+    from ldot_jax.index import exact, hierarchical, scann_index  # noqa: F401  (registers)
+
+    meta = read_metadata(path)
+    if meta["type"] not in BACKENDS:
+        raise IndexFormatError(f"{path}: unknown index type {meta['type']!r}; known: "
+                               f"{sorted(BACKENDS)}")
+    saved = meta.get("info", {}).get("model_fingerprint")
+    if fingerprint is not None and saved != fingerprint and not force:
+        raise FingerprintMismatchError(
+            f"{path} was built from model {saved} but the query model is {fingerprint}: its "
+            f"vectors are not comparable (rebuild the index, or pass force=True / --force)")
+    ids = np.load(os.path.join(path, IDS_FILE))
+    if ids.shape != (meta["count"],):
+        raise IndexFormatError(f"{path}: {IDS_FILE} holds {ids.shape} ids, index.json says "
+                               f"{meta['count']}")
+    index = BACKENDS[meta["type"]]._load_files(os.path.abspath(path), int(meta["dim"]),
+                                                ids.astype(np.int64), dict(meta["params"]))
+    index.info = dict(meta.get("info", {}))
+    return index

@@ -1,0 +1,204 @@
+"""From a training workdir to saved indexes: extract embeddings, build, check health, save.
+
+  <workdir>/embeddings/<split>/{image,text}/   extraction shards (resumable)
+  <workdir>/index/<split>/image/               images, searched by caption vectors (IR)
+  <workdir>/index/<split>/text/                captions, searched by image vectors (TR)
+
+Health: each index is searched with up to `health_queries` vectors of the other modality and
+its recall@{1,10,100} against ExactIndex on the same vectors is stored in its metadata
+(info["health"]) and logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+from ldot_jax import extract, parallel, pretrained
+from ldot_jax.data import datasets
+from ldot_jax.index import base, health
+from ldot_jax.index.exact import ExactIndex
+from ldot_jax.index.hierarchical import HierarchicalIndex
+from ldot_jax.index.scann_index import ScannIndex
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("scann", "hierarchical", "exact")
+EMBEDDINGS_DIR = "embeddings"
+INDEX_DIR = "index"
+MODEL_DIR = "model"
+CONFIG_FILE = "config.json"
+# Which modality queries an index of each side.
+QUERY_SIDE = {"image": "text", "text": "image"}
+
+
+def _section(config, key, default=None):
+    return config.get(key, default) if config is not None else default
+
+
+def index_options(config: ml_collections.ConfigDict | None, **overrides) -> dict:
+    """The `index` section of a run config (defaults for runs saved without one), with
+    `overrides` (command-line flags; None means not given) applied."""
+    section = _section(config, "index") or ml_collections.ConfigDict()
+    out = {"split": "test", "backend": "scann", "sides": ("image", "text"),
+           "shard_size": 4096, "d_low": None, "candidates": 100, "health_queries": 1000,
+           "scann": {}, "exact": {}}
+    for key in out:
+        if key in section:
+            value = section[key]
+            out[key] = value.to_dict() if hasattr(value, "to_dict") else value
+    out["scann"] = {k: v for k, v in dict(out["scann"]).items() if v is not None}
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    if out["backend"] not in BACKENDS:
+        raise ValueError(f"index.backend={out['backend']!r}: expected one of {BACKENDS}")
+    out["sides"] = tuple(out["sides"])
+    bad = set(out["sides"]) - set(extract.SIDES)
+    if bad or not out["sides"]:
+        raise ValueError(f"index.sides={out['sides']}: expected a subset of {extract.SIDES}")
+    return out
+
+
+def make_index(backend: str, dim: int, options: Mapping, matryoshka_dims: Sequence[int] = (),
+               normalized: bool = False) -> base.VectorIndex:
+    """An empty index of `backend` for vectors of `dim` (options: see `index_options`)."""
+    if backend == "exact":
+        return ExactIndex(dim, **dict(options.get("exact", {})))
+    if backend == "scann":
+        return ScannIndex(dim, **dict(options.get("scann", {})))
+    d_low = options.get("d_low")
+    if d_low is None:
+        smaller = [d for d in matryoshka_dims if d < dim]
+        if smaller:
+            d_low = min(smaller)
+        else:
+            d_low = max(1, dim // 4)
+            log.warning("index.d_low not set and the towers were not trained with Matryoshka "
+                        "prefixes: using d_low=%d, whose coarse stage may miss many true "
+                        "neighbours (check the health recall)", d_low)
+    return HierarchicalIndex(dim, int(d_low), int(options.get("candidates", 100)),
+                             normalize_prefix=normalized, **dict(options.get("scann", {})))
+
+
+def build_index(embeddings: extract.Embeddings, backend: str, options: Mapping,
+                queries: np.ndarray | None = None, query_side: str | None = None,
+                matryoshka_dims: Sequence[int] = ()) -> base.VectorIndex:
+    """Builds an index over `embeddings` and records its metadata: the model fingerprint,
+    build time, what it holds, and health (recall against exact search for `queries`)."""
+    manifest = embeddings.manifest
+    index = make_index(backend, embeddings.vectors.shape[1], options, matryoshka_dims,
+                       manifest.get("normalized", False))
+    start = time.perf_counter()
+    index.add(embeddings.vectors, embeddings.ids)
+    build_time = time.perf_counter() - start
+    index.info.update({
+        "model_fingerprint": manifest.get("fingerprint"), "build_time_s": round(build_time, 3),
+        "side": manifest.get("side"), "split": manifest.get("split"),
+        "normalized": bool(manifest.get("normalized", False)),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    if queries is not None and len(queries):
+        if backend == "exact":
+            report = {"queries": int(len(queries)), "exact": True}
+        else:
+            exact = ExactIndex(index.dim, **dict(options.get("exact", {})))
+            exact.add(embeddings.vectors, embeddings.ids)
+            report = health.recall_against_exact(index, exact, queries)
+        report["query_side"] = query_side
+        index.info["health"] = report
+    return index
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltIndexes:
+    """Paths of what `build_from_workdir` wrote, and each index's health report."""
+
+    embeddings: dict[str, str]
+    indexes: dict[str, str]
+    health: dict[str, dict]
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    from ldot_jax import fileutil
+    return ml_collections.ConfigDict(fileutil.read_json(os.path.join(workdir, CONFIG_FILE),
+                                                        "run config"))
+
+
+def open_dataset(config) -> datasets.RetrievalDataset:
+    """The run's dataset (see `datasets.load_for_run`)."""
+    return datasets.load_for_run(config.data)
+
+
+def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str | None = None,
+                       overwrite: bool = False, progress: bool = True,
+                       **overrides) -> BuiltIndexes:
+    """Extracts the split's embeddings with the run's model and builds its indexes.
+
+    overrides: any `index` config key (split, backend, sides, d_low, candidates, shard_size,
+    health_queries, scann={...}); model_dir: default <workdir>/model; out_dir: default
+    <workdir>/index/<split>.
+    """
+    workdir = os.path.abspath(workdir)
+    config = load_run_config(workdir)
+    options = index_options(config, **overrides)
+    split = options["split"]
+    model_dir = model_dir or os.path.join(workdir, MODEL_DIR)
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(
+            f"no model at {model_dir}: a finished single-process run exports one; otherwise "
+            f"pass model_dir / --model (a directory written by ldot_jax.save_pretrained)")
+    loaded = pretrained.load_pretrained(model_dir)
+    if loaded.kind not in ("lightningdot", "lightningdot_pretrain"):
+        raise ValueError(f"{model_dir} holds a {loaded.kind!r} model, not a dual encoder")
+    model = pretrained.build_model(loaded.kind, loaded.config)
+    fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(config.train.eval_batch_size, mesh)
+    normalize = bool(config.loss.get("normalize", False))
+    dataset = open_dataset(config)
+    corpora = {}
+    if "image" in options["sides"] or "text" in options["sides"]:
+        corpora["image"] = extract.image_corpus(dataset.split(split), split, config)
+        corpora["text"] = extract.caption_corpus(dataset.caption_table(split),
+                                                 dataset.tokenizer, split, config)
+    params = jax.device_put(loaded.params, parallel.replicated(mesh))
+    embeddings, paths = {}, {}
+    # Both modalities are extracted: an index of one side is checked with queries of the other.
+    for side, corpus in corpora.items():
+        paths[side] = os.path.join(workdir, EMBEDDINGS_DIR, split, side)
+        embeddings[side] = extract.extract(model, params, corpus, paths[side], mesh, fingerprint,
+                                           options["shard_size"], normalize, overwrite, progress)
+    out_dir = out_dir or os.path.join(workdir, INDEX_DIR, split)
+    indexes, reports = {}, {}
+    matryoshka = tuple(config.loss.get("matryoshka_dims", ()) or ())
+    for side in options["sides"]:
+        other = QUERY_SIDE[side]
+        queries = health.sample_queries(embeddings[other].vectors, options["health_queries"])
+        index = build_index(embeddings[side], options["backend"], options, queries, other,
+                            matryoshka)
+        index.info["names"] = "names.json"
+        if jax.process_index() == 0:
+            indexes[side] = index.save(os.path.join(out_dir, side))
+            _write_names(indexes[side], embeddings[side])
+        reports[side] = index.info.get("health", {})
+        log.info("%s index of %d %ss built in %.2f s; recall vs exact (%s queries): %s",
+                 options["backend"], len(index), side, index.info["build_time_s"], other,
+                 {k: v for k, v in reports[side].items() if k.startswith("recall")})
+    return BuiltIndexes(paths, indexes, reports)
+
+
+def _write_names(index_dir: str, embeddings: extract.Embeddings) -> None:
+    """names.json beside the index: {"names": [...], "owners": [...]} by id (for display and
+    for mapping a caption to its image). Not part of the index manifest: it is a catalog."""
+    import json
+    from ldot_jax import fileutil
+    order = np.argsort(embeddings.ids)
+    body = {"ids": embeddings.ids[order].tolist(),
+            "names": [embeddings.names[i] for i in order],
+            "owners": embeddings.owners[order].tolist()}
+    fileutil.atomic_write_text(os.path.join(index_dir, "names.json"), json.dumps(body))

@@ -1,0 +1,151 @@
+"""python -m ldot_jax.index {build,info,query}: the fast stage from the command line.
+
+  build  --workdir DIR [--split test] [--backend scann|hierarchical|exact] [--sides image,text]
+         [--d_low 64] [--candidates 100] [--num_leaves N --leaves_to_search N --reorder N]
+         [--shard_size 4096] [--health_queries 1000] [--model DIR] [--overwrite]
+  info   INDEX_DIR                      what an index holds, its parameters and health
+  query  --workdir DIR --text "a red circle" [--text …] [-k 5]     text → image
+  query  --workdir DIR --image 12 [-k 5]      image 12 of the split → captions
+Defaults come from the run's config (its `index` section); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from ldot_jax import parallel
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ldot_jax.index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="extract embeddings and build the split's indexes")
+    b.add_argument("--workdir", required=True)
+    b.add_argument("--model", help="model directory (default: <workdir>/model)")
+    b.add_argument("--out", help="index directory (default: <workdir>/index/<split>)")
+    b.add_argument("--split")
+    b.add_argument("--backend", choices=("scann", "hierarchical", "exact"))
+    b.add_argument("--sides", help="image, text, or image,text")
+    b.add_argument("--d_low", type=int)
+    b.add_argument("--candidates", type=int)
+    b.add_argument("--shard_size", type=int)
+    b.add_argument("--health_queries", type=int)
+    for name in ("num_leaves", "leaves_to_search", "training_sample_size", "reorder",
+                 "num_threads"):
+        b.add_argument(f"--{name}", type=int, help="ScaNN override")
+    b.add_argument("--hashing", choices=("true", "false"), help="ScaNN override")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an extraction made with another model or shard size")
+    b.add_argument("--no_progress", action="store_true")
+    i = sub.add_parser("info", help="print an index's metadata")
+    i.add_argument("path")
+    q = sub.add_parser("query", help="search from the command line")
+    q.add_argument("--workdir", required=True)
+    q.add_argument("--split")
+    q.add_argument("--index_dir")
+    q.add_argument("--model")
+    group = q.add_mutually_exclusive_group(required=True)
+    group.add_argument("--text", action="append", help="a caption (repeatable)")
+    group.add_argument("--image", help="an image of the split: its position or its id")
+    q.add_argument("-k", type=int, default=5)
+    q.add_argument("--force", action="store_true",
+                   help="use an index built from another model fingerprint")
+    return p
+
+
+def _build(args) -> int:
+    from ldot_jax.index import build
+    scann = {name: getattr(args, name) for name in
+             ("num_leaves", "leaves_to_search", "training_sample_size", "reorder", "num_threads")
+             if getattr(args, name) is not None}
+    if args.hashing is not None:
+        scann["hashing"] = args.hashing == "true"
+    overrides = {"split": args.split, "backend": args.backend, "d_low": args.d_low,
+                 "candidates": args.candidates, "shard_size": args.shard_size,
+                 "health_queries": args.health_queries,
+                 "sides": tuple(args.sides.split(",")) if args.sides else None}
+    if scann:
+        from ldot_jax.index.build import index_options, load_run_config
+        base = index_options(load_run_config(args.workdir))["scann"]
+        overrides["scann"] = {**base, **scann}
+    built = build.build_from_workdir(args.workdir, model_dir=args.model, out_dir=args.out,
+                                     overwrite=args.overwrite, progress=not args.no_progress,
+                                     **overrides)
+    for side, path in built.indexes.items():
+        print(f"{side} index: {path}")
+        report = built.health.get(side, {})
+        recalls = ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k.startswith("recall"))
+        if recalls:
+            print(f"  health ({report['queries']} {report['query_side']} queries vs exact): "
+                  f"{recalls}")
+    return 0
+
+
+def _info(args) -> int:
+    from ldot_jax.index.base import read_metadata
+    meta = read_metadata(args.path)
+    meta.pop("files")
+    print(json.dumps(meta, indent=1))
+    return 0
+
+
+def _query(args) -> int:
+    from ldot_jax.retrieval import Retriever
+    retriever = Retriever.load(args.workdir, split=args.split, model_dir=args.model,
+                               index_dir=args.index_dir, force=args.force)
+    retriever.warmup()
+    if args.text:
+        results = retriever.search_text(args.text, k=args.k)
+        queries = args.text
+        kind = "image"
+    else:
+        from ldot_jax.index import build
+        config = build.load_run_config(args.workdir)
+        split = args.split or build.index_options(config)["split"]
+        images = build.open_dataset(config).split(split)
+        position = _image_position(images, args.image)
+        record = images[position]
+        results = retriever.search_image([record["region_feat"]], [record["boxes"]], k=args.k)
+        queries = [f"image {position} ({record['image_id']})"]
+        kind = "caption"
+        owners = retriever.catalogs.get("text")
+    for q, query in enumerate(queries):
+        print(f"query: {query}")
+        for rank, (i, s, name) in enumerate(zip(results.ids[q], results.scores[q],
+                                                results.names[q]), 1):
+            mark = ""
+            if kind == "caption" and owners is not None and owners.owners.get(int(i)) == position:
+                mark = "  ✓ (a caption of this image)"
+            print(f"  {rank:>3}  {s:9.4f}  {kind} {i}: {name}{mark}")
+    t = results.timings_ms
+    print(f"timings (ms): encode {t['encode']}, search {t['search']}, total {t['total']}")
+    return 0
+
+
+def _image_position(images, key: str) -> int:
+    if key.isdigit() and int(key) < len(images):
+        return int(key)
+    for i in range(len(images)):
+        if str(images[i]["image_id"]) == key:
+            return i
+    raise ValueError(f"--image {key!r}: neither a position in [0, {len(images)}) nor an image "
+                     f"id of the split")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "build":
+        parallel.initialize_distributed()
+        return _build(args)
+    if args.command == "info":
+        return _info(args)
+    return _query(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""ExactIndex: brute-force inner-product top-k on the accelerator, the ground truth.
+
+The corpus is split into row blocks over the devices of a 1-D mesh; each device scans its rows
+in chunks of `chunk_size`, keeping a running top-k, so no device ever holds more than a
+[queries, chunk_size] block of scores (a 10M-vector corpus never forms the dense
+query × corpus matrix). The per-device top-k lists are then all-gathered and merged.
+Ties go to the smaller row (the merge keeps earlier rows first), as in `evaluate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from ldot_jax.index import base
+
+AXIS = "corpus"
+VECTORS_FILE = "vectors.npy"
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
+
+
+def corpus_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh over this process's devices (an index is host-local)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    return jax.make_mesh((len(devices),), (AXIS,), axis_types=(AxisType.Explicit,),
+                         devices=devices)
+
+
+def _local_top_k(queries, corpus, offset, count, k: int, chunk: int, precision):
+    """Running top-k over one device's rows. queries f32[Q, D]; corpus [n, D] with n a
+    multiple of `chunk`; rows at global position ≥ count are padding. → (f32[Q, k], i32[Q, k])."""
+    q = queries.shape[0]
+    blocks = corpus.reshape(corpus.shape[0] // chunk, chunk, corpus.shape[1])
+    starts = offset + jnp.arange(blocks.shape[0], dtype=jnp.int32) * chunk
+
+    def body(carry, block_and_start):
+        best_scores, best_rows = carry
+        block, start = block_and_start
+        scores = jnp.einsum("qd,cd->qc", queries.astype(block.dtype), block,
+                            precision=precision, preferred_element_type=jnp.float32)
+        rows = start + jnp.arange(chunk, dtype=jnp.int32)
+        scores = jnp.where(rows[None, :] < count, scores, -jnp.inf)
+        # Earlier rows first, so ties keep the smaller row.
+        scores = jnp.concatenate([best_scores, scores], axis=1)
+        rows = jnp.concatenate([best_rows, jnp.broadcast_to(rows, (q, chunk))], axis=1)
+        top, pick = jax.lax.top_k(scores, k)
+        return (top, jnp.take_along_axis(rows, pick, axis=1)), None
+
+    init = (jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
+    # Inside shard_map the carry differs per device (it follows the device's rows).
+    init = jax.lax.pcast(init, (AXIS,), to="varying")
+    (scores, rows), _ = jax.lax.scan(body, init, (blocks, starts))
+    return scores, rows
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "precision", "mesh"))
+def sharded_top_k(queries, corpus, count, *, k: int, chunk: int, precision: str, mesh):
+    """queries f32[Q, D] (replicated), corpus [N_pad, D] (rows sharded over the mesh, N_pad a
+    multiple of devices × chunk), count: valid rows → (scores f32[Q, k], rows i32[Q, k]),
+    replicated."""
+    devices = mesh.shape[AXIS]
+    per_device = corpus.shape[0] // devices
+
+    def fn(q, c, n):
+        offset = jax.lax.axis_index(AXIS).astype(jnp.int32) * per_device
+        return _local_top_k(q, c, offset, n, k, chunk, PRECISIONS[precision])
+
+    # Each device's top-k side by side: [Q, devices × k], then merged. Device d's rows all
+    # come before device d + 1's, so the merge also keeps ties on the smaller row.
+    scores, rows = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                                 out_specs=(P(None, AXIS), P(None, AXIS)))(queries, corpus, count)
+    if devices > 1:
+        scores = jax.sharding.reshard(scores, NamedSharding(mesh, P()))
+        rows = jax.sharding.reshard(rows, NamedSharding(mesh, P()))
+        scores, pick = jax.lax.top_k(scores, k)
+        rows = jnp.take_along_axis(rows, pick, axis=1)
+    return scores, rows
+
+
+@base.register
+class ExactIndex(base.VectorIndex):
+    """Exact top-k by inner product, jitted and sharded over this process's devices.
+
+    chunk_size: corpus rows scored at once per device (memory: queries × chunk_size × 4 B).
+    query_batch: queries per device call (query counts are padded to powers of two up to it,
+      so a new query count rarely recompiles).
+    dtype: how the corpus is held on the devices ("float32", or "bfloat16" to halve memory).
+    precision: "highest" (true f32 products: the ground truth) or "default" (faster on GPUs
+      and TPUs, which then use TF32 / bf16 passes).
+    """
+
+    type = "exact"
+
+    def __init__(self, dim: int, chunk_size: int = 16384, query_batch: int = 256,
+                 dtype: str = "float32", precision: str = "highest", devices=None):
+        super().__init__(dim)
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"ExactIndex dtype={dtype!r}: expected 'float32' or 'bfloat16'")
+        if precision not in PRECISIONS:
+            raise ValueError(f"ExactIndex precision={precision!r}: expected one of "
+                             f"{sorted(PRECISIONS)}")
+        for name, value in (("chunk_size", chunk_size), ("query_batch", query_batch)):
+            if value < 1:
+                raise ValueError(f"ExactIndex {name}={value}: expected ≥ 1")
+        self.chunk_size, self.query_batch = int(chunk_size), int(query_batch)
+        self.dtype, self.precision = dtype, precision
+        self.mesh = corpus_mesh(devices)
+        self._vectors = np.zeros((0, self.dim), np.float32)
+        self._device = None  # (corpus on the devices, chunk), rebuilt after add / delete
+
+    def params(self) -> dict:
+        return {"chunk_size": self.chunk_size, "query_batch": self.query_batch,
+                "dtype": self.dtype, "precision": self.precision}
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """f32[N, D], rows in the order of `ids` (read-only)."""
+        view = self._vectors.view()
+        view.flags.writeable = False
+        return view
+
+    def _add(self, vectors, ids):
+        self._vectors = np.concatenate([self._vectors, vectors])
+        self._ids = np.concatenate([self._ids, ids])
+        self._device = None
+
+    def _delete_positions(self, positions):
+        keep = np.ones(len(self._ids), bool)
+        keep[positions] = False
+        self._vectors, self._ids = self._vectors[keep], self._ids[keep]
+        self._device = None
+
+    def _on_device(self):
+        if self._device is None:
+            devices = self.mesh.shape[AXIS]
+            per_device = math.ceil(len(self._vectors) / devices)
+            # Multiples of 8 rows: fewer distinct shapes, aligned blocks.
+            chunk = min(self.chunk_size, max(8, -(-per_device // 8) * 8))
+            per_device = -(-per_device // chunk) * chunk
+            padded = np.zeros((per_device * devices, self.dim), np.float32)
+            padded[:len(self._vectors)] = self._vectors
+            corpus = jax.device_put(padded.astype(jnp.dtype(self.dtype)),
+                                    NamedSharding(self.mesh, P(AXIS)))
+            self._device = (corpus, chunk)
+        return self._device
+
+    def _search(self, queries, k, **options):
+        if options:
+            raise TypeError(f"ExactIndex.search takes no options, got {sorted(options)}")
+        corpus, chunk = self._on_device()
+        count = jnp.int32(len(self._ids))
+        scores, rows = [], []
+        for start in range(0, len(queries), self.query_batch):
+            block = queries[start:start + self.query_batch]
+            size = min(self.query_batch, 1 << max(0, (len(block) - 1).bit_length()))
+            padded = np.zeros((size, self.dim), np.float32)
+            padded[:len(block)] = block
+            s, r = sharded_top_k(jax.device_put(padded, NamedSharding(self.mesh, P())), corpus,
+                                 count, k=k, chunk=chunk, precision=self.precision,
+                                 mesh=self.mesh)
+            scores.append(np.asarray(s)[:len(block)])
+            rows.append(np.asarray(r)[:len(block)])
+        return np.concatenate(rows).astype(np.int64), np.concatenate(scores)
+
+    def _save_files(self, directory):
+        np.save(os.path.join(directory, VECTORS_FILE), self._vectors)
+
+    @classmethod
+    def _load_files(cls, directory, dim, ids, params):
+        index = cls(dim, **params)
+        vectors = np.load(os.path.join(directory, VECTORS_FILE))
+        if vectors.shape != (len(ids), dim):
+            raise base.IndexFormatError(f"{directory}: {VECTORS_FILE} has shape {vectors.shape}, "
+                                        f"expected {(len(ids), dim)}")
+        index._vectors, index._ids = vectors.astype(np.float32), ids
+        return index
+
+
+def numpy_top_k(queries: np.ndarray, corpus: np.ndarray, k: int) -> tuple[np.ndarray,
+                                                                         np.ndarray]:
+    """The NumPy reference: (rows i64[Q, k], scores f32[Q, k]), ties to the smaller row."""
+    scores = queries.astype(np.float64) @ corpus.astype(np.float64).T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return rows, np.take_along_axis(scores, rows, axis=1).astype(np.float32)

@@ -1,0 +1,207 @@
+"""ScannIndex: ScaNN (partitioning tree + anisotropic hashing + exact reorder) on the host.
+
+Parameters come from the corpus size and dimension by the rule in `scann_params` (ScaNN's own
+guidance, see its docs/algorithms.md), and any of them can be overridden. Vectors can be added
+and deleted after the build (ScaNN's upsert / delete; the partitioning and codebooks stay those
+of the build, so after large changes rebuild for the best recall).
+
+ScaNN keeps rows in its own order: an added row goes last and a deleted row is replaced by the
+last one. `self._ids` mirrors that order, so a ScaNN row number maps straight to an id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+
+from ldot_jax.index import base
+
+SCANN_DIR = "scann"
+ASSETS = "scann_assets.pbtxt"
+# Below this many vectors ScaNN recommends brute force; below AH_TREE_MIN, hashing without
+# partitioning (docs/algorithms.md).
+BRUTE_FORCE_MAX = 20_000
+TREE_MIN = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannParams:
+    """num_leaves: partitions of the tree (0: no partitioning).
+    leaves_to_search: partitions scored per query (the main recall / speed knob).
+    training_sample_size: vectors used to train the tree and the hash codebooks.
+    hashing: score with anisotropic hashing (else exact float scoring of every candidate).
+    dims_per_block, anisotropic_threshold: the hashing (2 and 0.2, as ScaNN advises).
+    reorder: candidates re-scored exactly after hashing (≥ k is enforced at search time).
+    num_threads: search threads for batched queries (0: every core)."""
+
+    num_leaves: int = 0
+    leaves_to_search: int = 0
+    training_sample_size: int = 100_000
+    hashing: bool = False
+    dims_per_block: int = 2
+    anisotropic_threshold: float = 0.2
+    reorder: int = 100
+    num_threads: int = 0
+
+    def __post_init__(self):
+        if self.num_leaves < 0 or (self.num_leaves and not
+                                   1 <= self.leaves_to_search <= self.num_leaves):
+            raise ValueError(f"ScaNN num_leaves={self.num_leaves}, leaves_to_search="
+                             f"{self.leaves_to_search}: expected 1 ≤ leaves_to_search ≤ "
+                             f"num_leaves (or num_leaves=0 for no partitioning)")
+        for name in ("training_sample_size", "dims_per_block", "reorder"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ScaNN {name}={getattr(self, name)}: expected ≥ 1")
+
+
+def scann_params(count: int, dim: int, **overrides) -> ScannParams:
+    """The rule (ScaNN's guidance, tuned on `python -m ldot_jax.bench search`):
+      count < 20k:        brute force (exact scoring of every vector, SIMD).
+      20k ≤ count < 100k: anisotropic hashing (2 dims per block, threshold 0.2), reorder 100.
+      count ≥ 100k:       also a tree of √count leaves, searching 5% of them (at least 8),
+                          trained on min(count, max(100k, 40 × leaves)) vectors.
+    Hashing's cost falls with the dimension, which HiVLP's low-dimensional prefixes exploit.
+    `overrides`: any ScannParams field (a config's index.scann section)."""
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ScannParams)}
+    if unknown:
+        raise ValueError(f"unknown ScaNN parameter(s) {sorted(unknown)}; valid: "
+                         f"{[f.name for f in dataclasses.fields(ScannParams)]}")
+    rule: dict = {"hashing": count >= BRUTE_FORCE_MAX}
+    if count >= TREE_MIN:
+        leaves = int(round(math.sqrt(count)))
+        rule.update(num_leaves=leaves, leaves_to_search=max(8, int(round(0.05 * leaves))),
+                    training_sample_size=min(count, max(100_000, 40 * leaves)))
+    rule.update({k: v for k, v in overrides.items() if v is not None})
+    if rule.get("num_leaves") and "leaves_to_search" not in rule:
+        rule["leaves_to_search"] = max(1, int(round(0.05 * rule["num_leaves"])))
+    return ScannParams(**rule)
+
+
+def _scann():
+    # Imported on first use: ScaNN prints its own logs when loaded.
+    from scann.scann_ops.py import scann_ops_pybind
+    return scann_ops_pybind
+
+
+@base.register
+class ScannIndex(base.VectorIndex):
+    """ScaNN over the vectors as given (inner product). `params`: a ScannParams, or None to
+    apply `scann_params` to the first batch of vectors added (the build)."""
+
+    type = "scann"
+
+    def __init__(self, dim: int, params: ScannParams | None = None, **overrides):
+        super().__init__(dim)
+        if params is not None and overrides:
+            raise ValueError("give ScannIndex either params or overrides, not both")
+        self._params = params
+        self._overrides = overrides
+        self._searcher = None
+
+    def params(self) -> dict:
+        return dataclasses.asdict(self._params) if self._params else dict(self._overrides)
+
+    @property
+    def scann_params(self) -> ScannParams | None:
+        return self._params
+
+    # The vectors ScaNN indexes (the identity here; HierarchicalIndex indexes prefixes).
+    def _coarse(self, vectors: np.ndarray) -> np.ndarray:
+        return vectors
+
+    def _build(self, vectors, ids):
+        db = self._coarse(vectors)
+        if self._params is None:
+            self._params = scann_params(len(db), db.shape[1], **self._overrides)
+        p = self._params
+        # num_neighbors is only the default k; searches always pass their own.
+        builder = _scann().builder(db, 10, "dot_product")
+        if p.num_leaves:
+            builder = builder.tree(num_leaves=min(p.num_leaves, len(db)),
+                                   num_leaves_to_search=min(p.leaves_to_search, len(db)),
+                                   training_sample_size=min(p.training_sample_size, len(db)))
+        if p.hashing:
+            builder = builder.score_ah(p.dims_per_block,
+                                       anisotropic_quantization_threshold=p.anisotropic_threshold,
+                                       training_sample_size=min(p.training_sample_size, len(db)))
+            builder = builder.reorder(p.reorder)
+        else:
+            builder = builder.score_brute_force()
+        self._searcher = builder.build().searcher  # the pybind object; we keep our own ids
+        self._ids = ids.copy()
+
+    def _add(self, vectors, ids):
+        if self._searcher is None:
+            self._build(vectors, ids)
+            return
+        # upsert with no row number appends.
+        self._searcher.upsert([None] * len(ids), self._coarse(vectors), 1)
+        self._ids = np.concatenate([self._ids, ids])
+
+    def _delete_positions(self, positions):
+        # ScaNN moves its last row into each deleted slot, in order; mirror that in the ids.
+        targets = [int(i) for i in self._ids[positions]]
+        ids = list(self._ids)
+        position_of = {int(i): r for r, i in enumerate(ids)}
+        rows = []
+        for target in targets:
+            row = position_of.pop(target)
+            rows.append(row)
+            last = ids.pop()
+            if row != len(ids):
+                ids[row] = last
+                position_of[int(last)] = row
+        self._searcher.delete(rows)
+        self._ids = np.asarray(ids, np.int64)
+
+    def _search_rows(self, queries, k, leaves_to_search=None, reorder=None):
+        p = self._params
+        leaves = -1 if leaves_to_search is None else int(leaves_to_search)
+        pre = -1
+        if p.hashing:
+            pre = max(int(reorder or p.reorder), k)
+        threads = p.num_threads or os.cpu_count() or 1
+        parallel = len(queries) > 1 and threads > 1
+        if parallel:
+            self._searcher.set_num_threads(threads)
+        rows, scores = self._searcher.search_batched(queries, k, pre, leaves, parallel, 64)
+        rows = rows.astype(np.int64)
+        # ScaNN fills slots it could not fill (too few partitions searched) with an out-of-
+        # range row or a NaN score.
+        missing = (rows >= len(self._ids)) | ~np.isfinite(scores)
+        rows[missing] = -1
+        return rows, scores.astype(np.float32)
+
+    def _search(self, queries, k, leaves_to_search=None, reorder=None):
+        """options: leaves_to_search (partitions scored), reorder (candidates re-scored)."""
+        return self._search_rows(self._coarse(queries), k, leaves_to_search, reorder)
+
+    def _save_files(self, directory):
+        if self._searcher is None:
+            raise ValueError(f"the {self.type} index is empty: add vectors before saving")
+        path = os.path.join(directory, SCANN_DIR)
+        os.makedirs(path)
+        # Relative asset paths: the directory is renamed into place after saving.
+        self._searcher.serialize(path, True)
+
+    @classmethod
+    def _load_files(cls, directory, dim, ids, params):
+        index = cls(dim, ScannParams(**params))
+        path = os.path.join(directory, SCANN_DIR)
+        index._searcher = _load_searcher(path)
+        index._ids = ids
+        if index._searcher.size() != len(ids):
+            raise base.IndexFormatError(f"{path}: ScaNN holds {index._searcher.size()} vectors, "
+                                        f"ids.npy {len(ids)}")
+        return index
+
+
+def _load_searcher(path: str):
+    assets = os.path.join(path, ASSETS)
+    if not os.path.isfile(assets):
+        raise base.IndexFormatError(f"{path}: {ASSETS} is missing")
+    with open(assets) as f:
+        return _scann().scann_pybind.ScannNumpy(path, f.read())

@@ -1,0 +1,271 @@
+"""The Retriever: the two-stage query path over a trained run's towers and indexes.
+
+    retriever = Retriever.load("runs/demo/finetune")        # model/ + index/<split>/
+    hits = retriever.search_text(["a red circle left of a blue square"], k=5)
+    hits.ids, hits.scores, hits.names, hits.timings_ms       # i64[Q, k], f32[Q, k], …
+    hits = retriever.search_image(region_feat, boxes, k=5)   # image → captions
+
+Queries are encoded by a jitted tower at fixed shapes (the batch padded to a power of two,
+text to a length bucket, regions to a region bucket), so repeated queries never recompile.
+A re-ranker (the slow stage) plugs in through `reranker`: it re-scores the top `rerank_top`
+candidates of each query and the results are re-sorted by its scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Protocol, Sequence
+
+import jax
+import numpy as np
+
+from ldot_jax import evaluate, pretrained
+from ldot_jax.index import base as index_base
+from ldot_jax.index import build as index_build
+from ldot_jax.index.base import load_index
+
+DIRECTIONS = ("text_to_image", "image_to_text")
+
+
+class Reranker(Protocol):
+    """The slow stage. Called with the direction, the encoded queries (text: input_ids
+    i32[Q, L], attention_mask i32[Q, L]; image: region_feat f32[Q, R, F], boxes f32[Q, R, 7],
+    region_mask i32[Q, R]), candidate ids i64[Q, M] (-1: none) and their dot scores f32[Q, M];
+    returns new scores f32[Q, M] (higher is better)."""
+
+    def __call__(self, direction: str, queries: dict[str, np.ndarray], candidates: np.ndarray,
+                 scores: np.ndarray) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+    """ids i64[Q, k] and scores f32[Q, k], best first; names[q][j] the catalog name of
+    ids[q, j] (image ids, or caption texts); timings_ms: encode / search / rerank / total for
+    the whole batch, and per_query (total / Q)."""
+
+    ids: np.ndarray
+    scores: np.ndarray
+    names: list[list[str]]
+    timings_ms: dict[str, float]
+
+
+def _pad_to(n: int, buckets: Sequence[int], what: str) -> int:
+    for b in sorted(buckets):
+        if n <= b:
+            return b
+    raise ValueError(f"{what} of {n} exceeds the largest bucket {max(buckets)}")
+
+
+def _batch_size(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Catalog:
+    """Names of the ids of an index (names.json written by the index build)."""
+
+    def __init__(self, ids=(), names=(), owners=()):
+        self.names = dict(zip((int(i) for i in ids), names))
+        self.owners = dict(zip((int(i) for i in ids), (int(o) for o in owners)))
+
+    @classmethod
+    def read(cls, index_dir: str) -> "Catalog":
+        path = os.path.join(index_dir, "names.json")
+        if not os.path.isfile(path):
+            return cls()
+        with open(path) as f:
+            body = json.load(f)
+        return cls(body["ids"], body["names"], body.get("owners", ()))
+
+    def name(self, i: int) -> str:
+        return self.names.get(int(i), str(int(i)) if i >= 0 else "")
+
+
+class Retriever:
+    """Encodes queries with one tower and searches the index of the other side.
+
+    model / params: a DualEncoder (or pre-training model) and its params; tokenizer: the
+    run's; image_index: searched by captions; text_index: searched by images (either may be
+    None); text_buckets / region_buckets: padded query shapes; normalize: L2-normalize query
+    vectors (towers trained with normalized embeddings); reranker / rerank_top: the slow stage.
+    """
+
+    def __init__(self, model, params, tokenizer, image_index=None, text_index=None,
+                 catalogs: dict[str, Catalog] | None = None,
+                 text_buckets: Sequence[int] = (16, 24, 32, 48, 64),
+                 region_buckets: Sequence[int] = (16, 36, 64, 100), normalize: bool = False,
+                 reranker: Reranker | None = None, rerank_top: int = 0):
+        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.indexes = {"image": image_index, "text": text_index}
+        self.catalogs = catalogs or {}
+        self.text_buckets, self.region_buckets = tuple(text_buckets), tuple(region_buckets)
+        self.normalize = normalize
+        self.reranker, self.rerank_top = reranker, int(rerank_top)
+
+    @classmethod
+    def load(cls, workdir: str, split: str | None = None, model_dir: str | None = None,
+             index_dir: str | None = None, force: bool = False, **kwargs) -> "Retriever":
+        """From a run's workdir: <workdir>/model (or model_dir) and the indexes under
+        <workdir>/index/<split> (or index_dir). An index built from another model is an error
+        unless `force`. kwargs: reranker, rerank_top."""
+        workdir = os.path.abspath(workdir)
+        config = index_build.load_run_config(workdir)
+        options = index_build.index_options(config)
+        split = split or options["split"]
+        loaded = pretrained.load_pretrained(model_dir or os.path.join(workdir,
+                                                                      index_build.MODEL_DIR))
+        model = pretrained.build_model(loaded.kind, loaded.config)
+        fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
+        index_dir = index_dir or os.path.join(workdir, index_build.INDEX_DIR, split)
+        indexes, catalogs = {}, {}
+        for side in ("image", "text"):
+            path = os.path.join(index_dir, side)
+            if os.path.isdir(path):
+                indexes[side] = load_index(path, fingerprint, force)
+                catalogs[side] = Catalog.read(path)
+        if not indexes:
+            raise index_base.IndexFormatError(
+                f"no index under {index_dir}: build one with `python -m ldot_jax.index build "
+                f"--workdir {workdir} --split {split}`")
+        tokenizer = index_build.open_dataset(config).tokenizer
+        return cls(model, loaded.params, tokenizer, indexes.get("image"), indexes.get("text"),
+                   catalogs, config.pipeline.text_buckets, config.pipeline.region_buckets,
+                   bool(config.loss.get("normalize", False)), **kwargs)
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _finish(self, vectors: np.ndarray) -> np.ndarray:
+        if self.normalize:
+            vectors = evaluate.l2_normalize(vectors)
+        return vectors
+
+    def text_inputs(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token inputs of captions, padded: input_ids / attention_mask i32[B, L] (B a power of
+        two ≥ Q, L a text bucket; rows past Q are padding)."""
+        if isinstance(captions, str) or not len(captions):
+            raise ValueError("captions: expected a non-empty list of strings")
+        ids = self.tokenizer.encode_batch(list(captions), max(self.text_buckets) - 2, "truncate")
+        length = _pad_to(max(len(x) for x in ids), self.text_buckets, "caption length")
+        b = _batch_size(len(ids))
+        input_ids = np.zeros((b, length), np.int32)
+        for row, x in enumerate(ids):
+            input_ids[row, :len(x)] = x
+        mask = (input_ids != 0).astype(np.int32)
+        mask[len(ids):, :2] = 1  # padding rows: a valid [CLS] [SEP]-sized stub
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def image_inputs(self, region_feat, boxes, region_mask=None) -> dict[str, np.ndarray]:
+        """Region inputs, padded: region_feat f32[B, R, F], boxes f32[B, R, 7], region_mask
+        i32[B, R]. Takes lists of per-image arrays ([n_i, F], [n_i, 7]) or padded arrays with
+        region_mask."""
+        if isinstance(region_feat, np.ndarray) and region_feat.ndim == 3:
+            mask = (np.ones(region_feat.shape[:2], np.int32) if region_mask is None
+                    else np.asarray(region_mask, np.int32))
+            feats = [np.asarray(f)[m.astype(bool)] for f, m in zip(region_feat, mask)]
+            box_list = [np.asarray(b)[m.astype(bool)] for b, m in zip(boxes, mask)]
+        else:
+            feats, box_list = [np.asarray(f) for f in region_feat], [np.asarray(b) for b in boxes]
+        if not feats or len(feats) != len(box_list):
+            raise ValueError(f"{len(feats)} region sets and {len(box_list)} box sets: expected "
+                             f"the same non-zero number")
+        n = max(len(f) for f in feats)
+        r = _pad_to(n, self.region_buckets, "number of regions")
+        b = _batch_size(len(feats))
+        feat_dim, box_dim = feats[0].shape[-1], box_list[0].shape[-1]
+        out = {"region_feat": np.zeros((b, r, feat_dim), np.float32),
+               "boxes": np.zeros((b, r, box_dim), np.float32),
+               "region_mask": np.zeros((b, r), np.int32)}
+        out["region_mask"][len(feats):, 0] = 1  # padding rows: one dummy region
+        for row, (f, bx) in enumerate(zip(feats, box_list)):
+            if len(f) != len(bx) or not len(f):
+                raise ValueError(f"image {row}: {len(f)} region features and {len(bx)} boxes")
+            out["region_feat"][row, :len(f)] = f
+            out["boxes"][row, :len(f)] = bx
+            out["region_mask"][row, :len(f)] = 1
+        return out
+
+    def _encode(self, inputs: dict, side: str, count: int) -> np.ndarray:
+        dummy = ({"region_feat": None, "boxes": None, "region_mask": None} if side == "text"
+                 else {"input_ids": None, "attention_mask": None})
+        out = evaluate._encode(self.model, self.params, {**dummy, **inputs}, side)
+        return self._finish(np.asarray(jax.device_get(out), np.float32)[:count])
+
+    def encode_text(self, captions: Sequence[str]) -> np.ndarray:
+        """f32[Q, D]: the text tower's vectors of captions."""
+        return self._encode(self.text_inputs(captions), "text", len(captions))
+
+    def encode_image(self, region_feat, boxes, region_mask=None) -> np.ndarray:
+        """f32[Q, D]: the image tower's vectors (see `image_inputs` for the input forms)."""
+        inputs = self.image_inputs(region_feat, boxes, region_mask)
+        count = len(region_feat)
+        return self._encode(inputs, "image", count)
+
+    # -- searching ----------------------------------------------------------------------------
+
+    def _search(self, direction: str, inputs: dict, count: int, k: int,
+                rerank_top: int | None, search_options: dict) -> Results:
+        query_side, target = ("text", "image") if direction == "text_to_image" else (
+            "image", "text")
+        index = self.indexes[target]
+        if index is None:
+            raise ValueError(f"no {target} index loaded: {direction} search needs one")
+        t0 = time.perf_counter()
+        vectors = self._encode(inputs, query_side, count)
+        t1 = time.perf_counter()
+        m = self.rerank_top if rerank_top is None else int(rerank_top)
+        m = m if self.reranker is not None else 0
+        hits = index.search(vectors, max(k, m), **search_options)
+        t2 = time.perf_counter()
+        ids, scores = hits.ids, hits.scores
+        if m:
+            m = min(m, ids.shape[1])
+            real = {key: value[:count] for key, value in inputs.items()}
+            new = np.asarray(self.reranker(direction, real, ids[:, :m], scores[:, :m]),
+                             np.float32)
+            if new.shape != (count, m):
+                raise ValueError(f"the re-ranker returned shape {new.shape}, expected "
+                                 f"{(count, m)}")
+            new = np.where(ids[:, :m] >= 0, new, -np.inf)
+            order = np.argsort(-new, axis=1, kind="stable")
+            ids = np.concatenate([np.take_along_axis(ids[:, :m], order, 1), ids[:, m:]], 1)
+            scores = np.concatenate([np.take_along_axis(new, order, 1), scores[:, m:]], 1)
+        t3 = time.perf_counter()
+        k = min(k, ids.shape[1])
+        ids, scores = ids[:, :k], scores[:, :k]
+        catalog = self.catalogs.get(target, Catalog())
+        names = [[catalog.name(i) for i in row] for row in ids]
+        ms = lambda a, b: round(1000 * (b - a), 3)
+        timings = {"encode": ms(t0, t1), "search": ms(t1, t2), "rerank": ms(t2, t3),
+                   "total": ms(t0, t3)}
+        timings["per_query"] = round(timings["total"] / count, 3)
+        return Results(ids, scores, names, timings)
+
+    def search_text(self, captions: Sequence[str], k: int = 10, rerank_top: int | None = None,
+                    **search_options) -> Results:
+        """Text → image: the top-k images of each caption. search_options go to the index
+        (e.g. leaves_to_search, candidates)."""
+        inputs = self.text_inputs(captions)
+        return self._search("text_to_image", inputs, len(captions), k, rerank_top,
+                            search_options)
+
+    def search_image(self, region_feat, boxes, k: int = 10, region_mask=None,
+                     rerank_top: int | None = None, **search_options) -> Results:
+        """Image → text: the top-k captions of each image (regions as in `image_inputs`)."""
+        inputs = self.image_inputs(region_feat, boxes, region_mask)
+        return self._search("image_to_text", inputs, len(region_feat), k, rerank_top,
+                            search_options)
+
+    def warmup(self) -> None:
+        """Compiles the single-query shapes of every bucket (so the first query is fast)."""
+        if self.indexes["image"] is not None:
+            for length in self.text_buckets:
+                self._encode({"input_ids": np.ones((1, length), np.int32),
+                              "attention_mask": np.ones((1, length), np.int32)}, "text", 1)
+        if self.indexes["text"] is not None:
+            config = self.model.config
+            for r in self.region_buckets:
+                self._encode({"region_feat": np.zeros((1, r, config.region.feat_dim), np.float32),
+                              "boxes": np.zeros((1, r, config.region.box_dim), np.float32),
+                              "region_mask": np.ones((1, r), np.int32)}, "image", 1)
