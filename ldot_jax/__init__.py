@@ -7,6 +7,8 @@ The public API:
   load_pretraining_model(dir) → (DualEncoderForPretraining, params)
   load_pretrained(dir) → Pretrained(kind, config, params, metadata)
   save_pretrained(dir, kind, config, params)
+  Retriever.load(workdir).search_text(captions, k)       the fast stage (ldot_jax/retrieval.py)
+  ExactIndex / ScannIndex / HierarchicalIndex, load_index  the indexes (ldot_jax/index/)
 """
 
 import importlib
@@ -22,6 +24,9 @@ _EXPORTS = {
     "load_cross_encoder": "ldot_jax.pretrained", "load_dual_encoder": "ldot_jax.pretrained",
     "load_pretrained": "ldot_jax.pretrained", "load_pretraining_model": "ldot_jax.pretrained",
     "save_pretrained": "ldot_jax.pretrained",
+    "Retriever": "ldot_jax.retrieval", "ExactIndex": "ldot_jax.index",
+    "ScannIndex": "ldot_jax.index", "HierarchicalIndex": "ldot_jax.index",
+    "load_index": "ldot_jax.index",
 }
 
 

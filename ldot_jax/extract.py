@@ -26,7 +26,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from ldot_jax import evaluate, fileutil
+from ldot_jax import evaluate, fileutil, parallel
 from ldot_jax.data import pipeline, schema
 
 log = logging.getLogger(__name__)
@@ -160,14 +160,19 @@ def _write_shard(path: str, arrays: dict) -> None:
             os.remove(tmp)
 
 
-def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> None:
+def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
+    """The manifest to use: `manifest`, or the one already in `out_dir` if it describes the
+    same extraction (an earlier shard size is kept, so its shards are reused)."""
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
-        return
+        return manifest
     old = fileutil.read_json(path, "extraction manifest")
-    differs = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+    differs = {k: (old.get(k), v) for k, v in manifest.items()
+               if old.get(k) != v and k != "shard_size"}
     if not differs:
-        return
+        if old.get("shard_size") != manifest["shard_size"]:
+            log.info("%s: continuing with its shard size %s", out_dir, old.get("shard_size"))
+        return {**manifest, "shard_size": int(old["shard_size"])}
     if not overwrite:
         raise ValueError(f"{out_dir} holds an extraction with other settings "
                          + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in
@@ -176,6 +181,7 @@ def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> None:
     for name in os.listdir(out_dir):
         if name.startswith("shard-") or name == MANIFEST:
             os.remove(os.path.join(out_dir, name))
+    return manifest
 
 
 def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
@@ -194,14 +200,18 @@ def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
                 "shard_size": int(shard_size), "fingerprint": fingerprint,
                 "normalized": bool(normalize)}
     writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+        manifest = _check_manifest(out_dir, manifest, overwrite)
+        fileutil.atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
+    shard_size = int(manifest["shard_size"])
+    if jax.process_count() > 1:  # every process must use process 0's shard size
+        shard_size = int(multihost_utils.broadcast_one_to_all(np.int32(shard_size)))
     num_shards = -(-corpus.count // shard_size)
     bounds = [(s * shard_size, min((s + 1) * shard_size, corpus.count))
               for s in range(num_shards)]
     done = np.zeros(num_shards, np.int32)
     if writer:
-        os.makedirs(out_dir, exist_ok=True)
-        _check_manifest(out_dir, manifest, overwrite)
-        fileutil.atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
         for s, (start, stop) in enumerate(bounds):
             path = _shard_path(out_dir, s)
             done[s] = os.path.isfile(path) and _read_shard(path, start, stop) is not None
@@ -209,6 +219,7 @@ def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
     if done.any():
         log.info("%s: %d of %d shards already extracted", out_dir, int(done.sum()), num_shards)
+    params = jax.device_put(params, parallel.replicated(mesh))  # no-op if already there
     bar = tqdm.tqdm(total=corpus.count, initial=sum(b - a for (a, b), d in zip(bounds, done)
                                                     if d),
                     desc=f"embedding {corpus.split} {corpus.side}s", unit=corpus.side,

@@ -132,13 +132,11 @@ class VectorIndex(abc.ABC):
         """i64[n]: the rows holding `ids`; a KeyError names ids that are not in the index."""
         ids = np.asarray(ids, np.int64).reshape(-1)
         order = np.argsort(self._ids, kind="stable")
-        found = np.searchsorted(self._ids, ids, sorter=order)
-        found = np.minimum(found, max(len(order) - 1, 0))
-        rows = order[found] if len(order) else np.zeros(len(ids), np.int64)
-        missing = ids[(rows >= len(self._ids)) | (self._ids[rows] != ids)] if len(
-            self._ids) else ids
-        if len(missing):
-            raise KeyError(f"ids not in the index: {missing[:10].tolist()}")
+        slot = np.searchsorted(self._ids, ids, sorter=order)
+        rows = order[np.minimum(slot, len(order) - 1)] if len(order) else slot
+        found = (slot < len(order)) & (self._ids[rows] == ids if len(order) else False)
+        if not np.all(found):
+            raise KeyError(f"ids not in the index: {ids[~found][:10].tolist()}")
         return rows.astype(np.int64)
 
     # -- the interface ------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
         corpora["image"] = extract.image_corpus(dataset.split(split), split, config)
         corpora["text"] = extract.caption_corpus(dataset.caption_table(split),
                                                  dataset.tokenizer, split, config)
-    params = jax.device_put(loaded.params, parallel.replicated(mesh))
+    params = loaded.params
     embeddings, paths = {}, {}
     # Both modalities are extracted: an index of one side is checked with queries of the other.
     for side, corpus in corpora.items():

@@ -110,7 +110,8 @@ def _query(args) -> int:
         position = _image_position(images, args.image)
         record = images[position]
         results = retriever.search_image([record["region_feat"]], [record["boxes"]], k=args.k)
-        queries = [f"image {position} ({record['image_id']})"]
+        name = record["image_id"]
+        queries = [f"image {position} ({name.decode() if isinstance(name, bytes) else name})"]
         kind = "caption"
         owners = retriever.catalogs.get("text")
     for q, query in enumerate(queries):
@@ -130,7 +131,8 @@ def _image_position(images, key: str) -> int:
     if key.isdigit() and int(key) < len(images):
         return int(key)
     for i in range(len(images)):
-        if str(images[i]["image_id"]) == key:
+        name = images[i]["image_id"]
+        if (name.decode() if isinstance(name, bytes) else str(name)) == key:
             return i
     raise ValueError(f"--image {key!r}: neither a position in [0, {len(images)}) nor an image "
                      f"id of the split")

@@ -1,8 +1,8 @@
 """ExactIndex: brute-force inner-product top-k on the accelerator, the ground truth.
 
 The corpus is split into row blocks over the devices of a 1-D mesh; each device scans its rows
-in chunks of `chunk_size`, keeping a running top-k, so no device ever holds more than a
-[queries, chunk_size] block of scores (a 10M-vector corpus never forms the dense
+in chunks, keeping a running top-k, so no device ever holds more than a [queries, chunk] block
+of scores (chunk from a memory budget) (a 10M-vector corpus never forms the dense
 query × corpus matrix). The per-device top-k lists are then all-gathered and merged.
 Ties go to the smaller row (the merge keeps earlier rows first), as in `evaluate`.
 """
@@ -10,7 +10,6 @@ Ties go to the smaller row (the merge keeps earlier rows first), as in `evaluate
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import jax
@@ -33,37 +32,41 @@ def corpus_mesh(devices=None) -> jax.sharding.Mesh:
 
 
 def _local_top_k(queries, corpus, offset, count, k: int, chunk: int, precision):
-    """Running top-k over one device's rows. queries f32[Q, D]; corpus [n, D] with n a
-    multiple of `chunk`; rows at global position ≥ count are padding. → (f32[Q, k], i32[Q, k])."""
-    q = queries.shape[0]
-    blocks = corpus.reshape(corpus.shape[0] // chunk, chunk, corpus.shape[1])
-    starts = offset + jnp.arange(blocks.shape[0], dtype=jnp.int32) * chunk
+    """Running top-k over one device's rows. queries f32[Q, D]; corpus [n, D] (n ≥ chunk);
+    rows at global position ≥ count are padding. → (f32[Q, k], i32[Q, k] global rows).
 
-    def body(carry, block_and_start):
+    The last chunk is aligned to end at row n and its rows already scored are masked, so the
+    corpus never needs padding to a multiple of the chunk (no copy of a large corpus)."""
+    q, n = queries.shape[0], corpus.shape[0]
+    num_chunks = -(-n // chunk)
+
+    def body(c, carry):
         best_scores, best_rows = carry
-        block, start = block_and_start
+        start = jnp.minimum(c * chunk, n - chunk)
+        block = jax.lax.dynamic_slice_in_dim(corpus, start, chunk)
         scores = jnp.einsum("qd,cd->qc", queries.astype(block.dtype), block,
                             precision=precision, preferred_element_type=jnp.float32)
-        rows = start + jnp.arange(chunk, dtype=jnp.int32)
-        scores = jnp.where(rows[None, :] < count, scores, -jnp.inf)
+        local = start + jnp.arange(chunk, dtype=jnp.int32)
+        rows = offset + local
+        fresh = (local >= c * chunk) & (rows < count)
+        scores = jnp.where(fresh[None, :], scores, -jnp.inf)
         # Earlier rows first, so ties keep the smaller row.
         scores = jnp.concatenate([best_scores, scores], axis=1)
         rows = jnp.concatenate([best_rows, jnp.broadcast_to(rows, (q, chunk))], axis=1)
         top, pick = jax.lax.top_k(scores, k)
-        return (top, jnp.take_along_axis(rows, pick, axis=1)), None
+        return top, jnp.take_along_axis(rows, pick, axis=1)
 
     init = (jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
     # Inside shard_map the carry differs per device (it follows the device's rows).
     init = jax.lax.pcast(init, (AXIS,), to="varying")
-    (scores, rows), _ = jax.lax.scan(body, init, (blocks, starts))
-    return scores, rows
+    return jax.lax.fori_loop(0, num_chunks, body, init)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk", "precision", "mesh"))
 def sharded_top_k(queries, corpus, count, *, k: int, chunk: int, precision: str, mesh):
-    """queries f32[Q, D] (replicated), corpus [N_pad, D] (rows sharded over the mesh, N_pad a
-    multiple of devices × chunk), count: valid rows → (scores f32[Q, k], rows i32[Q, k]),
-    replicated."""
+    """queries f32[Q, D] (replicated), corpus [N_pad, D] (rows sharded over the mesh; N_pad a
+    multiple of the device count, each device's share ≥ chunk), count: valid rows →
+    (scores f32[Q, k], rows i32[Q, k]), replicated."""
     devices = mesh.shape[AXIS]
     per_device = corpus.shape[0] // devices
 
@@ -87,7 +90,9 @@ def sharded_top_k(queries, corpus, count, *, k: int, chunk: int, precision: str,
 class ExactIndex(base.VectorIndex):
     """Exact top-k by inner product, jitted and sharded over this process's devices.
 
-    chunk_size: corpus rows scored at once per device (memory: queries × chunk_size × 4 B).
+    score_block_mb: the memory of one block of scores (queries × corpus rows × 4 B) per device;
+      the rows scored at once follow from it (all of a device's rows for a single query).
+    chunk_size: a fixed number of rows scored at once instead (None: from score_block_mb).
     query_batch: queries per device call (query counts are padded to powers of two up to it,
       so a new query count rarely recompiles).
     dtype: how the corpus is held on the devices ("float32", or "bfloat16" to halve memory).
@@ -97,25 +102,30 @@ class ExactIndex(base.VectorIndex):
 
     type = "exact"
 
-    def __init__(self, dim: int, chunk_size: int = 16384, query_batch: int = 256,
-                 dtype: str = "float32", precision: str = "highest", devices=None):
+    def __init__(self, dim: int, score_block_mb: float = 256, chunk_size: int | None = None,
+                 query_batch: int = 256, dtype: str = "float32", precision: str = "highest",
+                 devices=None):
         super().__init__(dim)
         if dtype not in ("float32", "bfloat16"):
             raise ValueError(f"ExactIndex dtype={dtype!r}: expected 'float32' or 'bfloat16'")
         if precision not in PRECISIONS:
             raise ValueError(f"ExactIndex precision={precision!r}: expected one of "
                              f"{sorted(PRECISIONS)}")
-        for name, value in (("chunk_size", chunk_size), ("query_batch", query_batch)):
-            if value < 1:
-                raise ValueError(f"ExactIndex {name}={value}: expected ≥ 1")
-        self.chunk_size, self.query_batch = int(chunk_size), int(query_batch)
+        for name, value in (("score_block_mb", score_block_mb), ("chunk_size", chunk_size or 1),
+                            ("query_batch", query_batch)):
+            if value <= 0:
+                raise ValueError(f"ExactIndex {name}={value}: expected > 0")
+        self.score_block_mb = float(score_block_mb)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.query_batch = int(query_batch)
         self.dtype, self.precision = dtype, precision
         self.mesh = corpus_mesh(devices)
         self._vectors = np.zeros((0, self.dim), np.float32)
         self._device = None  # (corpus on the devices, chunk), rebuilt after add / delete
 
     def params(self) -> dict:
-        return {"chunk_size": self.chunk_size, "query_batch": self.query_batch,
+        return {"score_block_mb": self.score_block_mb, "chunk_size": self.chunk_size,
+                "query_batch": self.query_batch,
                 "dtype": self.dtype, "precision": self.precision}
 
     @property
@@ -137,23 +147,29 @@ class ExactIndex(base.VectorIndex):
         self._device = None
 
     def _on_device(self):
+        """The corpus on the devices: rows padded only to a multiple of the device count."""
         if self._device is None:
             devices = self.mesh.shape[AXIS]
-            per_device = math.ceil(len(self._vectors) / devices)
-            # Multiples of 8 rows: fewer distinct shapes, aligned blocks.
-            chunk = min(self.chunk_size, max(8, -(-per_device // 8) * 8))
-            per_device = -(-per_device // chunk) * chunk
+            per_device = max(1, -(-len(self._vectors) // devices))
             padded = np.zeros((per_device * devices, self.dim), np.float32)
             padded[:len(self._vectors)] = self._vectors
-            corpus = jax.device_put(padded.astype(jnp.dtype(self.dtype)),
-                                    NamedSharding(self.mesh, P(AXIS)))
-            self._device = (corpus, chunk)
+            self._device = jax.device_put(padded.astype(jnp.dtype(self.dtype)),
+                                          NamedSharding(self.mesh, P(AXIS)))
         return self._device
+
+    def _chunk(self, queries: int) -> int:
+        per_device = self._device.shape[0] // self.mesh.shape[AXIS]
+        if self.chunk_size is not None:
+            return min(self.chunk_size, per_device)
+        rows = int(self.score_block_mb * 2**20 // (4 * queries))
+        # A power of two (≥ 1024): few distinct programs across corpus sizes.
+        rows = 1 << max(10, rows.bit_length() - 1)
+        return min(rows, per_device)
 
     def _search(self, queries, k, **options):
         if options:
             raise TypeError(f"ExactIndex.search takes no options, got {sorted(options)}")
-        corpus, chunk = self._on_device()
+        corpus = self._on_device()
         count = jnp.int32(len(self._ids))
         scores, rows = [], []
         for start in range(0, len(queries), self.query_batch):
@@ -162,7 +178,7 @@ class ExactIndex(base.VectorIndex):
             padded = np.zeros((size, self.dim), np.float32)
             padded[:len(block)] = block
             s, r = sharded_top_k(jax.device_put(padded, NamedSharding(self.mesh, P())), corpus,
-                                 count, k=k, chunk=chunk, precision=self.precision,
+                                 count, k=k, chunk=self._chunk(size), precision=self.precision,
                                  mesh=self.mesh)
             scores.append(np.asarray(s)[:len(block)])
             rows.append(np.asarray(r)[:len(block)])

@@ -34,7 +34,7 @@ class ScannParams:
     training_sample_size: vectors used to train the tree and the hash codebooks.
     hashing: score with anisotropic hashing (else exact float scoring of every candidate).
     dims_per_block, anisotropic_threshold: the hashing (2 and 0.2, as ScaNN advises).
-    reorder: candidates re-scored exactly after hashing (≥ k is enforced at search time).
+    reorder: candidates re-scored exactly after hashing (at search time, at least 4k).
     num_threads: search threads for batched queries (0: every core)."""
 
     num_leaves: int = 0
@@ -112,13 +112,20 @@ class ScannIndex(base.VectorIndex):
     def _coarse(self, vectors: np.ndarray) -> np.ndarray:
         return vectors
 
+    def _resolve_params(self, count: int, dim: int) -> ScannParams:
+        return scann_params(count, dim, **self._overrides)
+
+    def _builder(self, db: np.ndarray, p: ScannParams):
+        """ScaNN's builder, up to the partitioning (subclasses add a projection)."""
+        # num_neighbors is only the default k; searches always pass their own.
+        return _scann().builder(db, 10, "dot_product")
+
     def _build(self, vectors, ids):
         db = self._coarse(vectors)
         if self._params is None:
-            self._params = scann_params(len(db), db.shape[1], **self._overrides)
+            self._params = self._resolve_params(len(db), vectors.shape[1])
         p = self._params
-        # num_neighbors is only the default k; searches always pass their own.
-        builder = _scann().builder(db, 10, "dot_product")
+        builder = self._builder(db, p)
         if p.num_leaves:
             builder = builder.tree(num_leaves=min(p.num_leaves, len(db)),
                                    num_leaves_to_search=min(p.leaves_to_search, len(db)),
@@ -157,17 +164,16 @@ class ScannIndex(base.VectorIndex):
         self._searcher.delete(rows)
         self._ids = np.asarray(ids, np.int64)
 
-    def _search_rows(self, queries, k, leaves_to_search=None, reorder=None):
+    def _search_rows(self, queries, k, leaves_to_search=None, pre_reorder=-1):
+        """ScaNN rows and scores; -1 for a setting means the searcher's default."""
         p = self._params
         leaves = -1 if leaves_to_search is None else int(leaves_to_search)
-        pre = -1
-        if p.hashing:
-            pre = max(int(reorder or p.reorder), k)
         threads = p.num_threads or os.cpu_count() or 1
         parallel = len(queries) > 1 and threads > 1
         if parallel:
             self._searcher.set_num_threads(threads)
-        rows, scores = self._searcher.search_batched(queries, k, pre, leaves, parallel, 64)
+        rows, scores = self._searcher.search_batched(queries, k, int(pre_reorder), leaves,
+                                                     parallel, 64)
         rows = rows.astype(np.int64)
         # ScaNN fills slots it could not fill (too few partitions searched) with an out-of-
         # range row or a NaN score.
@@ -176,8 +182,10 @@ class ScannIndex(base.VectorIndex):
         return rows, scores.astype(np.float32)
 
     def _search(self, queries, k, leaves_to_search=None, reorder=None):
-        """options: leaves_to_search (partitions scored), reorder (candidates re-scored)."""
-        return self._search_rows(self._coarse(queries), k, leaves_to_search, reorder)
+        """options: leaves_to_search (partitions scored), reorder (candidates re-scored
+        exactly; at least 4k, so that recall@k does not hit the reorder cap)."""
+        pre = max(int(reorder or self._params.reorder), 4 * k) if self._params.hashing else -1
+        return self._search_rows(self._coarse(queries), k, leaves_to_search, pre)
 
     def _save_files(self, directory):
         if self._searcher is None:

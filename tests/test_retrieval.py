@@ -1,0 +1,180 @@
+"""Extraction, index build and the Retriever on a tiny run's workdir (a random-init model of
+configs/demo.py:finetune,tiny on the generated scenes data): what the index holds equals what
+the towers give, queries reproduce exact NumPy search, an interrupted extraction resumes, a
+model with another fingerprint is refused, the re-ranking hook re-sorts, and the CLI works."""
+
+import glob
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ldot_jax import extract, pretrained, train
+from ldot_jax.index import build, cli
+from ldot_jax.index import base as index_base
+from ldot_jax.retrieval import Retriever
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import demo  # noqa: E402
+
+
+def _model_dir(path, config, seed):
+    kind, model_cfg, _ = train.model_and_config(config)
+    params = pretrained.init_params(kind, model_cfg, jax.random.key(seed))
+    return pretrained.save_pretrained(path, kind, model_cfg, params)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A run directory as training leaves it: config.json and model/."""
+    root = tmp_path_factory.mktemp("run")
+    config = demo.get_config("finetune,tiny")
+    config.data.data_dir = str(tmp_path_factory.mktemp("data"))
+    train.save_config(config, str(root))
+    _model_dir(root / "model", config, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def built(workdir):
+    return build.build_from_workdir(workdir, shard_size=5, progress=False)
+
+
+@pytest.fixture(scope="module")
+def retriever(workdir, built):
+    return Retriever.load(workdir)
+
+
+def test_index_holds_the_towers_vectors(workdir, built, retriever):
+    config = build.load_run_config(workdir)
+    loaded = pretrained.load_pretrained(os.path.join(workdir, "model"))
+    fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
+    images = extract.read_embeddings(built.embeddings["image"], fingerprint)
+    captions = extract.read_embeddings(built.embeddings["text"], fingerprint)
+    split = build.open_dataset(config).split("test")
+    assert len(images.ids) == len(split) == 16 and len(captions.ids) == 80
+    assert images.names[3] == "test_000003" and captions.owners[7] == 1
+    # The query path (batch of one, padded shapes) gives the vectors the extraction stored.
+    np.testing.assert_allclose(retriever.encode_text(captions.names[:3]), captions.vectors[:3],
+                               rtol=1e-4, atol=1e-5)
+    record = split[5]
+    np.testing.assert_allclose(
+        retriever.encode_image([record["region_feat"]], [record["boxes"]]),
+        images.vectors[5:6], rtol=1e-4, atol=1e-5)
+    for side, other, count in (("image", "text", 16), ("text", "image", 80)):
+        meta = index_base.read_metadata(built.indexes[side])
+        assert meta["count"] == count and meta["type"] == "scann"
+        assert meta["info"]["model_fingerprint"] == fingerprint
+        assert meta["info"]["health"]["query_side"] == other
+        assert meta["info"]["health"]["recall@10"] == 1.0  # brute force below 20k vectors
+        assert meta["info"]["build_time_s"] >= 0
+
+
+def test_search_equals_exact_numpy_search(built, retriever):
+    images = extract.read_embeddings(built.embeddings["image"])
+    captions = extract.read_embeddings(built.embeddings["text"])
+    queries = captions.names[10:14]
+    hits = retriever.search_text(queries, k=5)
+    want = np.argsort(-(captions.vectors[10:14] @ images.vectors.T), axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(hits.ids, want)
+    assert hits.names[0] == [images.names[i] for i in want[0]]
+    assert set(hits.timings_ms) == {"encode", "search", "rerank", "total", "per_query"}
+    # Image → captions.
+    split = build.open_dataset(build.load_run_config(retriever_workdir(built))).split("test")
+    hits = retriever.search_image([split[2]["region_feat"]], [split[2]["boxes"]], k=4)
+    want = np.argsort(-(images.vectors[2] @ captions.vectors.T), kind="stable")[:4]
+    np.testing.assert_array_equal(hits.ids[0], want)
+    assert hits.names[0][0] == captions.names[want[0]]
+
+
+def retriever_workdir(built):
+    return os.path.dirname(os.path.dirname(os.path.dirname(built.indexes["image"])))
+
+
+def test_reranking_hook_resorts_the_top_m(retriever):
+    calls = []
+
+    def reverse(direction, queries, candidates, scores):
+        calls.append((direction, queries["input_ids"].shape, candidates.shape))
+        return -scores  # the worst of the top M first
+
+    plain = retriever.search_text(["a red circle"], k=6)
+    retriever.reranker, retriever.rerank_top = reverse, 4
+    try:
+        reranked = retriever.search_text(["a red circle"], k=6)
+    finally:
+        retriever.reranker, retriever.rerank_top = None, 0
+    assert calls[0][0] == "text_to_image" and calls[0][2] == (1, 4)
+    np.testing.assert_array_equal(reranked.ids[0, :4], plain.ids[0, :4][::-1])
+    np.testing.assert_array_equal(reranked.ids[0, 4:], plain.ids[0, 4:])
+
+
+def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
+    config = build.load_run_config(workdir)
+    dataset = build.open_dataset(config)
+    corpus = extract.image_corpus(dataset.split("test"), "test", config)
+    model, params = pretrained.load_dual_encoder(os.path.join(workdir, "model"))
+    from ldot_jax import parallel
+    mesh = parallel.make_mesh()
+    out = str(tmp_path / "images")
+    real_write = extract._write_shard
+    written = []
+
+    def crash_after_two(path, arrays):
+        if len(written) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        written.append(os.path.basename(path))
+        real_write(path, arrays)
+
+    monkeypatch.setattr(extract, "_write_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        extract.extract(model, params, corpus, out, mesh, "sha256:m", shard_size=5,
+                        progress=False)
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.npz", "shard-00001.npz"]
+    with pytest.raises(FileNotFoundError, match="shard 2 .* missing or partial"):
+        extract.read_embeddings(out)
+    written.clear()
+    monkeypatch.setattr(extract, "_write_shard", lambda p, a: (written.append(
+        os.path.basename(p)), real_write(p, a)))
+    resumed = extract.extract(model, params, corpus, out, mesh, "sha256:m", shard_size=5,
+                              progress=False)
+    assert written == ["shard-00002.npz", "shard-00003.npz"]  # only the missing ones
+    full = extract.read_embeddings(built.embeddings["image"])
+    np.testing.assert_allclose(resumed.vectors, full.vectors, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(resumed.ids, np.arange(16))
+    with pytest.raises(ValueError, match="fingerprint: 'sha256:m' there, 'sha256:other' now"):
+        extract.extract(model, params, corpus, out, mesh, "sha256:other", shard_size=5,
+                        progress=False)
+
+
+def test_index_from_another_model_is_refused(workdir, built, tmp_path):
+    config = build.load_run_config(workdir)
+    other = _model_dir(tmp_path / "other", config, seed=1)
+    with pytest.raises(index_base.FingerprintMismatchError, match="was built from model"):
+        Retriever.load(workdir, model_dir=other)
+    forced = Retriever.load(workdir, model_dir=other, force=True)
+    assert forced.search_text(["a red circle"], k=2).ids.shape == (1, 2)
+
+
+def test_command_line_build_info_and_query(workdir, built, tmp_path, capsys):
+    out = str(tmp_path / "hier")
+    assert cli.main(["build", "--workdir", workdir, "--backend", "hierarchical", "--d_low", "8",
+                     "--sides", "image", "--out", out, "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "image index:" in printed and "health (80 text queries vs exact)" in printed
+    assert cli.main(["info", os.path.join(out, "image")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["type"] == "hierarchical" and info["params"]["d_low"] == 8
+    assert cli.main(["query", "--workdir", workdir, "--index_dir", out, "--text",
+                     "a red circle", "-k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "query: a red circle" in printed and printed.count(" image ") == 3
+    assert "timings (ms)" in printed
+    assert cli.main(["query", "--workdir", workdir, "--image", "test_000004", "-k", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "query: image 4 (test_000004)" in printed and printed.count(" caption ") == 2
+    assert not glob.glob(os.path.join(str(tmp_path), ".*tmp*"))
