@@ -207,7 +207,7 @@ def plot(results: dict, path: str) -> None:
             name = r["method"].split(" leaves=")[0].split(" c=")[0].split(" ef=")[0]
             groups.setdefault(name, []).append(r)
         for name, rs in groups.items():
-            rs = sorted(rs, key=lambda r: 1 / r["qps_batched"])
+            rs = sorted(rs, key=lambda r: r.get("recall@10", 0))  # along each sweep
             x = [1000 / r["qps_batched"] for r in rs]
             y = [r.get("recall@10", np.nan) for r in rs]
             ax.plot(x, y, marker="o", label=name)
@@ -240,7 +240,7 @@ def markdown(results: dict) -> str:
         for r in entry["rows"]:
             lines.append(
                 f"| {r['method']} | {fmt(None if sweep(r) else r['build_s'], '.2f')} | "
-                f"{fmt(None if sweep(r) else r['index_mb'], '.0f')} | {fmt(r['qps_batched'], ',.0f')} | "
+                f"{fmt(None if sweep(r) or not r['index_mb'] else r['index_mb'], '.0f')} | {fmt(r['qps_batched'], ',.0f')} | "
                 f"{fmt(r['qps_single'], ',.0f')} | {fmt(r['latency_p50_ms'], '.3f')} | "
                 f"{fmt(r['latency_p99_ms'], '.3f')} | {fmt(r.get('recall@1'), '.3f')} | "
                 f"{fmt(r.get('recall@10'), '.3f')} | {fmt(r.get('recall@100'), '.3f')} |")
