@@ -105,8 +105,7 @@ class _LazyNames:
         self.images = images
 
     def __getitem__(self, i):
-        name = self.images[i]["image_id"]
-        return name.decode() if isinstance(name, bytes) else str(name)
+        return schema.as_str(self.images[i]["image_id"])
 
 
 def caption_corpus(table: Sequence[dict], tokenizer, split: str, config) -> Corpus:

@@ -121,9 +121,14 @@ def check_record(record: Mapping, spec: RecordSpec, source: str) -> dict:
     return out
 
 
+def as_str(value) -> str:
+    """A text field as str (TFDS data sources return bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def caption_texts(record: Mapping) -> list[str]:
     """A record's captions as str (TFDS data sources return bytes)."""
-    return [c.decode() if isinstance(c, bytes) else c for c in record["captions"]]
+    return [as_str(c) for c in record["captions"]]
 
 
 def split_caption_ids(record: Mapping) -> list[np.ndarray]:

@@ -17,6 +17,7 @@ import logging
 import sys
 
 from ldot_jax import parallel
+from ldot_jax.data import schema
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,8 +111,7 @@ def _query(args) -> int:
         position = _image_position(images, args.image)
         record = images[position]
         results = retriever.search_image([record["region_feat"]], [record["boxes"]], k=args.k)
-        name = record["image_id"]
-        queries = [f"image {position} ({name.decode() if isinstance(name, bytes) else name})"]
+        queries = [f"image {position} ({schema.as_str(record['image_id'])})"]
         kind = "caption"
         owners = retriever.catalogs.get("text")
     for q, query in enumerate(queries):
@@ -131,8 +131,7 @@ def _image_position(images, key: str) -> int:
     if key.isdigit() and int(key) < len(images):
         return int(key)
     for i in range(len(images)):
-        name = images[i]["image_id"]
-        if (name.decode() if isinstance(name, bytes) else str(name)) == key:
+        if schema.as_str(images[i]["image_id"]) == key:
             return i
     raise ValueError(f"--image {key!r}: neither a position in [0, {len(images)}) nor an image "
                      f"id of the split")

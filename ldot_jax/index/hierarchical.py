@@ -79,17 +79,10 @@ class HierarchicalIndex(scann_index.ScannIndex):
             self._vectors = np.concatenate([self._vectors, vectors])
 
     def _delete_positions(self, positions):
+        order = super()._delete_positions(positions)
         if self._vectors is not None:
-            rows = list(range(len(self._vectors)))
-            by_id = {int(i): r for r, i in enumerate(self._ids)}
-            for target in [int(i) for i in self._ids[positions]]:
-                r = by_id.pop(target)
-                last = rows.pop()
-                if r != len(rows):
-                    rows[r] = last
-                    by_id[int(self._ids[last])] = r
-            self._vectors = self._vectors[rows]
-        super()._delete_positions(positions)
+            self._vectors = self._vectors[order]
+        return order
 
     def _search(self, queries, k, leaves_to_search=None, reorder=None, candidates=None):
         """options: candidates (coarse results re-scored at full dimension),

@@ -80,6 +80,23 @@ def scann_params(count: int, dim: int, **overrides) -> ScannParams:
     return ScannParams(**rule)
 
 
+def swap_delete(count: int, positions) -> tuple[list[int], np.ndarray]:
+    """ScaNN's deletion order: each deleted row is replaced by the current last row. Returns
+    the rows to pass to ScaNN's delete (one by one, as they are at that moment) and
+    i64[count - len(positions)]: the old row now at each position."""
+    order = list(range(count))
+    where = {r: r for r in order}  # old row → current position
+    rows = []
+    for old in (int(p) for p in positions):
+        row = where.pop(old)
+        rows.append(row)
+        last = order.pop()
+        if row != len(order):
+            order[row] = last
+            where[last] = row
+    return rows, np.asarray(order, np.int64)
+
+
 def _scann():
     # Imported on first use: ScaNN prints its own logs when loaded.
     from scann.scann_ops.py import scann_ops_pybind
@@ -149,20 +166,10 @@ class ScannIndex(base.VectorIndex):
         self._ids = np.concatenate([self._ids, ids])
 
     def _delete_positions(self, positions):
-        # ScaNN moves its last row into each deleted slot, in order; mirror that in the ids.
-        targets = [int(i) for i in self._ids[positions]]
-        ids = list(self._ids)
-        position_of = {int(i): r for r, i in enumerate(ids)}
-        rows = []
-        for target in targets:
-            row = position_of.pop(target)
-            rows.append(row)
-            last = ids.pop()
-            if row != len(ids):
-                ids[row] = last
-                position_of[int(last)] = row
+        rows, order = swap_delete(len(self._ids), positions)
         self._searcher.delete(rows)
-        self._ids = np.asarray(ids, np.int64)
+        self._ids = self._ids[order]
+        return order
 
     def _search_rows(self, queries, k, leaves_to_search=None, pre_reorder=-1):
         """ScaNN rows and scores; -1 for a setting means the searcher's default."""
