@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import os
-import uuid
 from typing import Sequence
 
 import jax
@@ -147,16 +146,8 @@ def _read_shard(path: str, start: int, stop: int) -> dict | None:
 
 
 def _write_shard(path: str, arrays: dict) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with fileutil.atomic_file(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:

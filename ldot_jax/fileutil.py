@@ -56,16 +56,24 @@ def read_json(path: str | os.PathLike, what: str = "file"):
             raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w"):
+    """Yields a file open on a temporary sibling of `path`; on success it is synced and renamed
+    onto `path`, on any exception removed (`path` is left as it was)."""
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename."""
+    with atomic_file(path, "w") as f:
+        f.write(text)

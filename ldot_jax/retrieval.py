@@ -22,7 +22,7 @@ from typing import Protocol, Sequence
 import jax
 import numpy as np
 
-from ldot_jax import evaluate, pretrained
+from ldot_jax import evaluate, pretrained, train
 from ldot_jax.index import base as index_base
 from ldot_jax.index import build as index_build
 from ldot_jax.index.base import load_index
@@ -111,11 +111,11 @@ class Retriever:
         <workdir>/index/<split> (or index_dir). An index built from another model is an error
         unless `force`. kwargs: reranker, rerank_top."""
         workdir = os.path.abspath(workdir)
-        config = index_build.load_run_config(workdir)
+        config = train.load_config(workdir)
         options = index_build.index_options(config)
         split = split or options["split"]
         loaded = pretrained.load_pretrained(model_dir or os.path.join(workdir,
-                                                                      index_build.MODEL_DIR))
+                                                                      train.MODEL_DIR))
         model = pretrained.build_model(loaded.kind, loaded.config)
         fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
         index_dir = index_dir or os.path.join(workdir, index_build.INDEX_DIR, split)

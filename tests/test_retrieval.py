@@ -50,7 +50,7 @@ def retriever(workdir, built):
 
 
 def test_index_holds_the_towers_vectors(workdir, built, retriever):
-    config = build.load_run_config(workdir)
+    config = train.load_config(workdir)
     loaded = pretrained.load_pretrained(os.path.join(workdir, "model"))
     fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
     images = extract.read_embeddings(built.embeddings["image"], fingerprint)
@@ -84,7 +84,7 @@ def test_search_equals_exact_numpy_search(built, retriever):
     assert hits.names[0] == [images.names[i] for i in want[0]]
     assert set(hits.timings_ms) == {"encode", "search", "rerank", "total", "per_query"}
     # Image → captions.
-    split = build.open_dataset(build.load_run_config(retriever_workdir(built))).split("test")
+    split = build.open_dataset(train.load_config(retriever_workdir(built))).split("test")
     hits = retriever.search_image([split[2]["region_feat"]], [split[2]["boxes"]], k=4)
     want = np.argsort(-(images.vectors[2] @ captions.vectors.T), kind="stable")[:4]
     np.testing.assert_array_equal(hits.ids[0], want)
@@ -114,7 +114,7 @@ def test_reranking_hook_resorts_the_top_m(retriever):
 
 
 def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
-    config = build.load_run_config(workdir)
+    config = train.load_config(workdir)
     dataset = build.open_dataset(config)
     corpus = extract.image_corpus(dataset.split("test"), "test", config)
     model, params = pretrained.load_dual_encoder(os.path.join(workdir, "model"))
@@ -152,7 +152,7 @@ def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
 
 
 def test_index_from_another_model_is_refused(workdir, built, tmp_path):
-    config = build.load_run_config(workdir)
+    config = train.load_config(workdir)
     other = _model_dir(tmp_path / "other", config, seed=1)
     with pytest.raises(index_base.FingerprintMismatchError, match="was built from model"):
         Retriever.load(workdir, model_dir=other)

@@ -12,6 +12,7 @@ its recall@{1,10,100} against ExactIndex on the same vectors is stored in its me
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ldot_jax import extract, parallel, pretrained
+from ldot_jax import extract, fileutil, parallel, pretrained, train
 from ldot_jax.data import datasets
 from ldot_jax.index import base, health
 from ldot_jax.index.exact import ExactIndex
@@ -33,8 +34,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("scann", "hierarchical", "exact")
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
-MODEL_DIR = "model"
-CONFIG_FILE = "config.json"
 # Which modality queries an index of each side.
 QUERY_SIDE = {"image": "text", "text": "image"}
 
@@ -123,12 +122,6 @@ class BuiltIndexes:
     health: dict[str, dict]
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    from ldot_jax import fileutil
-    return ml_collections.ConfigDict(fileutil.read_json(os.path.join(workdir, CONFIG_FILE),
-                                                        "run config"))
-
-
 def open_dataset(config) -> datasets.RetrievalDataset:
     """The run's dataset (see `datasets.load_for_run`)."""
     return datasets.load_for_run(config.data)
@@ -144,10 +137,10 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     <workdir>/index/<split>.
     """
     workdir = os.path.abspath(workdir)
-    config = load_run_config(workdir)
+    config = train.load_config(workdir)
     options = index_options(config, **overrides)
     split = options["split"]
-    model_dir = model_dir or os.path.join(workdir, MODEL_DIR)
+    model_dir = model_dir or os.path.join(workdir, train.MODEL_DIR)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(
             f"no model at {model_dir}: a finished single-process run exports one; otherwise "
@@ -195,8 +188,6 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
 def _write_names(index_dir: str, embeddings: extract.Embeddings) -> None:
     """names.json beside the index: {"names": [...], "owners": [...]} by id (for display and
     for mapping a caption to its image). Not part of the index manifest: it is a catalog."""
-    import json
-    from ldot_jax import fileutil
     order = np.argsort(embeddings.ids)
     body = {"ids": embeddings.ids[order].tolist(),
             "names": [embeddings.names[i] for i in order],

@@ -70,8 +70,8 @@ def _build(args) -> int:
                  "health_queries": args.health_queries,
                  "sides": tuple(args.sides.split(",")) if args.sides else None}
     if scann:
-        from ldot_jax.index.build import index_options, load_run_config
-        base = index_options(load_run_config(args.workdir))["scann"]
+        from ldot_jax.train import load_config
+        base = build.index_options(load_config(args.workdir))["scann"]
         overrides["scann"] = {**base, **scann}
     built = build.build_from_workdir(args.workdir, model_dir=args.model, out_dir=args.out,
                                      overwrite=args.overwrite, progress=not args.no_progress,
@@ -105,7 +105,8 @@ def _query(args) -> int:
         kind = "image"
     else:
         from ldot_jax.index import build
-        config = build.load_run_config(args.workdir)
+        from ldot_jax.train import load_config
+        config = load_config(args.workdir)
         split = args.split or build.index_options(config)["split"]
         images = build.open_dataset(config).split(split)
         position = _image_position(images, args.image)

@@ -114,12 +114,7 @@ class HierarchicalIndex(scann_index.ScannIndex):
         params = dict(params)
         scann = params.pop("scann")
         index = cls(dim, params=scann_index.ScannParams(**scann), **params)
-        index._searcher = scann_index._load_searcher(os.path.join(directory,
-                                                                  scann_index.SCANN_DIR))
-        index._ids = ids
-        if index._searcher.size() != len(ids):
-            raise base.IndexFormatError(f"{directory}: ScaNN holds {index._searcher.size()} "
-                                        f"vectors, ids.npy {len(ids)}")
+        index._attach(directory, ids)
         if index.normalize_prefix:
             vectors = np.load(os.path.join(directory, VECTORS_FILE))
             if vectors.shape != (len(ids), dim):

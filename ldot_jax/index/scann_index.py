@@ -205,13 +205,17 @@ class ScannIndex(base.VectorIndex):
     @classmethod
     def _load_files(cls, directory, dim, ids, params):
         index = cls(dim, ScannParams(**params))
-        path = os.path.join(directory, SCANN_DIR)
-        index._searcher = _load_searcher(path)
-        index._ids = ids
-        if index._searcher.size() != len(ids):
-            raise base.IndexFormatError(f"{path}: ScaNN holds {index._searcher.size()} vectors, "
-                                        f"ids.npy {len(ids)}")
+        index._attach(directory, ids)
         return index
+
+    def _attach(self, directory: str, ids: np.ndarray) -> None:
+        """Takes the saved ScaNN searcher of `directory` and its ids (sizes must agree)."""
+        path = os.path.join(directory, SCANN_DIR)
+        self._searcher = _load_searcher(path)
+        self._ids = ids
+        if self._searcher.size() != len(ids):
+            raise base.IndexFormatError(f"{path}: ScaNN holds {self._searcher.size()} vectors, "
+                                        f"ids.npy {len(ids)}")
 
 
 def _load_searcher(path: str):
