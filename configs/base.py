@@ -9,6 +9,8 @@ Sections (what reads them):
   optimizer           the recipe (optim.py)
   init                model directories to start from, per tower (initialize.py)
   mesh                device mesh: data × model (parallel.py)
+  itm                 the cross-encoder's objective and its hard-negative sampler (tasks.py)
+  distill             distillation from the cross-encoder into the towers (tasks.py)
   train               steps, logging, evaluation, checkpoints (train.py)
   index               the fast stage: extraction and the index built after training
                       (ldot_jax/index/build.py, `python -m ldot_jax.index build`)
@@ -97,6 +99,25 @@ def base_config(preset: str, model_kind: str | None = None) -> ml_collections.Co
     c.train.progress_bar = True
     c.train.export = True
 
+    # The cross-encoder's training (task itm, model kind uniter_itm; tasks.ItmConfig).
+    c.itm = ml_collections.ConfigDict()
+    c.itm.dual = placeholder(str)  # the dual encoder's model dir that draws hard negatives
+    c.itm.itm_weight = 1.0
+    c.itm.rank_weight = 1.0
+    c.itm.margin = 0.2
+    c.itm.sample_temperature = 1.0
+    c.itm.normalize = False  # sample on cosines (towers trained with loss.normalize)
+    c.itm.eval_top = 20  # evaluation: recall after re-ranking the dual encoder's top 20
+
+    # Distillation from the cross-encoder into the towers (task distill; tasks.DistillConfig).
+    c.distill = ml_collections.ConfigDict()
+    c.distill.teacher = placeholder(str)  # the cross-encoder's model dir
+    c.distill.weight = 1.0
+    c.distill.temperature = 1.0
+    c.distill.candidates = 8
+    c.distill.sample_temperature = 1.0
+    c.distill.head = "rank"
+
     c.index = ml_collections.ConfigDict()
     c.index.split = "test"
     c.index.backend = "scann"  # scann | hierarchical | exact
@@ -160,12 +181,14 @@ def pretraining_recipe(c: ml_collections.ConfigDict) -> None:
 
 def tiny(c: ml_collections.ConfigDict, steps: int = 20) -> None:
     """Shrinks a config to a seconds-long CPU run on a small scenes dataset (tests, smoke)."""
-    c.model = models.get_config("tiny").model
+    cross = c.model_kind == "uniter_itm"
+    c.model = models.get_config("tiny_uniter" if cross else "tiny").model
     # A wider init: at BERT's 0.02 the 16-wide tiny towers give every input the same vector
     # to 0.2%, and the contrastive loss starts on a plateau (ln B) that takes most of a short
     # run to leave; at 0.2 the scores differ from the first step.
-    c.model.text.initializer_range = c.model.image.initializer_range = 0.2
-    c.model.text.vocab_size = c.model.image.vocab_size = 256
+    for side in ("transformer",) if cross else ("text", "image"):
+        c.model[side].initializer_range = 0.2
+        c.model[side].vocab_size = 256
     c.model.region.feat_dim = 32
     c.model.region.num_classes = 37
     c.data.name = "scenes"

@@ -8,8 +8,12 @@ directories written by `python -m ldot_jax.convert` (or by training):
 
   target  source kind              what is copied
   model   lightningdot(_pretrain)  both towers (+ the pre-training heads when both have them)
+  model   lightningdot(_pretrain)  into a uniter_itm re-ranker: word embeddings from the text
+                                   tower, region embeddings and layers from the image tower
+  model   uniter_itm               a uniter_itm re-ranker (a converted UNITER checkpoint)
   text    bert                     text_tower/bert          (LightningDOT: bert-base-cased)
   text    lightningdot(_pretrain)  text_tower
+  text    uniter_itm               text_tower/bert embeddings + encoder (VLDeformer)
   image   uniter_itm               image_tower/uniter       (LightningDOT: UNITER-base)
   image   bert                     image_tower/uniter embeddings + encoder
   image   lightningdot(_pretrain)  image_tower
@@ -44,13 +48,23 @@ def _source_subtree(target: str, source_kind: str, source: dict, directory: str)
     subtree (the dual encoder for "model", the tower for "text" / "image")."""
     if source_kind in _DUAL_KINDS:
         dual = _dual_params(source_kind, source)
+        if target == "cross":  # the re-ranker from the towers: words from the text tower,
+            # regions and layers from the image tower (a UNITER trunk itself)
+            image = dual["image_tower"]["uniter"]
+            return {"uniter": {"embeddings": dual["text_tower"]["bert"]["embeddings"],
+                               "region_embeddings": image["region_embeddings"],
+                               "encoder": image["encoder"]}}
         if target == "model":
             return source if source_kind == "lightningdot_pretrain" else {"dual_encoder": dual}
         return dual[f"{target}_tower"]
+    if target == "cross" and source_kind == "uniter_itm":
+        return source
     if target == "text" and source_kind == "bert":
         return {"bert": source}
     if target == "image" and source_kind == "uniter_itm":
         return {"uniter": source["uniter"]}
+    if target == "text" and source_kind == "uniter_itm":  # VLDeformer: towers from the re-ranker
+        return {"bert": {k: source["uniter"][k] for k in ("embeddings", "encoder")}}
     if target == "image" and source_kind == "bert":
         return {"uniter": source}
     raise CheckpointError(f"init.{target}: {directory} holds a {source_kind!r} model, which "
@@ -97,9 +111,13 @@ def from_pretrained(params: Mapping[str, Any], kind: str,
         if target not in TARGETS:
             raise ValueError(f"init.{target}: unknown target; valid targets are {TARGETS}")
         source = pretrained.load_pretrained(directory)
-        subtree = _source_subtree(target, source.kind, source.params, str(directory))
+        subtree = None if (target, kind) == ("model", "uniter_itm") else _source_subtree(
+            target, source.kind, source.params, str(directory))
         where = f"init.{target} ({directory})"
-        if target == "model":
+        if target == "model" and kind == "uniter_itm":
+            params, copied, kept = _copy(params, _source_subtree(
+                "cross", source.kind, source.params, str(directory)), where)
+        elif target == "model":
             if kind == "lightningdot":
                 subtree = subtree["dual_encoder"]
             params, copied, kept = _copy(params, subtree, where)

@@ -75,3 +75,45 @@ def mrc_kl_loss(logits, soft_labels, weights):
     # p·(log p − log q), with 0·log 0 = 0 as torch's xlogy.
     kl = jax.scipy.special.xlogy(soft_labels, soft_labels) - soft_labels * log_q
     return _weighted_mean(jnp.sum(kl, axis=-1), weights) / logits.shape[-1]
+
+
+def distillation_loss_per_row(student, teacher, mask, temperature: float):
+    """Thinking Fast and Slow: KL(softmax(teacher / T) ‖ softmax(student / T)) · T² per row.
+
+    Args:
+      student: f32[Q, K] dual-encoder scores of each query's K candidates; teacher: f32[Q, K]
+      cross-encoder scores of the same pairs (no gradient flows into it); mask: bool[Q, K]
+      (False: not a candidate, e.g. a missing draw); temperature T > 0.
+    Returns:
+      f32[Q]; 0 for rows with fewer than two candidates (no distribution to match).
+    """
+    neg = jnp.asarray(-1e9, jnp.float32)
+    t = jnp.where(mask, jax.lax.stop_gradient(teacher).astype(jnp.float32) / temperature, neg)
+    s = jnp.where(mask, student.astype(jnp.float32) / temperature, neg)
+    log_p, log_q = jax.nn.log_softmax(t, axis=-1), jax.nn.log_softmax(s, axis=-1)
+    kl = jnp.sum(jnp.where(mask, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=-1)
+    return jnp.where(jnp.sum(mask, axis=-1) > 1, kl * temperature ** 2, 0.0)
+
+
+def itm_loss(logits, labels, weights):
+    """UNITER / ALBEF image-text matching: 2-way cross-entropy averaged over weighted pairs.
+
+    Args:
+      logits: f32[N, 2] (class 1 = match); labels: int[N] ∈ {0, 1}; weights: [N] (0: ignore).
+    Returns: f32[].
+    """
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return _weighted_mean(nll, weights)
+
+
+def rank_hinge_loss(positive, negative, weights, margin: float):
+    """UNITER's ranking loss: mean over weighted pairs of max(0, margin − s(pos) + s(neg)).
+
+    Args:
+      positive: f32[N] scores of the matching pairs; negative: f32[N] of their negatives;
+      weights: [N] (0: no negative drawn); margin: e.g. 0.2.
+    Returns: f32[].
+    """
+    hinge = jax.nn.relu(margin - positive.astype(jnp.float32) + negative.astype(jnp.float32))
+    return _weighted_mean(hinge, weights)

@@ -13,7 +13,16 @@ number of devices and processes; within a batch they average as the original doe
           Matryoshka prefixes (HiVLP);
   vmlm    masked-token prediction from text states + the image tower's raw [CLS] state;
   mrfr    masked-region feature regression from region states + the text tower's [CLS] state;
-  mrckl   masked-region class distribution (KL to the detector's soft labels).
+  mrckl   masked-region class distribution (KL to the detector's soft labels);
+  itm     the cross-encoder (re-ranker): each caption with its image, with a hard negative
+          image and each image with a hard negative caption, drawn from a frozen dual
+          encoder's scores over the global batch (hard_negatives.py); UNITER's 2-way ITM
+          cross-entropy and rank hinge;
+  distill the dual encoder's CMR loss plus KL(softmax(s_cross / T) ‖ softmax(s_dual / T))·T²
+          over each query's positive and sampled in-batch candidates, scored by a frozen
+          cross-encoder (Thinking Fast and Slow).
+Frozen models' params arrive in `params` beside the trained ones: params["dual"] (itm) and
+params["teacher"] (distill); the train step never differentiates them.
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldot_jax import contrastive, losses
+from ldot_jax import contrastive, hard_negatives, losses
 from ldot_jax.data import masking
+from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.dual_encoder import DualEncoder
 from ldot_jax.models.pretraining import DualEncoderForPretraining
 
@@ -71,12 +81,69 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskSetup:
-    """What every task needs besides params, batch and rng (hashable: a jit static)."""
+class ItmConfig:
+    """The cross-encoder objective (task itm).
 
-    model: Any  # DualEncoder or DualEncoderForPretraining
+    itm_weight / rank_weight: weights of the 2-way ITM cross-entropy and of the rank hinge;
+    margin: the hinge margin (UNITER: 0.2); sample_temperature: negatives are drawn ∝
+    softmax(dual score / T) (None: uniformly among other images' rows; also what happens
+    without a dual encoder); normalize: the dual scores are cosines (towers trained with
+    loss.normalize), else raw dot products (LightningDOT).
+    """
+
+    itm_weight: float = 1.0
+    rank_weight: float = 1.0
+    margin: float = 0.2
+    sample_temperature: float | None = 1.0
+    normalize: bool = False
+
+    def __post_init__(self):
+        if self.itm_weight < 0 or self.rank_weight < 0 or self.itm_weight + self.rank_weight == 0:
+            raise ValueError(f"itm.itm_weight={self.itm_weight}, itm.rank_weight="
+                             f"{self.rank_weight}: expected ≥ 0 and not both 0")
+        if self.sample_temperature is not None and self.sample_temperature <= 0:
+            raise ValueError(f"itm.sample_temperature={self.sample_temperature}: expected > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from the cross-encoder into the towers (task distill).
+
+    weight: of the KL term (added to the CMR loss); temperature: T of both softmaxes;
+    candidates: K per query (its positive + K − 1 drawn from the batch ∝ softmax(dual score /
+    sample_temperature), other images only), in both directions; head: the teacher's score,
+    "rank" or "itm" (the match log-odds).
+    """
+
+    weight: float = 1.0
+    temperature: float = 1.0
+    candidates: int = 8
+    sample_temperature: float | None = 1.0
+    head: str = "rank"
+
+    def __post_init__(self):
+        if self.weight < 0 or self.temperature <= 0 or self.candidates < 2:
+            raise ValueError(f"distill: weight={self.weight} (≥ 0), temperature="
+                             f"{self.temperature} (> 0), candidates={self.candidates} (≥ 2)")
+        if self.head not in ("rank", "itm"):
+            raise ValueError(f"distill.head={self.head!r}: expected 'rank' or 'itm'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetup:
+    """What every task needs besides params, batch and rng (hashable: a jit static).
+
+    dual: the frozen dual encoder that draws the itm task's negatives (None: uniform);
+    teacher: the frozen cross-encoder of the distill task.
+    """
+
+    model: Any  # DualEncoder, DualEncoderForPretraining or CrossEncoder
     mesh: jax.sharding.Mesh | None
     loss: LossConfig = LossConfig()
+    itm: ItmConfig = ItmConfig()
+    distill: DistillConfig = DistillConfig()
+    dual: Any = None
+    teacher: Any = None
 
 
 def _dual(module):
@@ -107,6 +174,10 @@ def _scale_bias(setup: TaskSetup, params):
 def cmr(params, batch, rng, setup: TaskSetup):
     """Cross-modal retrieval: the in-batch contrastive loss of (caption, image) pairs."""
     text, image = embed_pair(setup, params["model"], batch, rng)
+    return _cmr_loss(params, batch, setup, text, image)
+
+
+def _cmr_loss(params, batch, setup: TaskSetup, text, image):
     scale, bias = _scale_bias(setup, params)
     cfg = setup.loss
     group, valid = batch["image_index"], batch["valid"]
@@ -195,7 +266,130 @@ def mrckl(params, batch, rng, setup: TaskSetup):
     return loss, {"mrckl_loss": loss}
 
 
-TASKS: dict[str, Callable] = {"cmr": cmr, "vmlm": vmlm, "mrfr": mrfr, "mrckl": mrckl}
+# ---------------------------------------------------------------------------------------------
+# The slow stage: training the cross-encoder, distilling it into the towers
+
+
+def _take(setup: TaskSetup, batch, keys, index):
+    """The batch fields `keys` at global rows index i32[B] (across devices)."""
+    return {k: hard_negatives.gather(setup.mesh, batch[k], index[:, None])[:, 0] for k in keys}
+
+
+TEXT_KEYS = ("input_ids", "attention_mask")
+IMAGE_KEYS = ("region_feat", "boxes", "region_mask")
+
+
+def _cross(setup_model, params, text, image, rng, deterministic):
+    return setup_model.apply({"params": params}, text["input_ids"], text["attention_mask"],
+                             image["region_feat"], image["boxes"], image["region_mask"],
+                             deterministic=deterministic, rngs={"dropout": rng})
+
+
+def itm(params, batch, rng, setup: TaskSetup):
+    """The re-ranker's loss over B positives, B hard negative images (one per caption) and B
+    hard negative captions (one per image), all drawn from the global batch."""
+    if not isinstance(setup.model, CrossEncoder):
+        raise ValueError(f"task 'itm' trains the cross-encoder (model kind 'uniter_itm'), got "
+                         f"{type(setup.model).__name__}")
+    cfg = setup.itm
+    sample_key, *dropout = jax.random.split(rng, 4)
+    group, valid = batch["image_index"], batch["valid"]
+    temperature = cfg.sample_temperature
+    if setup.dual is not None:
+        dual_setup = dataclasses.replace(setup, model=setup.dual)
+        text, image = jax.lax.stop_gradient(embed_pair(dual_setup, params["dual"], batch, rng,
+                                                       deterministic=True))
+        if cfg.normalize:
+            text, image = _unit(text), _unit(image)
+    else:  # no dual encoder: uniform among other images' rows
+        text = image = jnp.zeros((group.shape[0], 1), jnp.float32)
+        temperature = None
+    text_key, image_key = jax.random.split(sample_key)
+    neg_image, image_found = hard_negatives.mine(setup.mesh, text, image, group, valid,
+                                                 text_key, temperature, 1)
+    neg_text, text_found = hard_negatives.mine(setup.mesh, image, text, group, valid,
+                                               image_key, temperature, 1)
+    captions, images = {k: batch[k] for k in TEXT_KEYS}, {k: batch[k] for k in IMAGE_KEYS}
+    positive = _cross(setup.model, params["model"], captions, images, dropout[0], False)
+    with_neg_image = _cross(setup.model, params["model"], captions,
+                            _take(setup, batch, IMAGE_KEYS, neg_image[:, 0]), dropout[1], False)
+    with_neg_text = _cross(setup.model, params["model"],
+                           _take(setup, batch, TEXT_KEYS, neg_text[:, 0]), images, dropout[2],
+                           False)
+    image_found, text_found = image_found[:, 0], text_found[:, 0]
+    logits = jnp.concatenate([positive.itm_logits, with_neg_image.itm_logits,
+                              with_neg_text.itm_logits])
+    labels = jnp.concatenate([jnp.ones_like(group), jnp.zeros_like(group),
+                              jnp.zeros_like(group)])
+    weights = jnp.concatenate([valid, image_found, text_found])
+    itm_loss = losses.itm_loss(logits, labels, weights)
+    rank = 0.5 * (losses.rank_hinge_loss(positive.rank_score, with_neg_image.rank_score,
+                                         image_found, cfg.margin)
+                  + losses.rank_hinge_loss(positive.rank_score, with_neg_text.rank_score,
+                                           text_found, cfg.margin))
+    correct = (jnp.argmax(logits, -1) == labels) & weights
+    metrics = {"itm_loss": itm_loss, "rank_loss": rank,
+               "itm_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(weights), 1)}
+    return cfg.itm_weight * itm_loss + cfg.rank_weight * rank, metrics
+
+
+def _unit(x):
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
+
+
+def _teacher_scores(setup: TaskSetup, params, captions, images):
+    out = _cross(setup.teacher, params["teacher"], captions, images, jax.random.key(0), True)
+    if setup.distill.head == "itm":
+        return out.itm_logits[:, 1] - out.itm_logits[:, 0]
+    return out.rank_score
+
+
+def distill(params, batch, rng, setup: TaskSetup):
+    """CMR + weight · KL distillation from the frozen cross-encoder, both directions: each
+    caption over its image and K − 1 drawn images, each image over its caption and K − 1 drawn
+    captions. The student scores are the towers' dot products (the CMR loss's scores)."""
+    if setup.teacher is None or "teacher" not in params:
+        raise ValueError("task 'distill' needs a teacher cross-encoder (distill.teacher: a "
+                         "uniter_itm model directory)")
+    cfg = setup.distill
+    dropout_key, sample_key = jax.random.split(rng)
+    text, image = embed_pair(setup, params["model"], batch, dropout_key)
+    loss, metrics = _cmr_loss(params, batch, setup, text, image)
+    group, valid = batch["image_index"], batch["valid"]
+    rows = hard_negatives.row_ids(setup.mesh, group.shape[0])
+    scale, _ = _scale_bias(setup, params)
+    kd = []
+    for direction, (queries, keys), key in zip(
+            ("t2i", "i2t"), ((text, image), (image, text)), jax.random.split(sample_key)):
+        drawn, found = hard_negatives.mine(setup.mesh, queries, keys, group, valid, key,
+                                           cfg.sample_temperature, cfg.candidates - 1)
+        candidates = jnp.concatenate([rows[:, None], drawn], axis=1)  # [B, K]: positive first
+        mask = jnp.concatenate([valid[:, None], found], axis=1)
+        # The student's scores are the CMR loss's: (normalized) dot products × scale.
+        q, k = (_unit(x) if setup.loss.contrastive.normalize else x for x in (queries, keys))
+        student = scale * jnp.einsum("bd,bkd->bk", q,
+                                     hard_negatives.gather(setup.mesh, k, candidates),
+                                     preferred_element_type=jnp.float32)
+        teacher = []
+        for j in range(cfg.candidates):
+            if direction == "t2i":
+                captions = {k: batch[k] for k in TEXT_KEYS}
+                images = _take(setup, batch, IMAGE_KEYS, candidates[:, j])
+            else:
+                captions = _take(setup, batch, TEXT_KEYS, candidates[:, j])
+                images = {k: batch[k] for k in IMAGE_KEYS}
+            teacher.append(_teacher_scores(setup, params, captions, images))
+        teacher = jnp.stack(teacher, axis=1)
+        per_row = losses.distillation_loss_per_row(student, teacher, mask, cfg.temperature)
+        kd.append(jnp.sum(per_row * valid) / jnp.maximum(jnp.sum(valid), 1))
+        metrics[f"distill_{direction}"] = kd[-1]
+    kd_loss = 0.5 * (kd[0] + kd[1])
+    metrics["distill_loss"] = kd_loss
+    return loss + cfg.weight * kd_loss, metrics
+
+
+TASKS: dict[str, Callable] = {"cmr": cmr, "vmlm": vmlm, "mrfr": mrfr, "mrckl": mrckl,
+                              "itm": itm, "distill": distill}
 
 
 def task_fn(name: str) -> Callable:
@@ -232,5 +426,21 @@ def model_for_kind(kind: str, config):
         return DualEncoder(config)
     if kind == "lightningdot_pretrain":
         return DualEncoderForPretraining(config)
+    if kind == "uniter_itm":
+        return CrossEncoder(config)
     raise ValueError(f"model kind {kind!r} cannot be trained here; use 'lightningdot' "
-                     f"(fine-tuning, cmr only) or 'lightningdot_pretrain' (all tasks)")
+                     f"(fine-tuning: cmr, distill), 'lightningdot_pretrain' (cmr, vmlm, mrfr, "
+                     f"mrckl) or 'uniter_itm' (the re-ranker: itm)")
+
+
+KIND_TASKS = {"lightningdot": ("cmr", "distill"),
+              "lightningdot_pretrain": ("cmr", "vmlm", "mrfr", "mrckl", "distill"),
+              "uniter_itm": ("itm",)}
+
+
+def check_kind_tasks(kind: str, names: tuple[str, ...]) -> None:
+    """Every task of the mix must suit the model kind."""
+    wrong = [n for n in names if n not in KIND_TASKS.get(kind, ())]
+    if wrong:
+        raise ValueError(f"tasks {wrong} cannot train model kind {kind!r}; its tasks are "
+                         f"{KIND_TASKS.get(kind, ())}")

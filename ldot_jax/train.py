@@ -88,6 +88,44 @@ def pipeline_config(config) -> pipeline.PipelineConfig:
             config.tasks)), num_threads=c.num_threads, prefetch=c.prefetch)
 
 
+def itm_config(config) -> tasks.ItmConfig:
+    c = config.get("itm") or {}
+    return tasks.ItmConfig(**{k: c[k] for k in ("itm_weight", "rank_weight", "margin",
+                                                 "sample_temperature", "normalize") if k in c})
+
+
+def distill_config(config) -> tasks.DistillConfig:
+    c = config.get("distill") or {}
+    return tasks.DistillConfig(**{k: c[k] for k in ("weight", "temperature", "candidates",
+                                                     "sample_temperature", "head") if k in c})
+
+
+def frozen_models(config, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """The frozen models the tasks use: ({"dual": module, "teacher": module}, their params
+    {"dual": …, "teacher": …}), from `itm.dual` and `distill.teacher` (model directories)."""
+    wanted = {"dual": ("itm", "itm.dual", ("lightningdot", "lightningdot_pretrain")),
+              "teacher": ("distill", "distill.teacher", ("uniter_itm",))}
+    modules, params = {}, {}
+    for name, (task, key, kinds) in wanted.items():
+        section, field = key.split(".")
+        directory = (config.get(section) or {}).get(field)
+        if task not in names:
+            continue
+        if not directory:
+            if name == "teacher":
+                raise ValueError(f"task {task!r} needs {key}: a model directory of kind "
+                                 f"{kinds[0]!r}")
+            log.warning("itm.dual is not set: negatives are drawn uniformly, not hard")
+            continue
+        loaded = pretrained.load_pretrained(directory)
+        if loaded.kind not in kinds:
+            raise ValueError(f"{key}={directory} holds a {loaded.kind!r} model; expected "
+                             f"{' or '.join(kinds)}")
+        modules[name] = pretrained.build_model(loaded.kind, loaded.config)
+        params[name] = loaded.params
+    return modules, params
+
+
 def model_and_config(config):
     """(kind, model config dataclass, Flax module)."""
     kind = config.model_kind
@@ -99,12 +137,13 @@ def _check_tokenizer(tokenizer, model_config) -> None:
     if tokenizer is None:
         return
     vocab = getattr(tokenizer, "vocab_size", None)
-    for side in ("text", "image"):
+    sides = ("transformer",) if hasattr(model_config, "transformer") else ("text", "image")
+    for side in sides:
         size = getattr(model_config, side).vocab_size
         if vocab is not None and vocab > size:
             raise ValueError(f"the tokenizer has {vocab} tokens but model.{side}.vocab_size="
                              f"{size}")
-    if tokenizer.cls_id != model_config.cls_token_id:
+    if getattr(model_config, "cls_token_id", tokenizer.cls_id) != tokenizer.cls_id:
         raise ValueError(f"model.cls_token_id={model_config.cls_token_id} but the tokenizer's "
                          f"[CLS] is {tokenizer.cls_id}")
 
@@ -167,13 +206,16 @@ def init_state(config, kind: str, model_config, tx, mesh,
 
 
 def make_train_step(task: str, setup: tasks.TaskSetup, tx: optax.GradientTransformation):
-    """Jitted (state, batch, key) → (state, metrics) for one task; state is donated."""
+    """Jitted (state, batch, key, frozen) → (state, metrics) for one task; state is donated.
+    `frozen`: params of the frozen models ({"dual"}, {"teacher"} or {}), replicated, seen by
+    the task beside state.params and never differentiated."""
     task_loss = tasks.task_fn(task)
 
-    def train_step(state: TrainState, batch: Mapping[str, jax.Array], key):
+    def train_step(state: TrainState, batch: Mapping[str, jax.Array], key, frozen):
         dropout_key = jax.random.fold_in(key, state.step)
         (loss, aux), grads = jax.value_and_grad(
-            lambda p: task_loss(p, batch, dropout_key, setup), has_aux=True)(state.params)
+            lambda p: task_loss({**p, **frozen}, batch, dropout_key, setup),
+            has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -254,6 +296,26 @@ def evaluate_retrieval(model, params, data: TrainData, config, mesh,
                                       data.eval_index.image[text_ids])
 
 
+def make_evaluator(kind: str, model, data: TrainData, config, mesh, frozen_modules: dict,
+                   frozen: dict):
+    """fn(model params, progress) → eval metrics, or None when the run does not evaluate.
+    Dual encoders: dot-product recall on the eval split. The cross-encoder: recall after it
+    re-ranks the top `itm.eval_top` of the frozen dual encoder (itm.dual)."""
+    if data.eval_images is None:
+        return None
+    if kind != "uniter_itm":
+        return lambda params, progress: evaluate_retrieval(model, params, data, config, mesh,
+                                                           progress)
+    if "dual" not in frozen_modules:
+        log.warning("the cross-encoder is not evaluated during training: itm.dual is not set")
+        return None
+    from ldot_jax import two_stage  # the evaluation of the slow stage builds on training
+    dual = (frozen_modules["dual"], frozen["dual"])
+    return lambda params, progress: two_stage.rerank_recall(
+        dual, (model, params), data.eval_images, data.eval_index, config, mesh,
+        top=int(config.itm.get("eval_top", 20)), progress=progress)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -284,11 +346,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     save_config(config, workdir)
     kind, model_cfg, model = model_and_config(config)
     names, probabilities = tasks.check_mix(dict(config.tasks))
+    tasks.check_kind_tasks(kind, names)
+    frozen_modules, frozen = frozen_models(config, names)
+    frozen = parallel.replicate(frozen, mesh)
     data = load_data(config)
     _check_tokenizer(data.tokenizer, model_cfg)
     steps = total_steps(config, data.index)
     accumulation = int(config.optimizer.get("accumulation_steps", 1) or 1)
-    setup = tasks.TaskSetup(model, mesh, loss_config(config))
+    setup = tasks.TaskSetup(model, mesh, loss_config(config), itm_config(config),
+                            distill_config(config), **frozen_modules)
 
     ckpt = checkpoint.TrainCheckpointer(
         os.path.join(workdir, CHECKPOINTS), keep=t.keep_checkpoints,
@@ -306,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
     start = int(parallel.to_host(state.step))
 
+    evaluator = make_evaluator(kind, model, data, config, mesh, frozen_modules, frozen)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
                           tensorboard=t.get("tensorboard", True))
     step_fns = {name: make_train_step(name, setup, tx) for name in names}
@@ -344,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for step in range(start, stop_at):
                 task = tasks.task_of_step(step, names, probabilities, config.seed)
                 batch = parallel.global_batch(next(data.iterator), mesh)
-                state, metrics = step_fns[task](state, batch, key)
+                state, metrics = step_fns[task](state, batch, key, frozen)
                 settle()
                 pending = (step, task, metrics)
                 done = step + 1
@@ -362,12 +429,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     progress.set_postfix({k: f"{v:.3f}" for k, v in row.items()
                                           if k.endswith("_loss")})
                     window, window_start, window_steps = {}, time.perf_counter(), 0
-                evaluate_now = data.eval_images is not None and (
+                evaluate_now = evaluator is not None and (
                     (t.get("eval_every") and done % t.eval_every == 0) or done == steps)
                 eval_metrics = None
                 if evaluate_now:
-                    eval_metrics = evaluate_retrieval(model, state.params["model"], data,
-                                                      config, mesh, not progress.disable)
+                    eval_metrics = evaluator(state.params["model"], not progress.disable)
                     writer.write(done, eval_metrics, "eval")
                     summary["eval"] = eval_metrics
                 preempted = preemption.reached(done)

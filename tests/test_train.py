@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import base, demo, finetune_coco, finetune_flickr30k, pretrain  # noqa: E402
 
-CONFIGS = {"demo": (demo, ["pretrain", "finetune", "pretrain,tiny", "finetune,tiny"]),
+CONFIGS = {"demo": (demo, ["pretrain", "finetune", "rerank", "distill", "vldeformer",
+                         "pretrain,tiny", "finetune,tiny", "rerank,tiny", "distill,tiny"]),
            "pretrain": (pretrain, ["coco_sbu", "vg_cc", "coco_sbu,tiny"]),
            "finetune_flickr30k": (finetune_flickr30k, ["", "tiny"]),
            "finetune_coco": (finetune_coco, ["", "tiny"])}
@@ -88,11 +89,11 @@ def test_every_config_loads(name):
     for arg in args:
         c = module.get_config(arg)
         kind, model_cfg, _ = train.model_and_config(c)
-        assert kind in ("lightningdot", "lightningdot_pretrain")
+        assert kind in ("lightningdot", "lightningdot_pretrain", "uniter_itm")
         train.loss_config(c), train.pipeline_config(c)
+        train.itm_config(c), train.distill_config(c)
         names, _ = tasks.check_mix(dict(c.tasks))
-        if kind == "lightningdot":
-            assert names == ("cmr",)
+        tasks.check_kind_tasks(kind, names)
         params = {"model": pretrained.abstract_params(kind, model_cfg)}
         optim.make_optimizer(c.optimizer, c.train.num_steps or 100_000, params)
         assert module.__doc__ and "python -m ldot_jax.main --config=configs/" in module.__doc__

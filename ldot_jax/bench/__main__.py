@@ -1,10 +1,10 @@
-"""python -m ldot_jax.bench {data,train,search} [flags]: runs one benchmark (see ldot_jax/bench/)."""
+"""python -m ldot_jax.bench {data,train,search,two_stage} [flags]: runs one benchmark (see ldot_jax/bench/)."""
 
 import importlib
 import sys
 
 BENCHMARKS = {"data": "ldot_jax.bench.data", "train": "ldot_jax.bench.train",
-              "search": "ldot_jax.bench.search"}
+              "search": "ldot_jax.bench.search", "two_stage": "ldot_jax.bench.two_stage"}
 
 
 def main(argv=None) -> int:
