@@ -155,7 +155,9 @@ def prepare_split(dual, images, caption_index, config, mesh, progress: bool = Fa
 
 def _search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
                                                                       float]:
-    """(ids i64[Q, k], scores f32[Q, k], ms per query), batched, after a warm-up query."""
+    """(ids i64[Q, k], scores f32[Q, k], ms per query), batched, after a warm-up query.
+    k is capped at the corpus size (a tiny split has fewer than 100 images)."""
+    k = min(k, len(index))
     index.search(queries[:1], k)
     start = time.perf_counter()
     hits = index.search(queries, k)

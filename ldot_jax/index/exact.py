@@ -177,9 +177,11 @@ class ExactIndex(base.VectorIndex):
             size = min(self.query_batch, 1 << max(0, (len(block) - 1).bit_length()))
             padded = np.zeros((size, self.dim), np.float32)
             padded[:len(block)] = block
-            s, r = sharded_top_k(jax.device_put(padded, NamedSharding(self.mesh, P())), corpus,
-                                 count, k=k, chunk=self._chunk(size), precision=self.precision,
-                                 mesh=self.mesh)
+            # The index's own corpus mesh, whatever mesh the caller works under (training).
+            with jax.set_mesh(self.mesh):
+                s, r = sharded_top_k(jax.device_put(padded, NamedSharding(self.mesh, P())),
+                                     corpus, count, k=k, chunk=self._chunk(size),
+                                     precision=self.precision, mesh=self.mesh)
             scores.append(np.asarray(s)[:len(block)])
             rows.append(np.asarray(r)[:len(block)])
         return np.concatenate(rows).astype(np.int64), np.concatenate(scores)
