@@ -158,7 +158,8 @@ def _random_batch(rng, b=16, length=10, regions=6, feat=32, classes=37):
         soft_labels=np.asarray(jax.nn.softmax(rng.normal(size=(b, regions, classes)))))
 
 
-@pytest.mark.parametrize("task", sorted(tasks.TASKS))
+# itm and distill need frozen models: tests/test_slow_stage.py checks them the same way.
+@pytest.mark.parametrize("task", sorted(set(tasks.TASKS) - {"itm", "distill"}))
 def test_task_on_8_devices_equals_one_device(task):
     """Loss and metrics of every task on the 8-device mesh equal the single-device
     computation; for cmr (the sharded contrastive island) the gradient too, and it reaches
