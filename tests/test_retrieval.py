@@ -117,6 +117,7 @@ def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
     config = train.load_config(workdir)
     dataset = build.open_dataset(config)
     corpus = extract.image_corpus(dataset.split("test"), "test", config)
+    normalize = bool(config.loss.normalize)  # as the index build extracted them
     model, params = pretrained.load_dual_encoder(os.path.join(workdir, "model"))
     from ldot_jax import parallel
     mesh = parallel.make_mesh()
@@ -133,7 +134,7 @@ def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "_write_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         extract.extract(model, params, corpus, out, mesh, "sha256:m", shard_size=5,
-                        progress=False)
+                        normalize=normalize, progress=False)
     assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.npz", "shard-00001.npz"]
     with pytest.raises(FileNotFoundError, match="shard 2 .* missing or partial"):
         extract.read_embeddings(out)
@@ -141,7 +142,7 @@ def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
     monkeypatch.setattr(extract, "_write_shard", lambda p, a: (written.append(
         os.path.basename(p)), real_write(p, a)))
     resumed = extract.extract(model, params, corpus, out, mesh, "sha256:m", shard_size=5,
-                              progress=False)
+                              normalize=normalize, progress=False)
     assert written == ["shard-00002.npz", "shard-00003.npz"]  # only the missing ones
     full = extract.read_embeddings(built.embeddings["image"])
     np.testing.assert_allclose(resumed.vectors, full.vectors, rtol=1e-5, atol=1e-6)
