@@ -86,6 +86,33 @@ def batch_layout(config) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     return per_process, text, regions
 
 
+def embed_split(model, params, images: Sequence[dict], caption_index: pipeline.CaptionIndex,
+                config, mesh, progress: bool = False) -> tuple[np.ndarray, np.ndarray,
+                                                               np.ndarray]:
+    """Every image and caption of a split through the towers (params replicated on `mesh`),
+    as training's evaluation and the two-stage evaluation need them: (image vectors f32[N, D],
+    caption vectors f32[T, D], caption_image i64[T]), L2-normalized when the towers were
+    trained with loss.normalize (ranked as their index would)."""
+    per_process, text_buckets, region_buckets = batch_layout(config)
+    image_batches = pipeline.eval_image_batches(images, per_process, region_buckets,
+                                                jax.process_index(), jax.process_count())
+    image_vectors, image_ids = evaluate.embed_batches(
+        model, params, image_batches, mesh, "image", "image_index",
+        desc="embed images" if progress else None)
+    caption_batches = pipeline.eval_caption_batches(caption_index, per_process, text_buckets,
+                                                    jax.process_index(), jax.process_count())
+    text_vectors, text_ids = evaluate.embed_batches(
+        model, params, caption_batches, mesh, "text", "text_index",
+        desc="embed captions" if progress else None)
+    if len(image_ids) != caption_index.num_images or len(text_ids) != len(caption_index):
+        raise RuntimeError(f"embedding saw {len(image_ids)} images / {len(text_ids)} captions, "
+                           f"expected {caption_index.num_images} / {len(caption_index)}")
+    if config.loss.get("normalize", False):
+        image_vectors = evaluate.l2_normalize(image_vectors)
+        text_vectors = evaluate.l2_normalize(text_vectors)
+    return image_vectors, text_vectors, caption_index.image[text_ids].astype(np.int64)
+
+
 def image_corpus(images: Sequence[dict], split: str, config, names=None) -> Corpus:
     """Every image of a split. names: the image ids (read from the records if not given)."""
     per_process, _, regions = batch_layout(config)

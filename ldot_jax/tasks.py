@@ -300,7 +300,7 @@ def itm(params, batch, rng, setup: TaskSetup):
         text, image = jax.lax.stop_gradient(embed_pair(dual_setup, params["dual"], batch, rng,
                                                        deterministic=True))
         if cfg.normalize:
-            text, image = _unit(text), _unit(image)
+            text, image = contrastive.l2_normalize(text), contrastive.l2_normalize(image)
     else:  # no dual encoder: uniform among other images' rows
         text = image = jnp.zeros((group.shape[0], 1), jnp.float32)
         temperature = None
@@ -333,10 +333,6 @@ def itm(params, batch, rng, setup: TaskSetup):
     return cfg.itm_weight * itm_loss + cfg.rank_weight * rank, metrics
 
 
-def _unit(x):
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
-
-
 def _teacher_scores(setup: TaskSetup, params, captions, images):
     out = _cross(setup.teacher, params["teacher"], captions, images, jax.random.key(0), True)
     if setup.distill.head == "itm":
@@ -366,7 +362,8 @@ def distill(params, batch, rng, setup: TaskSetup):
         candidates = jnp.concatenate([rows[:, None], drawn], axis=1)  # [B, K]: positive first
         mask = jnp.concatenate([valid[:, None], found], axis=1)
         # The student's scores are the CMR loss's: (normalized) dot products × scale.
-        q, k = (_unit(x) if setup.loss.contrastive.normalize else x for x in (queries, keys))
+        q, k = ((contrastive.l2_normalize(x) for x in (queries, keys))
+                if setup.loss.contrastive.normalize else (queries, keys))
         student = scale * jnp.einsum("bd,bkd->bk", q,
                                      hard_negatives.gather(setup.mesh, k, candidates),
                                      preferred_element_type=jnp.float32)

@@ -275,25 +275,9 @@ class Preemption:
 def evaluate_retrieval(model, params, data: TrainData, config, mesh,
                        progress: bool = False) -> dict[str, float]:
     """Dot-product IR / TR recall on the evaluation split (every image and caption once)."""
-    per_process, text_buckets, region_buckets = extract.batch_layout(config)
-    images = pipeline.eval_image_batches(data.eval_images, per_process, region_buckets,
-                                         jax.process_index(), jax.process_count())
-    image_vectors, image_ids = evaluate.embed_batches(model, params, images, mesh, "image",
-                                                      "image_index",
-                                                      desc="eval images" if progress else None)
-    captions = pipeline.eval_caption_batches(data.eval_index, per_process, text_buckets,
-                                             jax.process_index(), jax.process_count())
-    text_vectors, text_ids = evaluate.embed_batches(model, params, captions, mesh, "text",
-                                                    "text_index",
-                                                    desc="eval captions" if progress else None)
-    if len(image_ids) != data.eval_index.num_images or len(text_ids) != len(data.eval_index):
-        raise RuntimeError(f"evaluation saw {len(image_ids)} images / {len(text_ids)} captions, "
-                           f"expected {data.eval_index.num_images} / {len(data.eval_index)}")
-    if config.loss.get("normalize", False):  # rank as the index of these towers would
-        text_vectors, image_vectors = (evaluate.l2_normalize(text_vectors),
-                                       evaluate.l2_normalize(image_vectors))
-    return evaluate.retrieval_metrics(text_vectors, image_vectors,
-                                      data.eval_index.image[text_ids])
+    image_vectors, text_vectors, caption_image = extract.embed_split(
+        model, params, data.eval_images, data.eval_index, config, mesh, progress)
+    return evaluate.retrieval_metrics(text_vectors, image_vectors, caption_image)
 
 
 def make_evaluator(kind: str, model, data: TrainData, config, mesh, frozen_modules: dict,

@@ -32,9 +32,13 @@ import jax
 import numpy as np
 import tqdm
 
-from ldot_jax import evaluate, extract, fileutil, pretrained, rerank
+from ldot_jax import evaluate, extract, fileutil, parallel, pretrained, rerank, train
+from ldot_jax.data import pipeline
+from ldot_jax.data.batching import prefix_mask
 from ldot_jax.index import build as index_build
-from ldot_jax.index.base import VectorIndex
+from ldot_jax.index import health
+from ldot_jax.index.base import VectorIndex, load_index
+from ldot_jax.index.exact import ExactIndex
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +116,6 @@ class Split:
 
 def _timed_encode(model, params, batch, side: str, mesh, repeat: int = 5) -> float:
     """ms per row of one evaluation batch through a tower (after a warm-up call)."""
-    from ldot_jax import parallel
     with jax.set_mesh(mesh):
         inputs = parallel.global_batch({k: batch[k] for k in (
             "input_ids", "attention_mask", "region_feat", "boxes", "region_mask")}, mesh)
@@ -127,28 +130,16 @@ def prepare_split(dual, images, caption_index, config, mesh, progress: bool = Fa
     """Embeds every image and caption of a split with the dual encoder (model, params
     replicated on `mesh`) and builds the re-ranker's stores. images: the split's records;
     caption_index: its captions."""
-    from ldot_jax.data import pipeline
     model, params = dual
+    image_vectors, text_vectors, caption_image = extract.embed_split(
+        model, params, images, caption_index, config, mesh, progress)
     per_process, text_buckets, region_buckets = extract.batch_layout(config)
-    image_batches = pipeline.eval_image_batches(images, per_process, region_buckets,
-                                                jax.process_index(), jax.process_count())
-    image_vectors, image_ids = evaluate.embed_batches(
-        model, params, image_batches, mesh, "image", "image_index",
-        desc="embed images" if progress else None)
-    caption_batches = pipeline.eval_caption_batches(caption_index, per_process, text_buckets,
-                                                    jax.process_index(), jax.process_count())
-    text_vectors, text_ids = evaluate.embed_batches(
-        model, params, caption_batches, mesh, "text", "text_index",
-        desc="embed captions" if progress else None)
-    if config.loss.get("normalize", False):
-        image_vectors = evaluate.l2_normalize(image_vectors)
-        text_vectors = evaluate.l2_normalize(text_vectors)
     encode_ms = {
         "image": _timed_encode(model, params, next(iter(pipeline.eval_image_batches(
             images, per_process, region_buckets))), "image", mesh),
         "text": _timed_encode(model, params, next(iter(pipeline.eval_caption_batches(
             caption_index, per_process, text_buckets))), "text", mesh)}
-    return Split(image_vectors, text_vectors, caption_index.image[text_ids].astype(np.int64),
+    return Split(image_vectors, text_vectors, caption_image,
                  rerank.ImageStore.from_records(images, max(region_buckets)),
                  rerank.CaptionStore.from_index(caption_index), encode_ms)
 
@@ -166,10 +157,9 @@ def _search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray
 
 def _query_inputs(split: Split, direction: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     if direction == "text_to_image":
-        length = split.captions.input_ids.shape[1]
-        lengths = split.captions.lengths[rows]
         return {"input_ids": split.captions.input_ids[rows],
-                "attention_mask": (np.arange(length)[None] < lengths[:, None]).astype(np.int32)}
+                "attention_mask": prefix_mask(split.captions.lengths[rows],
+                                              split.captions.input_ids.shape[1])}
     return {"region_feat": split.images.region_feat[rows], "boxes": split.images.boxes[rows],
             "region_mask": split.images.region_mask[rows]}
 
@@ -212,12 +202,6 @@ def all_pairs_ms(reranker: rerank.CrossEncoderReranker, split: Split,
                      f"{num_images:,} images)"}
 
 
-def _sample(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
-
-
 # ---------------------------------------------------------------------------------------------
 # The evaluation
 
@@ -250,8 +234,8 @@ def evaluate_split(split: Split, reranker: rerank.CrossEncoderReranker | None,
     """
     ms = tuple(sorted(ms))
     k = max(max(KS), max(ms) if reranker is not None else 0)
-    t2i_q = _sample(len(split.text_vectors), max_queries)
-    i2t_q = _sample(len(split.image_vectors), max_image_queries)
+    t2i_q = health.sample_rows(len(split.text_vectors), max_queries)
+    i2t_q = health.sample_rows(len(split.image_vectors), max_image_queries)
     truth = split.caption_image[t2i_q]
     caption_image = split.caption_image
 
@@ -300,7 +284,6 @@ def rerank_recall(dual, cross, images, caption_index, config, mesh, top: int = 2
                   progress: bool = False) -> dict[str, float]:
     """Recall after the cross-encoder (model, params) re-ranks the exact dot-product top `top`
     of the dual encoder (model, params): the cross-encoder's evaluation during training."""
-    from ldot_jax.index.exact import ExactIndex
     split = prepare_split(dual, images, caption_index, config, mesh, progress)
     reranker = rerank.CrossEncoderReranker(
         cross[0], cross[1], split.images, split.captions, mesh=mesh,
@@ -392,7 +375,6 @@ def write(report: Report, out_dir: str) -> dict[str, str]:
 
 
 def _open_split(config, dataset, split: str):
-    from ldot_jax.data import pipeline
     # Every caption, truncated to the largest bucket (as training's evaluation).
     index = pipeline.build_caption_index(dataset.caption_table(split), dataset.tokenizer,
                                          max(config.pipeline.text_buckets) - 2, "truncate",
@@ -404,7 +386,6 @@ def _indexes(workdir: str, split: Split, split_name: str, config, fingerprint: s
              backend: str | None) -> tuple[dict, dict]:
     """(the dot-stage indexes, the coarse-to-fine ones): the saved ones of the workdir when
     they exist (the model fingerprint is checked), else built here from the split's vectors."""
-    from ldot_jax.index.base import load_index
     options = index_build.index_options(config, split=split_name)
     backend = backend or options["backend"]
     matryoshka = tuple(config.loss.get("matryoshka_dims", ()) or ())
@@ -444,7 +425,6 @@ def evaluate_workdir(workdir: str, reranker_dir: str | None = None, split: str =
     `alpha_queries` captions at M = min(ms)); backend: the dot stage's index (default: the
     run's index.backend).
     """
-    from ldot_jax import parallel, train
     workdir = os.path.abspath(workdir)
     config = train.load_config(workdir)
     mesh = parallel.make_mesh()
@@ -466,7 +446,7 @@ def evaluate_workdir(workdir: str, reranker_dir: str | None = None, split: str =
         if alpha_split:
             val = prepare_split(dual, *_open_split(config, dataset, alpha_split), config, mesh)
             val_dot, _ = _indexes(workdir, val, alpha_split, config, fingerprint, "exact")
-            rows = _sample(len(val.text_vectors), alpha_queries)
+            rows = health.sample_rows(len(val.text_vectors), alpha_queries)
             m = min(ms)
             ids, dots, _ = _search(val_dot["image"], val.text_vectors[rows], m)
             scores, _ = cross_scores(make(val), val, "text_to_image", rows, ids, dots)

@@ -1,4 +1,5 @@
-"""python -m ldot_jax.bench {data,train,search,two_stage} [flags]: runs one benchmark (see ldot_jax/bench/)."""
+"""python -m ldot_jax.bench {data,train,search,two_stage} [flags]: runs one benchmark (see
+ldot_jax/bench/)."""
 
 import importlib
 import sys

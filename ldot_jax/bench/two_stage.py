@@ -100,10 +100,10 @@ def run(sizes, extrapolate, preset: str, ms, queries: int) -> dict:
                          largest["pair_ms"] * n, True,
                          f"extrapolated from N = {largest['n']:,}"))
         print(_line(rows[-1]), flush=True)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"jax {jax.__version__} {jax.default_backend()}")
     return {"preset": preset, "queries": queries, "regions": REGIONS, "text_len": TEXT_LEN,
-            "devices": len(jax.devices()), "machine": f"{platform.processor() or platform.machine()}"
-            f", {os.cpu_count()} cores, jax {jax.__version__} {jax.default_backend()}",
-            "rows": rows}
+            "devices": len(jax.devices()), "machine": machine, "rows": rows}
 
 
 def _row(n, encode_ms, search_ms, rerank_ms, all_pairs_ms, extrapolated, note):

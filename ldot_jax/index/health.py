@@ -35,9 +35,16 @@ def recall_against_exact(index: VectorIndex, exact: VectorIndex, queries: np.nda
     return out
 
 
+def sample_rows(n: int, count: int | None, seed: int = 0) -> np.ndarray:
+    """i64[min(n, count)]: sorted row numbers of [0, n) drawn without replacement (fixed
+    seed); every row when count is None or ≥ n."""
+    if count is None or n <= count:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, count, replace=False))
+
+
 def sample_queries(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     """Up to `count` rows of vectors f32[n, D], drawn without replacement (fixed seed)."""
     if len(vectors) <= count:
         return vectors
-    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), count, replace=False))
-    return vectors[rows]
+    return vectors[sample_rows(len(vectors), count, seed)]
