@@ -108,12 +108,34 @@ def itm_loss(logits, labels, weights):
 
 
 def rank_hinge_loss(positive, negative, weights, margin: float):
-    """UNITER's ranking loss: mean over weighted pairs of max(0, margin − s(pos) + s(neg)).
+    """UNITER's ranking loss (its hard-negative ITM fine-tuning): mean over weighted pairs of
+    max(0, margin − σ(s_pos) + σ(s_neg)), on the sigmoid of the rank logits as the original.
 
     Args:
-      positive: f32[N] scores of the matching pairs; negative: f32[N] of their negatives;
-      weights: [N] (0: no negative drawn); margin: e.g. 0.2.
+      positive: f32[N] rank logits of the matching pairs; negative: f32[N, k] (or [N]) of
+      their k negatives; weights: same shape as negative (0: no negative drawn); margin: 0.2.
     Returns: f32[].
     """
-    hinge = jax.nn.relu(margin - positive.astype(jnp.float32) + negative.astype(jnp.float32))
+    positive = jax.nn.sigmoid(positive.astype(jnp.float32))
+    negative = jax.nn.sigmoid(negative.astype(jnp.float32))
+    if negative.ndim == 2:
+        positive = positive[:, None]
+    hinge = jax.nn.relu(margin - positive + negative)
     return _weighted_mean(hinge, weights)
+
+
+def listwise_rank_loss(positive, negative, found, valid):
+    """Localized contrastive estimation (Gao et al. 2021): cross-entropy of the positive
+    among itself and its k retriever-mined negatives, on the rank logits.
+
+    Args:
+      positive: f32[N]; negative: f32[N, k]; found: bool[N, k] (False: no negative drawn,
+      left out of the softmax); valid: bool[N] (rows that count).
+    Returns: f32[], the mean over valid rows with at least one negative.
+    """
+    logits = jnp.concatenate([positive[:, None], negative], axis=1).astype(jnp.float32)
+    keep = jnp.concatenate([jnp.ones_like(found[:, :1]), found], axis=1)
+    logits = jnp.where(keep, logits, -jnp.inf)
+    nll = -jax.nn.log_softmax(logits, axis=-1)[:, 0]
+    rows = valid.astype(bool) & jnp.any(found, axis=1)
+    return _weighted_mean(jnp.where(rows, nll, 0.0), rows)

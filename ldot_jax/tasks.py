@@ -84,8 +84,15 @@ class LossConfig:
 class ItmConfig:
     """The cross-encoder objective (task itm).
 
-    itm_weight / rank_weight: weights of the 2-way ITM cross-entropy and of the rank hinge;
-    margin: the hinge margin (UNITER: 0.2); sample_temperature: negatives are drawn ∝
+    itm_weight / rank_weight / list_weight: weights of the 2-way ITM cross-entropy, of
+    UNITER's rank hinge and of the listwise softmax over the positive and its negatives
+    (localized contrastive estimation, Gao et al. 2021: far more signal per pair than the
+    pointwise losses when the negatives are hard); negatives: k hard negatives per positive
+    and direction (UNITER's hard-negative fine-tuning draws many); margin: the hinge margin
+    (UNITER: 0.2); residual_scale: the listwise loss scores a pair as residual_scale · dual
+    score + rank logit, so the cross-encoder learns a correction to the fast stage and is
+    meant to re-rank fused with α = residual_scale (`rerank.fuse`); None: the rank logit alone
+    (LightningDOT). sample_temperature: negatives are drawn ∝
     softmax(dual score / T) (None: uniformly among other images' rows; also what happens
     without a dual encoder); normalize: the dual scores are cosines (towers trained with
     loss.normalize), else raw dot products (LightningDOT).
@@ -93,14 +100,22 @@ class ItmConfig:
 
     itm_weight: float = 1.0
     rank_weight: float = 1.0
+    list_weight: float = 0.0
+    negatives: int = 1
     margin: float = 0.2
+    residual_scale: float | None = None
     sample_temperature: float | None = 1.0
     normalize: bool = False
 
     def __post_init__(self):
-        if self.itm_weight < 0 or self.rank_weight < 0 or self.itm_weight + self.rank_weight == 0:
-            raise ValueError(f"itm.itm_weight={self.itm_weight}, itm.rank_weight="
-                             f"{self.rank_weight}: expected ≥ 0 and not both 0")
+        weights = {"itm_weight": self.itm_weight, "rank_weight": self.rank_weight,
+                   "list_weight": self.list_weight}
+        if min(weights.values()) < 0 or sum(weights.values()) == 0:
+            raise ValueError(f"itm weights {weights}: expected ≥ 0 and not all 0")
+        if self.negatives < 1:
+            raise ValueError(f"itm.negatives={self.negatives}: expected ≥ 1")
+        if self.residual_scale is not None and self.residual_scale <= 0:
+            raise ValueError(f"itm.residual_scale={self.residual_scale}: expected > 0 or None")
         if self.sample_temperature is not None and self.sample_temperature <= 0:
             raise ValueError(f"itm.sample_temperature={self.sample_temperature}: expected > 0")
 
@@ -286,13 +301,17 @@ def _cross(setup_model, params, text, image, rng, deterministic):
 
 
 def itm(params, batch, rng, setup: TaskSetup):
-    """The re-ranker's loss over B positives, B hard negative images (one per caption) and B
-    hard negative captions (one per image), all drawn from the global batch."""
+    """The re-ranker's loss over B positives, B·k hard negative images (k per caption) and B·k
+    hard negative captions (k per image), all drawn from the global batch.
+
+    The ITM cross-entropy weighs each negative 1 / k, so positives keep a third of its weight
+    whatever k; the rank hinge and the listwise loss average both directions."""
     if not isinstance(setup.model, CrossEncoder):
         raise ValueError(f"task 'itm' trains the cross-encoder (model kind 'uniter_itm'), got "
                          f"{type(setup.model).__name__}")
     cfg = setup.itm
-    sample_key, *dropout = jax.random.split(rng, 4)
+    k = cfg.negatives
+    sample_key, positive_key, *dropout = jax.random.split(rng, 2 + 2 * k)
     group, valid = batch["image_index"], batch["valid"]
     temperature = cfg.sample_temperature
     if setup.dual is not None:
@@ -301,36 +320,58 @@ def itm(params, batch, rng, setup: TaskSetup):
                                                        deterministic=True))
         if cfg.normalize:
             text, image = contrastive.l2_normalize(text), contrastive.l2_normalize(image)
+    elif cfg.residual_scale is not None:
+        raise ValueError("itm.residual_scale needs the dual encoder's scores (itm.dual)")
     else:  # no dual encoder: uniform among other images' rows
         text = image = jnp.zeros((group.shape[0], 1), jnp.float32)
         temperature = None
     text_key, image_key = jax.random.split(sample_key)
     neg_image, image_found = hard_negatives.mine(setup.mesh, text, image, group, valid,
-                                                 text_key, temperature, 1)
+                                                 text_key, temperature, k)
     neg_text, text_found = hard_negatives.mine(setup.mesh, image, text, group, valid,
-                                               image_key, temperature, 1)
-    captions, images = {k: batch[k] for k in TEXT_KEYS}, {k: batch[k] for k in IMAGE_KEYS}
-    positive = _cross(setup.model, params["model"], captions, images, dropout[0], False)
-    with_neg_image = _cross(setup.model, params["model"], captions,
-                            _take(setup, batch, IMAGE_KEYS, neg_image[:, 0]), dropout[1], False)
-    with_neg_text = _cross(setup.model, params["model"],
-                           _take(setup, batch, TEXT_KEYS, neg_text[:, 0]), images, dropout[2],
-                           False)
-    image_found, text_found = image_found[:, 0], text_found[:, 0]
-    logits = jnp.concatenate([positive.itm_logits, with_neg_image.itm_logits,
-                              with_neg_text.itm_logits])
-    labels = jnp.concatenate([jnp.ones_like(group), jnp.zeros_like(group),
-                              jnp.zeros_like(group)])
-    weights = jnp.concatenate([valid, image_found, text_found])
+                                               image_key, temperature, k)
+    captions = {name: batch[name] for name in TEXT_KEYS}
+    images = {name: batch[name] for name in IMAGE_KEYS}
+    positive = _cross(setup.model, params["model"], captions, images, positive_key, False)
+    # One fixed-shape pass of B pairs per negative slot (k is small; a Python loop keeps
+    # every pass sharded B@data like the batch).
+    with_neg_image = [_cross(setup.model, params["model"], captions,
+                             _take(setup, batch, IMAGE_KEYS, neg_image[:, j]), dropout[j], False)
+                      for j in range(k)]
+    with_neg_text = [_cross(setup.model, params["model"],
+                            _take(setup, batch, TEXT_KEYS, neg_text[:, j]), images,
+                            dropout[k + j], False) for j in range(k)]
+    logits = jnp.concatenate([positive.itm_logits]
+                             + [o.itm_logits for o in with_neg_image + with_neg_text])
+    labels = jnp.concatenate([jnp.ones_like(group)] + [jnp.zeros_like(group)] * (2 * k))
+    found = jnp.concatenate([valid] + [image_found[:, j] for j in range(k)]
+                            + [text_found[:, j] for j in range(k)])
+    ones = jnp.ones_like(group, jnp.float32)  # sharded like the batch
+    weights = found.astype(jnp.float32) * jnp.concatenate([ones] + [ones / k] * (2 * k))
     itm_loss = losses.itm_loss(logits, labels, weights)
-    rank = 0.5 * (losses.rank_hinge_loss(positive.rank_score, with_neg_image.rank_score,
-                                         image_found, cfg.margin)
-                  + losses.rank_hinge_loss(positive.rank_score, with_neg_text.rank_score,
-                                           text_found, cfg.margin))
-    correct = (jnp.argmax(logits, -1) == labels) & weights
-    metrics = {"itm_loss": itm_loss, "rank_loss": rank,
-               "itm_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(weights), 1)}
-    return cfg.itm_weight * itm_loss + cfg.rank_weight * rank, metrics
+    neg_image_scores = jnp.stack([o.rank_score for o in with_neg_image], axis=1)  # [B, k]
+    neg_text_scores = jnp.stack([o.rank_score for o in with_neg_text], axis=1)
+    rank = 0.5 * (losses.rank_hinge_loss(positive.rank_score, neg_image_scores, image_found,
+                                         cfg.margin)
+                  + losses.rank_hinge_loss(positive.rank_score, neg_text_scores, text_found,
+                                           cfg.margin))
+    list_positive = positive.rank_score
+    if cfg.residual_scale is not None:  # + the dual's own score of each pair
+        scale = cfg.residual_scale
+        list_positive = list_positive + scale * jnp.sum(text * image, axis=-1)
+        neg_image_scores = neg_image_scores + scale * jnp.einsum(
+            "bd,bkd->bk", text, hard_negatives.gather(setup.mesh, image, neg_image))
+        neg_text_scores = neg_text_scores + scale * jnp.einsum(
+            "bd,bkd->bk", image, hard_negatives.gather(setup.mesh, text, neg_text))
+    listwise = 0.5 * (losses.listwise_rank_loss(list_positive, neg_image_scores,
+                                                image_found, valid)
+                      + losses.listwise_rank_loss(list_positive, neg_text_scores,
+                                                  text_found, valid))
+    correct = (jnp.argmax(logits, -1) == labels) & found
+    metrics = {"itm_loss": itm_loss, "rank_loss": rank, "list_loss": listwise,
+               "itm_accuracy": jnp.sum(correct) / jnp.maximum(jnp.sum(found), 1)}
+    total = cfg.itm_weight * itm_loss + cfg.rank_weight * rank + cfg.list_weight * listwise
+    return total, metrics
 
 
 def _teacher_scores(setup: TaskSetup, params, captions, images):

@@ -90,8 +90,9 @@ def pipeline_config(config) -> pipeline.PipelineConfig:
 
 def itm_config(config) -> tasks.ItmConfig:
     c = config.get("itm") or {}
-    return tasks.ItmConfig(**{k: c[k] for k in ("itm_weight", "rank_weight", "margin",
-                                                 "sample_temperature", "normalize") if k in c})
+    return tasks.ItmConfig(**{k: c[k] for k in (
+        "itm_weight", "rank_weight", "list_weight", "negatives", "margin", "residual_scale",
+        "sample_temperature", "normalize") if k in c})
 
 
 def distill_config(config) -> tasks.DistillConfig:

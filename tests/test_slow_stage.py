@@ -5,7 +5,6 @@ rank-hinge losses against NumPy; the itm and distill tasks give the same loss an
 several captions per image and ties; re-ranking every candidate equals the exact ranking."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,7 +110,11 @@ def test_distillation_loss_matches_numpy():
     np.testing.assert_allclose(grad_s[mask[0]], p_s - p_t, atol=1e-6)
 
 
-def test_itm_and_rank_hinge_losses_match_numpy():
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def test_itm_rank_hinge_and_listwise_losses_match_numpy():
     rng = np.random.default_rng(5)
     logits = rng.normal(size=(6, 2)).astype(np.float32)
     labels = np.array([1, 0, 0, 1, 0, 1])
@@ -119,10 +122,27 @@ def test_itm_and_rank_hinge_losses_match_numpy():
     nll = -_log_softmax(logits)[np.arange(6), labels]
     np.testing.assert_allclose(losses.itm_loss(logits, labels, weights),
                                np.sum(nll * weights) / weights.sum(), rtol=1e-6)
-    pos, neg = rng.normal(size=(2, 6)).astype(np.float32) * 0.3
-    hinge = np.maximum(0.0, 0.2 - pos + neg)
+    pos, neg = rng.normal(size=(2, 6)).astype(np.float32) * 2.0
+    # UNITER's hinge is on the sigmoid of the rank logits.
+    hinge = np.maximum(0.0, 0.2 - _sigmoid(pos) + _sigmoid(neg))
     np.testing.assert_allclose(losses.rank_hinge_loss(pos, neg, weights, 0.2),
                                np.sum(hinge * weights) / weights.sum(), rtol=1e-6)
+    # k = 3 negatives per positive, some not drawn; row 2 has none, row 4 is invalid.
+    negs = rng.normal(size=(6, 3)).astype(np.float32) * 2.0
+    found = np.ones((6, 3), bool)
+    found[0, 1] = found[3, :2] = False
+    found[2] = False
+    valid = np.array([1, 1, 1, 1, 0, 1], bool)
+    hinge = np.maximum(0.0, 0.2 - _sigmoid(pos)[:, None] + _sigmoid(negs))
+    np.testing.assert_allclose(losses.rank_hinge_loss(pos, negs, found, 0.2),
+                               hinge[found].mean(), rtol=1e-6)
+    expected = []
+    for i in range(6):
+        if valid[i] and found[i].any():
+            row = np.concatenate([[pos[i]], negs[i][found[i]]])
+            expected.append(-_log_softmax(row[None])[0, 0])
+    np.testing.assert_allclose(losses.listwise_rank_loss(pos, negs, found, valid),
+                               np.mean(expected), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,13 +187,18 @@ def slow_models():
             "batch": batch}
 
 
-@pytest.mark.parametrize("task", ["itm", "distill"])
-def test_slow_tasks_equal_on_8_devices_and_one(slow_models, task):
+@pytest.mark.parametrize("variant", ["itm", "itm_listwise", "distill"])
+def test_slow_tasks_equal_on_8_devices_and_one(slow_models, variant):
     dual, dual_params = slow_models["dual"]
     cross, cross_params = slow_models["cross"]
-    if task == "itm":
+    task = variant.split("_")[0]
+    if variant == "itm":
         model, params = cross, {"model": cross_params, "dual": dual_params}
         extra = {"dual": dual}
+    elif variant == "itm_listwise":  # 3 negatives per positive, all three losses, residual
+        model, params = cross, {"model": cross_params, "dual": dual_params}
+        extra = {"dual": dual, "itm": tasks.ItmConfig(negatives=3, list_weight=1.0,
+                                                      residual_scale=5.0)}
     else:
         model, params = dual, {"model": dual_params, "teacher": cross_params}
         extra = {"teacher": cross, "distill": tasks.DistillConfig(candidates=4)}
@@ -206,6 +231,8 @@ def test_slow_tasks_equal_on_8_devices_and_one(slow_models, task):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     if task == "distill":
         assert float(one_metrics["distill_loss"]) > 0
+    if variant == "itm_listwise":
+        assert float(one_metrics["list_loss"]) > 0
 
 
 def test_slow_tasks_refuse_the_wrong_model(slow_models):
