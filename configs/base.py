@@ -50,6 +50,11 @@ def base_config(preset: str, model_kind: str | None = None) -> ml_collections.Co
     c.pipeline.length_policy = "drop"
     c.pipeline.num_threads = 4
     c.pipeline.prefetch = 4
+    # Hard negatives mined from an index over the whole training split (python -m
+    # ldot_jax.mine): each anchor caption brings captions of mined_per_anchor of its mined
+    # images into the batch, where the in-batch samplers (itm, distill) and CMR find them.
+    c.pipeline.mined_negatives = placeholder(str)
+    c.pipeline.mined_per_anchor = 1
 
     c.tasks = ml_collections.ConfigDict({"cmr": 1})
 

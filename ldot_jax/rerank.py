@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 # from there, since retrieval imports the trainer and the trainer may use the re-ranker).
 DIRECTIONS = ("text_to_image", "image_to_text")
 HEADS = ("rank", "itm")
-ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
+ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0,
+              500.0)
 
 
 def _check_prefix(name: str, mask: np.ndarray) -> None:

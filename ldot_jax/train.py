@@ -85,7 +85,8 @@ def pipeline_config(config) -> pipeline.PipelineConfig:
         region_buckets=tuple(c.region_buckets), max_text_len=c.max_text_len,
         length_policy=c.length_policy, seed=config.seed,
         mask_text="vmlm" in config.tasks, mask_regions=bool({"mrfr", "mrckl"} & set(
-            config.tasks)), num_threads=c.num_threads, prefetch=c.prefetch)
+            config.tasks)), num_threads=c.num_threads, prefetch=c.prefetch,
+        mined_negatives=c.get("mined_negatives"), mined_per_anchor=c.get("mined_per_anchor", 1))
 
 
 def itm_config(config) -> tasks.ItmConfig:

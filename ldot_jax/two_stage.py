@@ -209,13 +209,15 @@ def all_pairs_ms(reranker: rerank.CrossEncoderReranker, split: Split,
 @dataclasses.dataclass
 class Report:
     """rows: one per stage {stage, m, metrics, ms {t2i, i2t}, speedup {t2i, i2t}};
-    all_pairs: the baseline's timing; queries {t2i, i2t}: how many were evaluated."""
+    all_pairs: the baseline's timing; queries {t2i, i2t}: how many were evaluated;
+    alpha_choice: how α was chosen {split, queries, m, ir_r1: {α: IR R@1}} (None: not)."""
 
     rows: list[dict]
     all_pairs: dict
     queries: dict
     corpus: dict
     alpha: float | None = None
+    alpha_choice: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, default=float)
@@ -322,6 +324,11 @@ def table(report: Report) -> str:
     lines.append(f"Queries: {report.queries['t2i']:,} captions (IR), {report.queries['i2t']:,} "
                  f"images (TR) over {report.corpus['images']:,} images and "
                  f"{report.corpus['captions']:,} captions.")
+    if report.alpha_choice:
+        c = report.alpha_choice
+        lines.append(f"α of the fused rows chosen on {c['split']} ({c['queries']:,} caption "
+                     f"queries, IR R@1 at M={c['m']}): " + ", ".join(
+                         f"α={a} {r:.1f}" for a, r in c["ir_r1"].items()) + ".")
     return "\n".join(lines)
 
 
@@ -435,7 +442,7 @@ def evaluate_workdir(workdir: str, reranker_dir: str | None = None, split: str =
     dataset = index_build.open_dataset(config)
     data = prepare_split(dual, *_open_split(config, dataset, split), config, mesh, progress)
     dot, coarse = _indexes(workdir, data, split, config, fingerprint, backend)
-    reranker, alpha = None, None
+    reranker, alpha, alpha_choice = None, None, None
     if reranker_dir:
         cross, cross_params = pretrained.load_cross_encoder(reranker_dir)
         make = lambda s: rerank.CrossEncoderReranker(
@@ -452,10 +459,14 @@ def evaluate_workdir(workdir: str, reranker_dir: str | None = None, split: str =
             scores, _ = cross_scores(make(val), val, "text_to_image", rows, ids, dots)
             alpha, by_alpha = rerank.choose_alpha(dots, scores,
                                                   ids == val.caption_image[rows][:, None])
+            alpha_choice = {"split": alpha_split, "queries": int(len(rows)), "m": int(m),
+                            "ir_r1": {f"{a:g}": round(float(r), 2)
+                                      for a, r in by_alpha.items()}}
             log.info("α on %s (IR R@1 at M=%d, %d queries): %s → α=%g", alpha_split, m,
-                     len(rows), {f"{a:g}": round(r, 2) for a, r in by_alpha.items()}, alpha)
+                     len(rows), alpha_choice["ir_r1"], alpha)
     report = evaluate_split(data, reranker, dot, coarse, ms, max_queries, max_image_queries,
                             alpha, progress)
+    report = dataclasses.replace(report, alpha_choice=alpha_choice)
     paths = write(report, out_dir or os.path.join(workdir, "eval", split)) \
         if jax.process_index() == 0 else {}
     return report, paths

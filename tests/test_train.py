@@ -18,11 +18,13 @@ import numpy as np
 import optax
 import pytest
 
-from ldot_jax import checkpoint, launch, metrics, optim, parallel, pretrained, tasks, train
+from ldot_jax import (checkpoint, launch, metrics, mine, optim, parallel, pretrained, tasks,
+                      train)
+from ldot_jax.data import datasets, mined_negatives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import base, demo, finetune_coco, finetune_flickr30k, pretrain  # noqa: E402
+from configs import demo, finetune_coco, finetune_flickr30k, pretrain  # noqa: E402
 
 CONFIGS = {"demo": (demo, ["pretrain", "finetune", "rerank", "distill", "vldeformer",
                          "pretrain,tiny", "finetune,tiny", "rerank,tiny", "distill,tiny"]),
@@ -424,3 +426,23 @@ def test_bfloat16_training_step(data_dir):
         assert bool(out["finite"])
         losses[dtype] = float(out["loss"])
     assert losses["bfloat16"] == pytest.approx(losses["float32"], abs=0.05)
+
+
+def test_mined_negatives_from_a_run_feed_the_reranker(data_dir, tmp_path):
+    """python -m ldot_jax.mine on a (tiny) fine-tuning run, then re-ranker training on batches
+    of anchors and their mined images: the file is valid and the step trains."""
+    dual = str(tmp_path / "finetune")
+    train.train_and_evaluate(tiny_config(data_dir, "finetune", steps=3), dual)
+    out = str(tmp_path / "mined.npz")
+    assert mine.main(["--workdir", dual, "--out", out, "--k", "5"]) == 0
+    config = tiny_config(data_dir, "rerank", steps=3)
+    dataset = datasets.load_for_run(config.data)
+    num_images = len(dataset.split("train"))
+    negatives, meta = mined_negatives.read(out, num_images)
+    assert negatives.shape == (num_images, 5) and meta["split"] == "train"
+    assert (negatives >= 0).all() and not (negatives == np.arange(num_images)[:, None]).any()
+    config.itm.dual = os.path.join(dual, train.MODEL_DIR)
+    config.pipeline.mined_negatives = out
+    config.pipeline.mined_per_anchor = 1
+    summary = train.train_and_evaluate(config, str(tmp_path / "rerank"))
+    assert summary["step"] == 3 and np.isfinite(summary["train"]["itm_loss"])

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import grain
 import numpy as np
 
-from ldot_jax.data import batching, masking, schema
+from ldot_jax.data import batching, masking, mined_negatives, schema
 from ldot_jax.data.tokenizer import apply_length_policy
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ class PipelineConfig:
     region_buckets: padded region counts.
     max_text_len / length_policy: wordpieces (without [CLS]/[SEP]); the original drops
       training captions over 60 wordpieces and keeps all at evaluation.
+    mined_negatives: an .npz of hard negatives mined from an index over the whole split
+      (`python -m ldot_jax.mine`; data/mined_negatives.py); with it each global batch holds
+      batch_size / (1 + mined_per_anchor) anchor captions, each followed by captions of
+      mined_per_anchor of its mined images (an epoch is one pass over the anchors).
     """
 
     batch_size: int = 128
@@ -55,10 +59,18 @@ class PipelineConfig:
     mask_regions: bool = True
     num_threads: int = 4
     prefetch: int = 4  # batches
+    mined_negatives: str | None = None
+    mined_per_anchor: int = 1
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: expected ≥ 1")
+        if self.mined_per_anchor < 1:
+            raise ValueError(f"pipeline.mined_per_anchor={self.mined_per_anchor}: expected ≥ 1")
+        if self.mined_negatives and self.batch_size % (1 + self.mined_per_anchor):
+            raise ValueError(f"pipeline.batch_size={self.batch_size} is not a multiple of 1 + "
+                             f"pipeline.mined_per_anchor={self.mined_per_anchor}: each anchor "
+                             f"brings {self.mined_per_anchor} mined captions")
         if self.max_text_len is not None and self.max_text_len + 2 > max(self.text_buckets):
             raise ValueError(f"max_text_len={self.max_text_len} (+2 for [CLS]/[SEP]) exceeds "
                              f"the largest text bucket {max(self.text_buckets)}")
@@ -182,6 +194,9 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
     p, p + P, … (the strided `shard_bounds` shard) and reads only their records. All processes
     pad to the buckets of the whole global batch, so their arrays have equal shapes (required
     to assemble global arrays) and the padded shapes do not depend on the process count.
+    With `config.mined_negatives`, block k holds B / (1 + n) anchors of the shuffled epoch,
+    each followed by n captions of its mined images (`mined_negatives.BatchComposer`, drawn
+    from the seed and the batch position, so every process builds the same global batch).
     """
     if config.batch_size % process_count:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
@@ -197,6 +212,13 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
     if usable < config.batch_size:
         raise ValueError(f"{len(index)} captions are fewer than one batch of "
                          f"{config.batch_size} (the global batch)")
+    composer = None
+    if config.mined_negatives:
+        negatives, _ = mined_negatives.read(config.mined_negatives, index.num_images)
+        composer = mined_negatives.BatchComposer(index.image, negatives,
+                                                 config.mined_per_anchor)
+        anchors = config.batch_size // (1 + config.mined_per_anchor)
+        usable = len(index) // anchors * anchors
     ds = grain.MapDataset.range(len(index)).shuffle(seed=config.seed)[:usable]
     source = CaptionSource(images, index)
     lengths = np.asarray([len(t) for t in index.token_ids])
@@ -216,8 +238,13 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
                                 local_batch)
 
     # Batch, then repeat: a batch never mixes two epochs, each epoch drops its own remainder.
-    ds = ds.batch(config.batch_size, drop_remainder=True, batch_fn=np.asarray).map(load_rows)
-    ds = ds.repeat(config.num_epochs)
+    if composer is None:
+        ds = ds.batch(config.batch_size, drop_remainder=True, batch_fn=np.asarray)
+        ds = ds.map(load_rows).repeat(config.num_epochs)
+    else:  # repeat before composing, so each epoch draws new mined captions
+        ds = ds.batch(anchors, drop_remainder=True, batch_fn=np.asarray)
+        ds = ds.repeat(config.num_epochs).random_map(composer, seed=config.seed + 1)
+        ds = ds.map(load_rows)
     if config.mask_text or config.mask_regions:
         ds = ds.random_map(_masker(tokenizer, config, process_index, process_count),
                            seed=config.seed)
@@ -251,6 +278,8 @@ def _masker(tokenizer, config: PipelineConfig, process_index: int, process_count
 
 
 def steps_per_epoch(index: CaptionIndex, config: PipelineConfig, process_count: int = 1) -> int:
+    if config.mined_negatives:  # an epoch is one pass over the anchors
+        return len(index) // (config.batch_size // (1 + config.mined_per_anchor))
     return len(index) // process_count // (config.batch_size // process_count)
 
 
