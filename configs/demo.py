@@ -33,7 +33,7 @@ from configs import base
 # queries against the whole test corpus (1,000 images, 5,000 captions), to keep the
 # cross-encoder's share of `make demo` to a minute; α for the fused score chosen on val.
 EVAL = {"max_queries": 1000, "max_image_queries": 250, "alpha_split": "val",
-        "alpha_queries": 300}
+        "alpha_queries": 1000}
 EVAL_TINY = {"ms": (10, 20), "alpha_split": "val", "pairs_per_batch": 64}
 
 STAGES = ("pretrain", "finetune", "rerank", "distill", "vldeformer")
@@ -95,8 +95,10 @@ def get_config(arg: str = "pretrain"):
         c.optimizer.learning_rate = 3e-4
         c.optimizer.warmup_steps = 30
         c.optimizer.warmup_fraction = placeholder(float)
-        c.train.num_steps = 400
-        c.train.checkpoint_every = 400
+        # The cross-encoder learns grounding late: at 400 steps re-ranking alone is below the
+        # dot stage (val IR R@1 7.2 vs 8.3), at 800 it is well above (12.5).
+        c.train.num_steps = 800
+        c.train.checkpoint_every = 800
     else:
         # Thinking Fast and Slow: the towers learn the re-ranker's scores (--config.distill.
         # teacher). distill starts from the fine-tuned towers (--config.init.model); vldeformer
