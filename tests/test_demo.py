@@ -28,6 +28,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert stages[:4] == [("dot", None), ("coarse-to-fine", None), ("+ re-rank", 10),
                           ("+ re-rank", 20)]
     assert any(s.startswith("+ fused") for s, _ in stages)
+    choice = report["alpha_choice"]
+    best = max(choice["ir_r1"].values())  # the smallest α of the best IR R@1 on val
+    assert choice["split"] == "val" and report["alpha"] == min(
+        float(a) for a, r in choice["ir_r1"].items() if r == best)
+    assert "α of the fused rows chosen on val" in out
     for row in report["rows"]:
         assert set(row["metrics"]) == {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10",
                                        "ar"}
