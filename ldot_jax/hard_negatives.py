@@ -109,3 +109,12 @@ def gather(mesh, x, index, axis_name: str = DATA):
     fn = functools.partial(_local_gather, axis_name=axis_name)
     return jax.shard_map(fn, mesh=mesh, in_specs=(P(axis_name), P(axis_name)),
                          out_specs=P(axis_name))(jax.reshard(x, row), jax.reshard(index, row))
+
+
+
+def candidate_scores(mesh, queries, keys, index, axis_name: str = DATA):
+    """f32[B, k]: queries[b] · keys[index[b, j]], the dot product of each query with its
+    candidates (index i32[B, k]: global rows, as `mine` returns; keys gathered across
+    devices). queries f[B, D] and keys f[B, D] B@data; differentiable in both."""
+    return jnp.einsum("bd,bkd->bk", queries, gather(mesh, keys, index, axis_name),
+                      preferred_element_type=jnp.float32)

@@ -359,10 +359,10 @@ def itm(params, batch, rng, setup: TaskSetup):
     if cfg.residual_scale is not None:  # + the dual's own score of each pair
         scale = cfg.residual_scale
         list_positive = list_positive + scale * jnp.sum(text * image, axis=-1)
-        neg_image_scores = neg_image_scores + scale * jnp.einsum(
-            "bd,bkd->bk", text, hard_negatives.gather(setup.mesh, image, neg_image))
-        neg_text_scores = neg_text_scores + scale * jnp.einsum(
-            "bd,bkd->bk", image, hard_negatives.gather(setup.mesh, text, neg_text))
+        neg_image_scores = neg_image_scores + scale * hard_negatives.candidate_scores(
+            setup.mesh, text, image, neg_image)
+        neg_text_scores = neg_text_scores + scale * hard_negatives.candidate_scores(
+            setup.mesh, image, text, neg_text)
     listwise = 0.5 * (losses.listwise_rank_loss(list_positive, neg_image_scores,
                                                 image_found, valid)
                       + losses.listwise_rank_loss(list_positive, neg_text_scores,
@@ -405,9 +405,7 @@ def distill(params, batch, rng, setup: TaskSetup):
         # The student's scores are the CMR loss's: (normalized) dot products × scale.
         q, k = ((contrastive.l2_normalize(x) for x in (queries, keys))
                 if setup.loss.contrastive.normalize else (queries, keys))
-        student = scale * jnp.einsum("bd,bkd->bk", q,
-                                     hard_negatives.gather(setup.mesh, k, candidates),
-                                     preferred_element_type=jnp.float32)
+        student = scale * hard_negatives.candidate_scores(setup.mesh, q, k, candidates)
         teacher = []
         for j in range(cfg.candidates):
             if direction == "t2i":
