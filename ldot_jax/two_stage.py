@@ -341,22 +341,32 @@ def plot(report: Report, path: str) -> str | None:
     except ImportError:
         log.warning("matplotlib is not installed: no plot (pip install ldot_jax[bench])")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for metric, marker in (("ir_r1", "o"), ("ar", "s")):
-        xs = [r["ms"]["t2i"] for r in report.rows]
-        ys = [r["metrics"][metric] for r in report.rows]
-        ax.plot(xs, ys, marker=marker, linestyle="", label=metric.replace("_r", " R@").upper())
-        for r, x, y in zip(report.rows, xs, ys):
-            text = r["stage"] if r["m"] is None else f"M={r['m']}"
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    if report.all_pairs:
-        ax.axvline(report.all_pairs["t2i"], color="gray", linestyle="--",
-                   label="all pairs (extrapolated)")
-    ax.set_xscale("log")
-    ax.set_xlabel("ms per caption query (batched, CPU)")
-    ax.set_ylabel("recall (%)")
-    ax.set_title("Two-stage retrieval: recall vs latency")
-    ax.legend(fontsize=8)
+    # One panel per metric; each stage a series (the re-ranked ones joined over M), so the
+    # re-ranker alone and fused are told apart at the same latency.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    stages = list(dict.fromkeys(r["stage"] for r in report.rows))
+    markers = dict(zip(stages, "os^Dvp<>"))
+    for ax, (metric, name) in zip(axes, (("ir_r1", "IR R@1"), ("ar", "AR"))):
+        for stage in stages:
+            rows = [r for r in report.rows if r["stage"] == stage]
+            xs = [r["ms"]["t2i"] for r in rows]
+            ys = [r["metrics"][metric] for r in rows]
+            ax.plot(xs, ys, marker=markers[stage], linestyle="-" if len(rows) > 1 else "",
+                    label=stage)
+            for r, x, y in zip(rows, xs, ys):
+                if r["m"] is not None:
+                    ax.annotate(f"M={r['m']}", (x, y), textcoords="offset points",
+                                xytext=(4, 3), fontsize=7)
+        if report.all_pairs:
+            ax.axvline(report.all_pairs["t2i"], color="gray", linestyle="--",
+                       label="all pairs (extrapolated)")
+        ax.set_xscale("log")
+        ax.set_xlabel("ms per caption query (batched, CPU)")
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_title(f"{name} vs latency")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Two-stage retrieval: {report.queries['t2i']:,} caption queries over "
+                 f"{report.corpus['images']:,} images")
     fig.tight_layout()
     with fileutil.atomic_file(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
