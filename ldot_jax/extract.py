@@ -76,6 +76,15 @@ class _Rows:
         return self.records[self.start + i]
 
 
+def eval_caption_index(table: Sequence[dict], tokenizer, split: str,
+                       config) -> pipeline.CaptionIndex:
+    """Every caption of a split (`RetrievalDataset.caption_table`), truncated to the largest
+    text bucket: evaluation, extraction and mining keep every caption (as the original's
+    evaluation), whatever the training length policy drops."""
+    return pipeline.build_caption_index(table, tokenizer,
+                                        max(config.pipeline.text_buckets) - 2, "truncate", split)
+
+
 def batch_layout(config) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     """(rows per process, text buckets, region buckets) for embedding with `config`. Several
     processes must agree on shapes, so they pad to the largest bucket."""
@@ -138,7 +147,7 @@ def caption_corpus(table: Sequence[dict], tokenizer, split: str, config) -> Corp
     """Every caption of a split (`RetrievalDataset.caption_table`), truncated to the largest
     text bucket as in evaluation, in caption-index order."""
     per_process, text, _ = batch_layout(config)
-    index = pipeline.build_caption_index(table, tokenizer, max(text) - 2, "truncate", split)
+    index = eval_caption_index(table, tokenizer, split, config)
     texts = [t for row in table for t in schema.caption_texts(row)]
     if len(texts) != len(index):
         texts = [f"caption {t}" for t in range(len(index))]  # pre-tokenized without text

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from ldot_jax import extract, parallel, pretrained, train
-from ldot_jax.data import mined_negatives, pipeline
+from ldot_jax.data import mined_negatives
 from ldot_jax.index import build as index_build
 from ldot_jax.index.exact import ExactIndex
 
@@ -60,11 +60,9 @@ def mine_workdir(workdir: str, out: str, split: str = "train", k: int = 20,
     params = parallel.replicate(jax.device_get(loaded.params), mesh)
     dataset = index_build.open_dataset(config)
     images = dataset.split(split)
-    # Every caption (truncated to the largest bucket): an image's negatives come from all of
-    # its captions, whatever the training length policy keeps.
-    captions = pipeline.build_caption_index(dataset.caption_table(split), dataset.tokenizer,
-                                            max(config.pipeline.text_buckets) - 2, "truncate",
-                                            split)
+    # An image's negatives come from all of its captions.
+    captions = extract.eval_caption_index(dataset.caption_table(split), dataset.tokenizer,
+                                          split, config)
     start = time.perf_counter()
     image_vectors, text_vectors, caption_image = extract.embed_split(
         model, params, images, captions, config, mesh, progress)

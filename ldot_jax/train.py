@@ -173,10 +173,8 @@ def load_data(config) -> TrainData:
     data = TrainData(iterator, index, dataset.tokenizer)
     if c.get("eval_split"):
         data.eval_images = dataset.split(c.eval_split)
-        # Evaluation keeps every caption (the original), truncated to the largest bucket.
-        data.eval_index = pipeline.build_caption_index(
-            dataset.caption_table(c.eval_split), dataset.tokenizer,
-            max(pcfg.text_buckets) - 2, "truncate", c.eval_split)
+        data.eval_index = extract.eval_caption_index(
+            dataset.caption_table(c.eval_split), dataset.tokenizer, c.eval_split, config)
     return data
 
 

@@ -392,11 +392,8 @@ def write(report: Report, out_dir: str) -> dict[str, str]:
 
 
 def _open_split(config, dataset, split: str):
-    # Every caption, truncated to the largest bucket (as training's evaluation).
-    index = pipeline.build_caption_index(dataset.caption_table(split), dataset.tokenizer,
-                                         max(config.pipeline.text_buckets) - 2, "truncate",
-                                         split)
-    return dataset.split(split), index
+    return dataset.split(split), extract.eval_caption_index(
+        dataset.caption_table(split), dataset.tokenizer, split, config)
 
 
 def _indexes(workdir: str, split: Split, split_name: str, config, fingerprint: str,
