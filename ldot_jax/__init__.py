@@ -7,8 +7,11 @@ The public API:
   load_pretraining_model(dir) → (DualEncoderForPretraining, params)
   load_pretrained(dir) → Pretrained(kind, config, params, metadata)
   save_pretrained(dir, kind, config, params)
-  Retriever.load(workdir).search_text(captions, k)       the fast stage (ldot_jax/retrieval.py)
+  Retriever.load(workdir).search_text(captions, k)       the fast stage (ldot_jax/retrieval/)
   ExactIndex / ScannIndex / HierarchicalIndex, load_index  the indexes (ldot_jax/index/)
+
+The layers, lowest first (each imports only from its own layer or below; tests/test_layers.py):
+  core → data → models → checkpoints → index → retrieval → evaluation → training → tools
 """
 
 import importlib
@@ -16,14 +19,14 @@ import importlib
 # Exports are imported on first use, so that light submodules (the data generators that worker
 # processes run) do not pay for importing JAX and Flax.
 _EXPORTS = {
-    "convert_checkpoint": "ldot_jax.convert",
+    "convert_checkpoint": "ldot_jax.checkpoints.convert",
     "CrossEncoder": "ldot_jax.models", "CrossEncoderConfig": "ldot_jax.models",
     "DualEncoder": "ldot_jax.models", "DualEncoderConfig": "ldot_jax.models",
     "DualEncoderForPretraining": "ldot_jax.models", "RegionConfig": "ldot_jax.models",
     "TransformerConfig": "ldot_jax.models", "dot_scores": "ldot_jax.models",
-    "load_cross_encoder": "ldot_jax.pretrained", "load_dual_encoder": "ldot_jax.pretrained",
-    "load_pretrained": "ldot_jax.pretrained", "load_pretraining_model": "ldot_jax.pretrained",
-    "save_pretrained": "ldot_jax.pretrained",
+    "load_cross_encoder": "ldot_jax.checkpoints.pretrained", "load_dual_encoder": "ldot_jax.checkpoints.pretrained",
+    "load_pretrained": "ldot_jax.checkpoints.pretrained", "load_pretraining_model": "ldot_jax.checkpoints.pretrained",
+    "save_pretrained": "ldot_jax.checkpoints.pretrained",
     "Retriever": "ldot_jax.retrieval", "ExactIndex": "ldot_jax.index",
     "ScannIndex": "ldot_jax.index", "HierarchicalIndex": "ldot_jax.index",
     "load_index": "ldot_jax.index",

@@ -1,51 +1,8 @@
-"""The training entry point.
+"""`python -m ldot_jax.main`: kept for existing scripts; the command is `ldot train`."""
 
-    python -m ldot_jax.main --config=configs/demo.py:pretrain --workdir=runs/demo/pretrain \
-        [--config.train.num_steps=500 ...]
-
-Multi-process: every process runs the same command; `jax.distributed` starts from
---coordinator_address / --num_processes / --process_id, the LDOT_* environment variables, or
-SLURM / Open MPI / TPU-pod detection (ldot_jax/parallel.py, launch/).
-"""
-
-from __future__ import annotations
-
-import logging
-import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-# Experiment configs import `configs.*`: make the repository root importable from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)",
-                               required=True)
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        force=True)
-    # Orbax logs every file operation at INFO through absl; keep warnings only.
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    from ldot_jax import parallel  # after flags: importing JAX is slow for --help
-    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from ldot_jax import train
-    summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    import jax
-    if jax.process_index() == 0:
-        print(train.summary_json(summary))
-
+from ldot_jax.tools.train_cli import main
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

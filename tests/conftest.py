@@ -13,18 +13,21 @@ import ldot_jax  # noqa: E402
 from ldot_jax.data.batching import prefix_mask  # noqa: E402,F401  (re-exported for tests)
 
 DATA = pathlib.Path(__file__).parent / "data"
+# The parity fixtures (written by the original PyTorch code, tests/data/README.md) ship in the
+# package: the demo checks parity with them after a plain `pip install`.
+PARITY = pathlib.Path(ldot_jax.__file__).parent / "tools" / "parity_fixtures"
 # The parity fixtures' towers have hidden 32 and 4 heads (hidden / 64 does not apply).
 SMALL_HEADS = 4
 
 
 @pytest.fixture(scope="session")
 def ldot_io():
-    return dict(np.load(DATA / "ldot_small_io.npz"))
+    return dict(np.load(PARITY / "ldot_small_io.npz"))
 
 
 @pytest.fixture(scope="session")
 def uniter_io():
-    return dict(np.load(DATA / "uniter_small_io.npz"))
+    return dict(np.load(PARITY / "uniter_small_io.npz"))
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +37,6 @@ def converted(tmp_path_factory):
     sources = {"lightningdot": "ldot_small_weights.npz",
                "lightningdot_pretrain": "ldot_small_pretrain_weights.npz",
                "uniter_itm": "uniter_small_weights.npz"}
-    return {kind: ldot_jax.convert_checkpoint(kind, DATA / name, root / kind,
+    return {kind: ldot_jax.convert_checkpoint(kind, PARITY / name, root / kind,
                                               num_heads=SMALL_HEADS)
             for kind, name in sources.items()}

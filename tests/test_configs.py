@@ -1,14 +1,14 @@
-"""Every config file under configs/ loads and builds valid model configs."""
+"""Every config file under ldot_jax/configs/ loads and builds valid model configs."""
 
 import importlib.util
 import pathlib
 
 import pytest
 
-from ldot_jax import pretrained
+from ldot_jax.checkpoints import pretrained
 from ldot_jax.models import config as config_lib
 
-CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "ldot_jax" / "configs"
 
 
 def load_module(path):
@@ -44,7 +44,7 @@ def test_overrides_are_validated():
 
 
 def test_every_config_file_loads():
-    for path in sorted(CONFIGS.glob("*.py")):
+    for path in sorted(p for p in CONFIGS.glob("*.py") if p.name != "__init__.py"):
         module = load_module(path)
         assert hasattr(module, "get_config"), f"{path} has no get_config"
         assert module.get_config() is not None

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldot_jax import contrastive, losses
-from ldot_jax.contrastive import ContrastiveConfig
+from ldot_jax.training import contrastive, losses
+from ldot_jax.training.contrastive import ContrastiveConfig
 
 B, D, DEVICES = 32, 12, 8
 

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 import ldot_jax
-from ldot_jax import convert, pretrained
+from ldot_jax.checkpoints import convert, pretrained
 from ldot_jax.models import config as config_lib
-from conftest import DATA, SMALL_HEADS, prefix_mask
+from conftest import DATA, PARITY, SMALL_HEADS, prefix_mask
 
 
 def load_npz(name):
-    with np.load(DATA / name) as data:
+    with np.load(PARITY / name) as data:
         return {k: data[k] for k in data.files}
 
 
@@ -175,14 +175,14 @@ def test_lightningdot_vendored_uniter_prefix(tmp_path, converted, uniter_io):
 
 
 def test_heads_default_needs_multiple_of_64(tmp_path):
-    with pytest.raises(ValueError, match="hidden size 32 is not a multiple of 64.*--num-heads"):
-        ldot_jax.convert_checkpoint("lightningdot", DATA / "ldot_small_weights.npz",
+    with pytest.raises(ValueError, match="hidden size 32 is not a multiple of 64.*--num_heads"):
+        ldot_jax.convert_checkpoint("lightningdot", PARITY / "ldot_small_weights.npz",
                                     tmp_path / "x")
 
 
 def test_bad_kind_and_missing_file(tmp_path):
     with pytest.raises(ValueError, match="unknown checkpoint kind 'clip'.*lightningdot"):
-        ldot_jax.convert_checkpoint("clip", DATA / "ldot_small_weights.npz", tmp_path / "x")
+        ldot_jax.convert_checkpoint("clip", PARITY / "ldot_small_weights.npz", tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         ldot_jax.convert_checkpoint("lightningdot", tmp_path / "nope.pt", tmp_path / "x")
 
@@ -220,7 +220,7 @@ def test_never_replaces_a_directory_that_is_not_a_model(tmp_path):
     (precious / "sub").mkdir(parents=True)
     (precious / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="refusing to replace .*models"):
-        ldot_jax.convert_checkpoint("lightningdot", DATA / "ldot_small_weights.npz", precious,
+        ldot_jax.convert_checkpoint("lightningdot", PARITY / "ldot_small_weights.npz", precious,
                                     num_heads=SMALL_HEADS)
     assert (precious / "precious.txt").read_text() == "keep me" and (precious / "sub").is_dir()
 
@@ -228,16 +228,16 @@ def test_never_replaces_a_directory_that_is_not_a_model(tmp_path):
 def test_command_line(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     ok = subprocess.run([sys.executable, "-m", "ldot_jax.convert", "--kind", "uniter_itm",
-                         "--input", str(DATA / "uniter_small_weights.npz"),
-                         "--output", str(tmp_path / "cli"), "--num-heads", "4"],
+                         "--input", str(PARITY / "uniter_small_weights.npz"),
+                         "--output", str(tmp_path / "cli"), "--num_heads", "4"],
                         capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "wrote uniter_itm model" in ok.stdout
     model, params = ldot_jax.load_cross_encoder(tmp_path / "cli")
     assert isinstance(model, ldot_jax.CrossEncoder)
     bad = subprocess.run([sys.executable, "-m", "ldot_jax.convert", "--kind", "lightningdot",
-                          "--input", str(DATA / "uniter_small_weights.npz"),
-                          "--output", str(tmp_path / "bad"), "--num-heads", "4"],
+                          "--input", str(PARITY / "uniter_small_weights.npz"),
+                          "--output", str(tmp_path / "bad"), "--num_heads", "4"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2
     assert "error:" in bad.stderr and "txt_model.encode_proj.3.weight" in bad.stderr

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ldot_jax.data import datasets, parallel, pipeline, scenes, schema, uniter_db
+from ldot_jax.data import datasets, workers, pipeline, scenes, schema, uniter_db
 from ldot_jax.data.scenes_builder import scenes_config
 from ldot_jax.data.tokenizer import Tokenizer
 import fixture_files as ff
@@ -71,7 +71,7 @@ def test_scenes_reused_not_regenerated(scenes_dir, monkeypatch):
 
     def no_generation(*args, **kwargs):
         raise AssertionError("regenerated")
-    monkeypatch.setattr(parallel, "ordered_map", no_generation)
+    monkeypatch.setattr(workers, "ordered_map", no_generation)
     data = datasets.load("scenes", data_dir=scenes_dir, **TINY)
     assert len(data.split("train")) == 130
     with pytest.raises(KeyError, match="no split 'dev'.*test"):
@@ -98,7 +98,7 @@ def test_unknown_dataset_config_and_field():
 
 def test_failed_worker_names_the_job():
     with pytest.raises(RuntimeError, match="failed on job 1"):
-        list(parallel.ordered_map("ldot_jax.data.scenes:generate_chunk",
+        list(workers.ordered_map("ldot_jax.data.scenes:generate_chunk",
                                   [(0, "x", 0, 1, scenes.ScenesConfig(), 0), None], workers=2))
 
 

@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from ldot_jax import initialize, pretrained
-from ldot_jax.checkpoint import CheckpointError
+from ldot_jax.checkpoints import initialize, pretrained
+from ldot_jax.checkpoints.checkpoint import CheckpointError
 
 flat = pretrained.flatten_params
 

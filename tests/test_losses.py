@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ldot_jax import losses
+from ldot_jax.training import losses
 
 
 def log_softmax(x, axis):

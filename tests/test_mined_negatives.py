@@ -5,9 +5,9 @@ NumPy reference, the file's round trip and its errors, and training batches buil
 import numpy as np
 import pytest
 
-from ldot_jax import mine
 from ldot_jax.data import mined_negatives, pipeline, scenes
 from ldot_jax.data.tokenizer import Tokenizer
+from ldot_jax.training import mine
 
 
 def _brute_force(image_vectors, text_vectors, caption_image, k):

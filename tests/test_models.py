@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import ldot_jax
-from ldot_jax import losses
 from ldot_jax.models import config as config_lib
 from ldot_jax.models.towers import pack_text_and_regions
+from ldot_jax.training import losses
 from conftest import prefix_mask
 
 

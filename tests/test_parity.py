@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ldot_jax
-from ldot_jax import losses
+from ldot_jax.training import losses
 from conftest import prefix_mask
 
 ATOL = 1e-5

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import ldot_jax
-from ldot_jax import pretrained
-from ldot_jax.checkpoint import CheckpointError
+from ldot_jax.checkpoints import pretrained
+from ldot_jax.checkpoints.checkpoint import CheckpointError
 from ldot_jax.models import config as config_lib
 from conftest import prefix_mask
 

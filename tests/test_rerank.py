@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ldot_jax import parallel, pretrained, rerank
+from ldot_jax.checkpoints import pretrained
+from ldot_jax.core import parallel
 from ldot_jax.data import pipeline
 from ldot_jax.data.batching import prefix_mask
 from ldot_jax.models.config import CrossEncoderConfig, RegionConfig, TransformerConfig
+from ldot_jax.retrieval import rerank
 
 BUCKETS = (8, 16)
 # Two caption lengths (buckets 8 and 16) × two region counts (R = 5; the 2-region images are

@@ -1,25 +1,26 @@
 """Extraction, index build and the Retriever on a tiny run's workdir (a random-init model of
-configs/demo.py:finetune,tiny on the generated scenes data): what the index holds equals what
+ldot_jax/configs/demo.py:finetune,tiny on the generated scenes data): what the index holds equals what
 the towers give, queries reproduce exact NumPy search, an interrupted extraction resumes, a
 model with another fingerprint is refused, the re-ranking hook re-sorts, and the CLI works."""
 
 import glob
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from ldot_jax import extract, pretrained, train
-from ldot_jax.index import build, cli
-from ldot_jax.index import base as index_base
-from ldot_jax.retrieval import Retriever
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import demo  # noqa: E402
+from ldot_jax.checkpoints import pretrained
+from ldot_jax.configs import demo  # noqa: E402
+from ldot_jax.core import workdir as workdir_lib
+from ldot_jax.index import base as index_base
+from ldot_jax.retrieval import extract
+from ldot_jax.retrieval import index_build
+from ldot_jax.retrieval.retriever import Retriever
+from ldot_jax.tools import index_cli as cli
+from ldot_jax.training import train
 
 
 def _model_dir(path, config, seed):
@@ -34,14 +35,14 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     config = demo.get_config("finetune,tiny")
     config.data.data_dir = str(tmp_path_factory.mktemp("data"))
-    train.save_config(config, str(root))
+    workdir_lib.save_config(config, str(root))
     _model_dir(root / "model", config, seed=0)
     return str(root)
 
 
 @pytest.fixture(scope="module")
 def built(workdir):
-    return build.build_from_workdir(workdir, shard_size=5, progress=False)
+    return index_build.build_from_workdir(workdir, shard_size=5, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +51,12 @@ def retriever(workdir, built):
 
 
 def test_index_holds_the_towers_vectors(workdir, built, retriever):
-    config = train.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     loaded = pretrained.load_pretrained(os.path.join(workdir, "model"))
     fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
     images = extract.read_embeddings(built.embeddings["image"], fingerprint)
     captions = extract.read_embeddings(built.embeddings["text"], fingerprint)
-    split = build.open_dataset(config).split("test")
+    split = index_build.open_dataset(config).split("test")
     assert len(images.ids) == len(split) == 16 and len(captions.ids) == 80
     assert images.names[3] == "test_000003" and captions.owners[7] == 1
     # The query path (batch of one, padded shapes) gives the vectors the extraction stored.
@@ -84,7 +85,7 @@ def test_search_equals_exact_numpy_search(built, retriever):
     assert hits.names[0] == [images.names[i] for i in want[0]]
     assert set(hits.timings_ms) == {"encode", "search", "rerank", "total", "per_query"}
     # Image → captions.
-    split = build.open_dataset(train.load_config(retriever_workdir(built))).split("test")
+    split = index_build.open_dataset(workdir_lib.load_config(retriever_workdir(built))).split("test")
     hits = retriever.search_image([split[2]["region_feat"]], [split[2]["boxes"]], k=4)
     want = np.argsort(-(images.vectors[2] @ captions.vectors.T), kind="stable")[:4]
     np.testing.assert_array_equal(hits.ids[0], want)
@@ -114,12 +115,12 @@ def test_reranking_hook_resorts_the_top_m(retriever):
 
 
 def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
-    config = train.load_config(workdir)
-    dataset = build.open_dataset(config)
+    config = workdir_lib.load_config(workdir)
+    dataset = index_build.open_dataset(config)
     corpus = extract.image_corpus(dataset.split("test"), "test", config)
     normalize = bool(config.loss.normalize)  # as the index build extracted them
     model, params = pretrained.load_dual_encoder(os.path.join(workdir, "model"))
-    from ldot_jax import parallel
+    from ldot_jax.core import parallel
     mesh = parallel.make_mesh()
     out = str(tmp_path / "images")
     real_write = extract._write_shard
@@ -153,7 +154,7 @@ def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
 
 
 def test_index_from_another_model_is_refused(workdir, built, tmp_path):
-    config = train.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     other = _model_dir(tmp_path / "other", config, seed=1)
     with pytest.raises(index_base.FingerprintMismatchError, match="was built from model"):
         Retriever.load(workdir, model_dir=other)

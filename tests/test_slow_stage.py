@@ -8,9 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from ldot_jax import evaluate, hard_negatives, losses, parallel, pretrained, tasks, two_stage
+from ldot_jax.checkpoints import pretrained
+from ldot_jax.core import parallel
+from ldot_jax.evaluation import recall, two_stage
 from ldot_jax.models.config import (CrossEncoderConfig, DualEncoderConfig, RegionConfig,
                                     TransformerConfig)
+from ldot_jax.training import hard_negatives, losses, tasks
 
 # ---------------------------------------------------------------------------------------------
 # Hard negatives
@@ -289,9 +292,9 @@ def test_recall_from_lists_matches_brute_force_with_ties(seed):
         for key, value in want.items():
             assert got[key] == pytest.approx(value), (key, k)
         assert got["ar"] == pytest.approx(np.mean(list(want.values())))
-    # The same numbers as evaluate.py's block-wise ranks over the full score matrix.
-    full_ir = evaluate.recall_at_k(np.minimum(
-        evaluate._rank_of(scores, caption_image), 10))
+    # The same numbers as recall.py's block-wise ranks over the full score matrix.
+    full_ir = recall.recall_at_k(np.minimum(
+        recall._rank_of(scores, caption_image), 10))
     for k, v in full_ir.items():
         assert v == pytest.approx(want[f"ir_r{k}"])
     with pytest.raises(ValueError, match="lists of ≥ 10"):

@@ -18,13 +18,14 @@ import numpy as np
 import optax
 import pytest
 
-from ldot_jax import (checkpoint, launch, metrics, mine, optim, parallel, pretrained, tasks,
-                      train)
-from ldot_jax.data import datasets, mined_negatives
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from configs import demo, finetune_coco, finetune_flickr30k, pretrain  # noqa: E402
+from ldot_jax.checkpoints import checkpoint, pretrained
+from ldot_jax.configs import demo, finetune_coco, finetune_flickr30k, pretrain  # noqa: E402
+from ldot_jax.core import parallel
+from ldot_jax.core import workdir as workdir_lib
+from ldot_jax.data import datasets, mined_negatives
+from ldot_jax.tools import launch
+from ldot_jax.training import metric_writer as metrics, mine, optim, tasks, train
 
 CONFIGS = {"demo": (demo, ["pretrain", "finetune", "rerank", "distill", "vldeformer",
                          "pretrain,tiny", "finetune,tiny", "rerank,tiny", "distill,tiny"]),
@@ -71,7 +72,7 @@ def train_rows(workdir):
 
 
 def final_params(workdir, step):
-    path = os.path.join(workdir, train.CHECKPOINTS, str(step), checkpoint.STATE)
+    path = os.path.join(workdir, workdir_lib.CHECKPOINTS, str(step), checkpoint.STATE)
     return checkpoint.restore_tree(path, checkpoint.tree_metadata(path))["params"]
 
 
@@ -98,7 +99,7 @@ def test_every_config_loads(name):
         tasks.check_kind_tasks(kind, names)
         params = {"model": pretrained.abstract_params(kind, model_cfg)}
         optim.make_optimizer(c.optimizer, c.train.num_steps or 100_000, params)
-        assert module.__doc__ and "python -m ldot_jax.main --config=configs/" in module.__doc__
+        assert module.__doc__ and "ldot train --config=ldot_jax/configs/" in module.__doc__
     with pytest.raises(ValueError, match="expected|option"):
         module.get_config("nonsense")
 
@@ -235,9 +236,9 @@ def test_pretraining_runs_every_task_and_exports(uninterrupted):
     assert set(summary["eval"]) == {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10",
                                     "ar"}
     assert glob.glob(os.path.join(workdir, metrics.TENSORBOARD, "events.out.tfevents.*"))
-    saved = json.load(open(os.path.join(workdir, train.CONFIG_FILE)))
+    saved = json.load(open(os.path.join(workdir, workdir_lib.CONFIG_FILE)))
     assert saved["tasks"] == {"cmr": 1, "vmlm": 1, "mrfr": 1, "mrckl": 1}
-    loaded = pretrained.load_pretrained(os.path.join(workdir, train.MODEL_DIR))
+    loaded = pretrained.load_pretrained(os.path.join(workdir, workdir_lib.MODEL_DIR))
     assert loaded.kind == "lightningdot_pretrain"
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params),
                  jax.device_get(final_params(workdir, 12)["model"]))
@@ -247,7 +248,7 @@ def test_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
     workdir, _ = uninterrupted
     first = train.train_and_evaluate(tiny_config(data_dir, stop_at=6), str(tmp_path))
     assert first["step"] == 6 and not first["eval"]
-    assert os.listdir(tmp_path / train.CHECKPOINTS) == ["6"]
+    assert os.listdir(tmp_path / workdir_lib.CHECKPOINTS) == ["6"]
     second = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path))
     assert second["step"] == 12
     want, got = train_rows(workdir), train_rows(str(tmp_path))
@@ -266,7 +267,7 @@ def test_checkpoint_from_8_devices_restores_on_2(uninterrupted):
         tx, _ = optim.make_optimizer(c.optimizer, 12, {"model": pretrained.abstract_params(
             kind, model_cfg)})
         state = train.init_state(c, kind, model_cfg, tx, mesh, load_pretrained=False)
-        with checkpoint.TrainCheckpointer(os.path.join(workdir, train.CHECKPOINTS)) as ckpt:
+        with checkpoint.TrainCheckpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS)) as ckpt:
             states[devices], data_state = ckpt.restore(train._abstract(state))
         leaf = jax.tree.leaves(states[devices].params)[0]
         assert len(leaf.sharding.device_set) == devices
@@ -299,7 +300,7 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
     one = str(tmp_path / "one")
     train.train_and_evaluate(c, one)
     two = str(tmp_path / "two")
-    args = [f"--config={ROOT}/configs/demo.py:finetune,tiny", f"--workdir={two}",
+    args = ["--config=ldot_jax/configs/demo.py:finetune,tiny", f"--workdir={two}",
             f"--config.data.data_dir={data_dir}", "--config.train.num_steps=6",
             "--config.loss.matryoshka_dims=()",
             "--config.train.log_every=1", "--config.train.tensorboard=False",
@@ -316,12 +317,12 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
     assert moved > 1e-3
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
                  trained_two, trained_one)
-    assert not os.path.exists(os.path.join(two, train.MODEL_DIR))  # export: one process only
+    assert not os.path.exists(os.path.join(two, workdir_lib.MODEL_DIR))  # export: one process only
 
 
 def test_sigterm_saves_and_stops(data_dir, tmp_path):
     workdir = str(tmp_path)
-    cmd = [sys.executable, "-m", "ldot_jax.main", f"--config={ROOT}/configs/demo.py:finetune,tiny",
+    cmd = [sys.executable, "-m", "ldot_jax.main", "--config=ldot_jax/configs/demo.py:finetune,tiny",
            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
            "--config.train.num_steps=150", "--config.train.log_every=1",
            "--config.train.tensorboard=False"]
@@ -339,7 +340,7 @@ def test_sigterm_saves_and_stops(data_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads(out[out.rindex("\n{"):])
     assert summary["preempted"] and 3 <= summary["step"] < 150
-    assert glob.glob(os.path.join(workdir, train.CHECKPOINTS, str(summary["step"])))
+    assert glob.glob(os.path.join(workdir, workdir_lib.CHECKPOINTS, str(summary["step"])))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path,
@@ -375,7 +376,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     monkeypatch.setattr(train, "load_data", load_poisoned)
     with pytest.raises(train.NonFiniteLossError, match="step 6 .*Last good checkpoint: step 4"):
         train.train_and_evaluate(c, str(tmp_path))
-    assert sorted(os.listdir(tmp_path / train.CHECKPOINTS)) == ["4"]
+    assert sorted(os.listdir(tmp_path / workdir_lib.CHECKPOINTS)) == ["4"]
 
 
 def test_checkpointer_keeps_the_latest_and_the_best(tmp_path):
@@ -441,7 +442,7 @@ def test_mined_negatives_from_a_run_feed_the_reranker(data_dir, tmp_path):
     negatives, meta = mined_negatives.read(out, num_images)
     assert negatives.shape == (num_images, 5) and meta["split"] == "train"
     assert (negatives >= 0).all() and not (negatives == np.arange(num_images)[:, None]).any()
-    config.itm.dual = os.path.join(dual, train.MODEL_DIR)
+    config.itm.dual = os.path.join(dual, workdir_lib.MODEL_DIR)
     config.pipeline.mined_negatives = out
     config.pipeline.mined_per_anchor = 1
     summary = train.train_and_evaluate(config, str(tmp_path / "rerank"))

@@ -1,1 +1,1 @@
-"""Benchmarks: `python -m ldot_jax.bench NAME [flags]`; results go to BENCHMARKS.md."""
+"""Benchmarks: `ldot bench NAME [flags]`; results go to BENCHMARKS.md."""

@@ -1,8 +1,9 @@
-"""python -m ldot_jax.bench {data,train,search,two_stage} [flags]: runs one benchmark (see
+"""ldot bench {data,train,search,two_stage} [flags]: runs one benchmark (see
 ldot_jax/bench/)."""
 
 import importlib
 import sys
+
 
 BENCHMARKS = {"data": "ldot_jax.bench.data", "train": "ldot_jax.bench.train",
               "search": "ldot_jax.bench.search", "two_stage": "ldot_jax.bench.two_stage"}
@@ -11,7 +12,7 @@ BENCHMARKS = {"data": "ldot_jax.bench.data", "train": "ldot_jax.bench.train",
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: python -m ldot_jax.bench {{{','.join(BENCHMARKS)}}} [flags]",
+        print(f"usage: ldot bench {{{','.join(BENCHMARKS)}}} [flags]",
               file=sys.stderr)
         return 2
     return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])

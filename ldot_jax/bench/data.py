@@ -1,6 +1,6 @@
 """Data benchmark: examples/s of the training pipeline against a CPU training step.
 
-    python -m ldot_jax.bench data [--data_dir runs/data] [--batch_size 128] [--steps 50]
+    ldot bench data [--data_dir runs/data] [--batch_size 128] [--steps 50]
 
 Reports: scenes generation or reuse time, caption indexing time, pipeline throughput
 (tokenized, shuffled, bucket-padded, VMLM/SMRM-masked batches), and the throughput of a jitted
@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 
+
 def _pipeline_rate(dataset, steps: int, warmup: int = 3) -> tuple[float, list]:
     it = iter(dataset)
     batches = [next(it) for _ in range(warmup)]
@@ -33,10 +34,10 @@ def _step_rate(batches, steps: int) -> float:
     import jax
     import jax.numpy as jnp
 
-    from configs import models as presets
-    from ldot_jax import losses
+    from ldot_jax.configs import models as presets
+    from ldot_jax.training import losses
     from ldot_jax.models.config import model_config
-    from ldot_jax.pretrained import build_model, init_params
+    from ldot_jax.checkpoints.pretrained import build_model, init_params
 
     preset = presets.get_config("scenes")
     config = model_config(preset.kind, preset.model)
@@ -65,7 +66,7 @@ def _step_rate(batches, steps: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldot_jax.bench data")
+    parser = argparse.ArgumentParser(prog="ldot bench data")
     parser.add_argument("--data_dir", default="runs/data")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50)

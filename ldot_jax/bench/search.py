@@ -1,7 +1,7 @@
 """Search benchmark: exact, ScaNN and coarse-to-fine (HiVLP) side by side, with FAISS flat and
 HNSW when `faiss-cpu` is installed (the `[bench]` extra).
 
-    python -m ldot_jax.bench search [--sizes 10000,100000,1000000] [--dim 768] [--d_low 128]
+    ldot bench search [--sizes 10000,100000,1000000] [--dim 768] [--d_low 128]
         [--queries 1000] [--single 200] [--embeddings DIR] [--out runs/bench/search]
 
 Corpora: the clustered synthetic set of `ldot_jax/bench/vectors.py` (per-dimension variance
@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import numpy as np
+
 
 K_RECALL = (1, 10, 100)
 
@@ -251,7 +252,7 @@ def markdown(results: dict) -> str:
 def _corpus(size: int, dim: int, num_queries: int, embeddings: str | None):
     from ldot_jax.bench import vectors
     if embeddings:
-        from ldot_jax import extract
+        from ldot_jax.retrieval import extract
         images = extract.read_embeddings(os.path.join(embeddings, "image"))
         captions = extract.read_embeddings(os.path.join(embeddings, "text"))
         if len(images.vectors) >= size:
@@ -261,7 +262,7 @@ def _corpus(size: int, dim: int, num_queries: int, embeddings: str | None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldot_jax.bench search")
+    parser = argparse.ArgumentParser(prog="ldot bench search")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--d_low", type=int, default=128)

@@ -1,6 +1,6 @@
 """Training-step benchmark: step time, examples/s and model FLOPs utilization (MFU).
 
-    python -m ldot_jax.bench train [--preset lightningdot_base] [--batch_size 8] \
+    ldot bench train [--preset lightningdot_base] [--batch_size 8] \
         [--text_len 32] [--regions 36] [--dtype float32|bfloat16] [--task cmr] [--steps 10]
         [--json out.json]
 
@@ -17,10 +17,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import numpy as np
+
 
 # Dense peak FLOP/s per device (bf16 tensor cores; fp32 without TF32 for float32).
 PEAKS = {"H100": {"bfloat16": 989e12, "float32": 67e12},
@@ -61,10 +61,10 @@ def run(preset: str, batch_size: int, text_len: int, regions: int, dtype: str, t
         steps: int) -> dict:
     import jax
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))))
-    from configs import base
-    from ldot_jax import optim, parallel, pretrained, tasks, train
+    from ldot_jax.configs import base
+    from ldot_jax.training import optim, tasks, train
+    from ldot_jax.core import parallel
+    from ldot_jax.checkpoints import pretrained
 
     c = base.base_config(preset, "lightningdot_pretrain")
     c.model.text.dtype = c.model.image.dtype = dtype
@@ -116,7 +116,7 @@ def run(preset: str, batch_size: int, text_len: int, regions: int, dtype: str, t
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldot_jax.bench train",
+    parser = argparse.ArgumentParser(prog="ldot bench train",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="lightningdot_base")
     parser.add_argument("--batch_size", type=int, default=8)

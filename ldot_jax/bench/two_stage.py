@@ -1,7 +1,7 @@
 """Two-stage speed benchmark: per-query cost of dot product + re-ranking against scoring all
 pairs with the cross-encoder, as the corpus grows.
 
-    python -m ldot_jax.bench two_stage [--sizes 1000,10000] [--extrapolate 100000,1000000]
+    ldot bench two_stage [--sizes 1000,10000] [--extrapolate 100000,1000000]
         [--preset scenes_small] [--ms 10,20,50,100] [--queries 256] [--out runs/bench/two_stage]
 
 For caption queries (text → image) over a corpus of N images with the `--preset` towers and
@@ -24,18 +24,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
 import numpy as np
 
+
 REGIONS, TEXT_LEN = 16, 14
 
 
 def _models(preset: str):
-    from configs import models
-    from ldot_jax import pretrained
+    from ldot_jax.configs import models
+    from ldot_jax.checkpoints import pretrained
     from ldot_jax.models import config as model_config
     dual_preset = models.get_config(preset)
     cross_preset = models.get_config(preset + "_uniter")
@@ -57,7 +57,8 @@ def _ms(fn, repeat: int = 3) -> float:
 
 
 def run(sizes, extrapolate, preset: str, ms, queries: int) -> dict:
-    from ldot_jax import parallel, rerank
+    from ldot_jax.core import parallel
+    from ldot_jax.retrieval import rerank
     from ldot_jax.index.scann_index import ScannIndex
     (dual, dual_params), (cross, cross_params), cfg = _models(preset)
     mesh = parallel.make_mesh()
@@ -159,7 +160,7 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldot_jax.bench two_stage",
+    parser = argparse.ArgumentParser(prog="ldot bench two_stage",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,10000")
@@ -169,8 +170,6 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=256)
     parser.add_argument("--out", default="runs/bench/two_stage")
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))))
     ints = lambda s: tuple(int(x) for x in s.split(",") if x)
     result = run(ints(args.sizes), ints(args.extrapolate), args.preset, ints(args.ms),
                  args.queries)

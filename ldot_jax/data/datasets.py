@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from ldot_jax import fileutil
+from ldot_jax.core import fileutil
 from ldot_jax.data import builder_base, schema
 from ldot_jax.data.jsonl import Jsonl
 from ldot_jax.data.karpathy import Karpathy

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from ldot_jax import fileutil
+from ldot_jax.core import fileutil
 from ldot_jax.data import region_files
 from ldot_jax.data.builder_base import FeatureFilesBuilder, FeatureFilesConfig
 

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from ldot_jax import fileutil
+from ldot_jax.core import fileutil
 
 
 def write(path: str | os.PathLike, negatives: np.ndarray, meta: dict) -> str:
@@ -48,7 +48,7 @@ def read(path: str | os.PathLike, num_images: int) -> tuple[np.ndarray, dict]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pipeline.mined_negatives: {path} does not exist (write it "
-                                f"with `python -m ldot_jax.mine`)")
+                                f"with `ldot mine`)")
     try:
         with np.load(path) as f:
             arrays = {k: f[k] for k in f.files}

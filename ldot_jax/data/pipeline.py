@@ -43,7 +43,7 @@ class PipelineConfig:
     max_text_len / length_policy: wordpieces (without [CLS]/[SEP]); the original drops
       training captions over 60 wordpieces and keeps all at evaluation.
     mined_negatives: an .npz of hard negatives mined from an index over the whole split
-      (`python -m ldot_jax.mine`; data/mined_negatives.py); with it each global batch holds
+      (`ldot mine`; data/mined_negatives.py); with it each global batch holds
       batch_size / (1 + mined_per_anchor) anchor captions, each followed by captions of
       mined_per_anchor of its mined images (an epoch is one pass over the anchors).
     """

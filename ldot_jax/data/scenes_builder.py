@@ -13,7 +13,7 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from ldot_jax.data import parallel, scenes
+from ldot_jax.data import workers, scenes
 from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
 from ldot_jax.data.tokenizer import Tokenizer
 
@@ -74,8 +74,8 @@ def _generate(config: ScenesBuilderConfig, split: str, size: int) -> Iterator[tu
     settings = config.scenes_config()
     jobs = [(config.seed, split, start, min(start + _CHUNK, size), settings, config.image_size)
             for start in range(0, size, _CHUNK)]
-    workers = int(os.environ.get("LDOT_DATA_WORKERS", "0"))  # 0: one per CPU
-    for chunk in parallel.ordered_map("ldot_jax.data.scenes:generate_chunk", jobs, workers):
+    count = int(os.environ.get("LDOT_DATA_WORKERS", "0"))  # 0: one per CPU
+    for chunk in workers.ordered_map("ldot_jax.data.scenes:generate_chunk", jobs, count):
         for record in chunk:
             yield f"scenes {split} {record['image_id']}", record
 

@@ -17,7 +17,7 @@ from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
-from ldot_jax import fileutil
+from ldot_jax.core import fileutil
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 POLICIES = ("truncate", "drop")

@@ -22,7 +22,7 @@ import lz4.frame
 import msgpack
 import numpy as np
 
-from ldot_jax import fileutil
+from ldot_jax.core import fileutil
 from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
 
 DETECTOR_CLASSES = 1601

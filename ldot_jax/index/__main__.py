@@ -1,7 +1,7 @@
-"""python -m ldot_jax.index {build,info,query} (see ldot_jax/index/cli.py)."""
+"""`python -m ldot_jax.index`: kept for existing scripts; the command is `ldot index`."""
 
 import sys
 
-from ldot_jax.index.cli import main
+from ldot_jax.tools.index_cli import main
 
 sys.exit(main())

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ldot_jax import fileutil
+from ldot_jax.core import fileutil
 
 FORMAT_VERSION = 1
 META_FILE = "index.json"

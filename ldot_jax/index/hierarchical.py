@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from ldot_jax import evaluate
+from ldot_jax.core import numerics
 from ldot_jax.index import base, scann_index
 
 VECTORS_FILE = "vectors.npy"
@@ -65,7 +65,7 @@ class HierarchicalIndex(scann_index.ScannIndex):
     def _coarse(self, vectors):
         if not self.normalize_prefix:
             return vectors  # ScaNN truncates
-        return evaluate.l2_normalize(np.ascontiguousarray(vectors[:, :self.d_low]))
+        return numerics.l2_normalize(np.ascontiguousarray(vectors[:, :self.d_low]))
 
     def _builder(self, db, p):
         builder = super()._builder(db, p)

@@ -58,7 +58,7 @@ class ScannParams:
 
 
 def scann_params(count: int, dim: int, **overrides) -> ScannParams:
-    """The rule (ScaNN's guidance, tuned on `python -m ldot_jax.bench search`):
+    """The rule (ScaNN's guidance, tuned on `ldot bench search`):
       count < 20k:        brute force (exact scoring of every vector, SIMD).
       20k ≤ count < 100k: anisotropic hashing (2 dims per block, threshold 0.2), reorder 100.
       count ≥ 100k:       also a tree of √count leaves, searching 5% of them (at least 8),

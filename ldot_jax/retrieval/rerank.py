@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 import jax
 import numpy as np
 
-from ldot_jax import parallel
+from ldot_jax.core import parallel
 from ldot_jax.data.batching import bucket_size, prefix_mask
 from ldot_jax.models.cross_encoder import CrossEncoder
 

@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldot_jax import contrastive, hard_negatives, losses
+from ldot_jax.core import numerics
 from ldot_jax.data import masking
 from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.dual_encoder import DualEncoder
 from ldot_jax.models.pretraining import DualEncoderForPretraining
+from ldot_jax.training import contrastive, hard_negatives, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +320,7 @@ def itm(params, batch, rng, setup: TaskSetup):
         text, image = jax.lax.stop_gradient(embed_pair(dual_setup, params["dual"], batch, rng,
                                                        deterministic=True))
         if cfg.normalize:
-            text, image = contrastive.l2_normalize(text), contrastive.l2_normalize(image)
+            text, image = numerics.l2_normalize(text), numerics.l2_normalize(image)
     elif cfg.residual_scale is not None:
         raise ValueError("itm.residual_scale needs the dual encoder's scores (itm.dual)")
     else:  # no dual encoder: uniform among other images' rows
@@ -403,7 +404,7 @@ def distill(params, batch, rng, setup: TaskSetup):
         candidates = jnp.concatenate([rows[:, None], drawn], axis=1)  # [B, K]: positive first
         mask = jnp.concatenate([valid[:, None], found], axis=1)
         # The student's scores are the CMR loss's: (normalized) dot products × scale.
-        q, k = ((contrastive.l2_normalize(x) for x in (queries, keys))
+        q, k = ((numerics.l2_normalize(x) for x in (queries, keys))
                 if setup.loss.contrastive.normalize else (queries, keys))
         student = scale * hard_negatives.candidate_scores(setup.mesh, q, k, candidates)
         teacher = []

@@ -2,7 +2,7 @@
 
 Why not `multiprocessing`: "fork" is unsafe once JAX has started its threads, and "spawn" /
 "forkserver" re-run the caller's `__main__` in every worker, which hangs scripts that lack an
-`if __name__ == "__main__"` guard. Workers here are fresh `python -m ldot_jax.data.parallel`
+`if __name__ == "__main__"` guard. Workers here are fresh `python -m ldot_jax.data.workers`
 processes that import only the function's module; jobs go in and results come back as pickles
 over pipes, and results are yielded in job order.
 """
@@ -15,6 +15,7 @@ import pickle
 import subprocess
 import sys
 from typing import Any, Callable, Iterator, Sequence
+
 
 
 def _resolve(name: str) -> Callable:
@@ -36,7 +37,7 @@ def ordered_map(function: str, jobs: Sequence[Any], workers: int = 0) -> Iterato
     procs = []
     try:
         for w in range(workers):
-            proc = subprocess.Popen([sys.executable, "-m", "ldot_jax.data.parallel"],
+            proc = subprocess.Popen([sys.executable, "-m", "ldot_jax.data.workers"],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             # Worker w takes jobs w, w + workers, …; reading round-robin restores the order.
             pickle.dump((function, list(jobs[w::workers])), proc.stdin)

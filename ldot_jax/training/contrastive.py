@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ldot_jax.core import numerics
+
 KINDS = ("softmax", "sigmoid")
 NEGATIVES = ("global", "local")
 
@@ -114,11 +116,6 @@ def _row_losses(config, queries, keys, query_group, key_group, key_valid, scale,
     return top + jnp.log(jnp.maximum(total, 1e-30)) - positive_sum / jnp.maximum(positives, 1.0)
 
 
-def l2_normalize(x):
-    """Rows of f[..., D] scaled to unit length (zero rows stay zero)."""
-    return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-12)
-
-
 def local_contrastive_loss(text, image, group, valid, scale, bias, *, config: ContrastiveConfig,
                            axis_name: str | None):
     """The per-device loss: call inside `jax.shard_map` over `axis_name` (None: one device).
@@ -129,7 +126,7 @@ def local_contrastive_loss(text, image, group, valid, scale, bias, *, config: Co
     Returns: f32[], the same on every device.
     """
     if config.normalize:
-        text, image = l2_normalize(text), l2_normalize(image)
+        text, image = numerics.l2_normalize(text), numerics.l2_normalize(image)
     rows = text.shape[0]
     gather = config.negatives == "global" and axis_name is not None
     offset = jax.lax.axis_index(axis_name) * rows if gather else 0

@@ -36,17 +36,17 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from ldot_jax import (checkpoint, contrastive, evaluate, extract, fileutil, initialize, optim,
-                      parallel, pretrained, tasks)
+from ldot_jax.checkpoints import checkpoint, initialize, pretrained
+from ldot_jax.core import parallel
+from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, pipeline
-from ldot_jax.metrics import MetricWriter
+from ldot_jax.evaluation import recall
 from ldot_jax.models import config as model_config_lib
+from ldot_jax.retrieval import extract
+from ldot_jax.training import contrastive, optim, tasks
+from ldot_jax.training.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.json"
-CHECKPOINTS = "checkpoints"
-MODEL_DIR = "model"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -277,12 +277,12 @@ def evaluate_retrieval(model, params, data: TrainData, config, mesh,
     """Dot-product IR / TR recall on the evaluation split (every image and caption once)."""
     image_vectors, text_vectors, caption_image = extract.embed_split(
         model, params, data.eval_images, data.eval_index, config, mesh, progress)
-    return evaluate.retrieval_metrics(text_vectors, image_vectors, caption_image)
+    return recall.retrieval_metrics(text_vectors, image_vectors, caption_image)
 
 
 def make_evaluator(kind: str, model, data: TrainData, config, mesh, frozen_modules: dict,
                    frozen: dict):
-    """fn(model params, progress) → eval metrics, or None when the run does not evaluate.
+    """fn(model params, progress) → eval metrics, or None when the run does not recall.
     Dual encoders: dot-product recall on the eval split. The cross-encoder: recall after it
     re-ranks the top `itm.eval_top` of the frozen dual encoder (itm.dual)."""
     if data.eval_images is None:
@@ -293,7 +293,7 @@ def make_evaluator(kind: str, model, data: TrainData, config, mesh, frozen_modul
     if "dual" not in frozen_modules:
         log.warning("the cross-encoder is not evaluated during training: itm.dual is not set")
         return None
-    from ldot_jax import two_stage  # the evaluation of the slow stage builds on training
+    from ldot_jax.evaluation import two_stage  # the evaluation of the slow stage builds on training
     dual = (frozen_modules["dual"], frozen["dual"])
     return lambda params, progress: two_stage.rerank_recall(
         dual, (model, params), data.eval_images, data.eval_index, config, mesh,
@@ -302,18 +302,6 @@ def make_evaluator(kind: str, model, data: TrainData, config, mesh, frozen_modul
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-
-def save_config(config, workdir: str) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        fileutil.atomic_write_text(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=1))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run saved in its workdir."""
-    return ml_collections.ConfigDict(fileutil.read_json(os.path.join(workdir, CONFIG_FILE),
-                                                        "run config"))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -327,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t = config.train
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.model)
     parallel.check_global_batch(config.pipeline.batch_size, mesh)
-    save_config(config, workdir)
+    if jax.process_index() == 0:
+        workdir_lib.save_config(config, workdir)
     kind, model_cfg, model = model_and_config(config)
     names, probabilities = tasks.check_mix(dict(config.tasks))
     tasks.check_kind_tasks(kind, names)
@@ -341,7 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             distill_config(config), **frozen_modules)
 
     ckpt = checkpoint.TrainCheckpointer(
-        os.path.join(workdir, CHECKPOINTS), keep=t.keep_checkpoints,
+        workdir_lib.checkpoints_dir(workdir), keep=t.keep_checkpoints,
         best_metric=t.get("best_metric"), best_mode=t.get("best_mode", "max"),
         async_save=t.get("async_checkpoints", True))
     resuming = ckpt.latest_step() is not None
@@ -445,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def export_model(workdir: str, kind: str, model_cfg, model_params) -> str:
     """Writes <workdir>/model, a model directory (`ldot_jax.load_dual_encoder` reads it)."""
-    path = os.path.join(workdir, MODEL_DIR)
+    path = workdir_lib.model_dir(workdir)
     host = jax.device_get(parallel.to_host(model_params))
     return pretrained.save_pretrained(path, kind, model_cfg, host,
                                       metadata={"source": workdir, "exported_by": "train"})

@@ -1,7 +1,7 @@
 """Offline embedding of a corpus: every image (and caption) of a split through a trained tower.
 
 Jitted, batched and sharded like evaluation (each process embeds its rows of every global
-batch; `evaluate.embed_batches` gathers them), and written in shards of `shard_size` rows:
+batch; `encode.embed_batches` gathers them), and written in shards of `shard_size` rows:
 
   <out>/manifest.json     {"side", "split", "count", "shard_size", "fingerprint", "normalized"}
   <out>/shard-00000.npz   vectors f32[n, D], ids i64[n], names str[n] (image ids, or caption
@@ -25,13 +25,15 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from ldot_jax import evaluate, fileutil, parallel
+from ldot_jax.core import fileutil, parallel
+from ldot_jax.core import numerics
+from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import pipeline, schema
+from ldot_jax.retrieval import encode
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-SIDES = ("image", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,20 +107,20 @@ def embed_split(model, params, images: Sequence[dict], caption_index: pipeline.C
     per_process, text_buckets, region_buckets = batch_layout(config)
     image_batches = pipeline.eval_image_batches(images, per_process, region_buckets,
                                                 jax.process_index(), jax.process_count())
-    image_vectors, image_ids = evaluate.embed_batches(
+    image_vectors, image_ids = encode.embed_batches(
         model, params, image_batches, mesh, "image", "image_index",
         desc="embed images" if progress else None)
     caption_batches = pipeline.eval_caption_batches(caption_index, per_process, text_buckets,
                                                     jax.process_index(), jax.process_count())
-    text_vectors, text_ids = evaluate.embed_batches(
+    text_vectors, text_ids = encode.embed_batches(
         model, params, caption_batches, mesh, "text", "text_index",
         desc="embed captions" if progress else None)
     if len(image_ids) != caption_index.num_images or len(text_ids) != len(caption_index):
         raise RuntimeError(f"embedding saw {len(image_ids)} images / {len(text_ids)} captions, "
                            f"expected {caption_index.num_images} / {len(caption_index)}")
     if config.loss.get("normalize", False):
-        image_vectors = evaluate.l2_normalize(image_vectors)
-        text_vectors = evaluate.l2_normalize(text_vectors)
+        image_vectors = numerics.l2_normalize(image_vectors)
+        text_vectors = numerics.l2_normalize(text_vectors)
     return image_vectors, text_vectors, caption_index.image[text_ids].astype(np.int64)
 
 
@@ -217,8 +219,8 @@ def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
     DualEncoder's, or the pre-training model's) into shards under `out_dir`, skipping shards
     already there, and returns all the embeddings. normalize: L2-normalize the vectors (for
     towers trained with normalized embeddings). Every process calls it; process 0 writes."""
-    if corpus.side not in SIDES:
-        raise ValueError(f"side {corpus.side!r}: expected one of {SIDES}")
+    if corpus.side not in workdir_lib.SIDES:
+        raise ValueError(f"side {corpus.side!r}: expected one of {workdir_lib.SIDES}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected ≥ 1")
     out_dir = os.path.abspath(out_dir)
@@ -253,12 +255,12 @@ def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
     for s, (start, stop) in enumerate(bounds):
         if done[s]:
             continue
-        vectors, ids = evaluate.embed_batches(model, params, corpus.batches(start, stop), mesh,
+        vectors, ids = encode.embed_batches(model, params, corpus.batches(start, stop), mesh,
                                               corpus.side, corpus.index_key)
         if len(ids) != stop - start or not np.array_equal(ids, np.arange(stop - start)):
             raise RuntimeError(f"shard {s}: embedded {len(ids)} rows, expected {stop - start}")
         if normalize:
-            vectors = evaluate.l2_normalize(vectors)
+            vectors = numerics.l2_normalize(vectors)
         if writer:
             _write_shard(_shard_path(out_dir, s), {
                 "vectors": vectors.astype(np.float32), "ids": np.arange(start, stop),

@@ -4,7 +4,7 @@
 
 Targets: "model" (the whole dual encoder, from a LightningDOT fine-tuned or pre-training
 directory), "text" (the text tower) and "image" (the image tower). Sources are model
-directories written by `python -m ldot_jax.convert` (or by training):
+directories written by `ldot convert` (or by training):
 
   target  source kind              what is copied
   model   lightningdot(_pretrain)  both towers (+ the pre-training heads when both have them)
@@ -30,8 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldot_jax import pretrained
-from ldot_jax.checkpoint import CheckpointError
+from ldot_jax.checkpoints import pretrained
+from ldot_jax.checkpoints.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""python -m ldot_jax.index {build,info,query}: the fast stage from the command line.
+"""ldot index {build,info,query}: the fast stage from the command line.
 
   build  --workdir DIR [--split test] [--backend scann|hierarchical|exact] [--sides image,text]
          [--d_low 64] [--candidates 100] [--num_leaves N --leaves_to_search N --reorder N]
@@ -16,12 +16,13 @@ import json
 import logging
 import sys
 
-from ldot_jax import parallel
+from ldot_jax.core import parallel
+from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import schema
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ldot_jax.index", description=__doc__,
+    p = argparse.ArgumentParser(prog="ldot index", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="extract embeddings and build the split's indexes")
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args) -> int:
-    from ldot_jax.index import build
+    from ldot_jax.retrieval import index_build
     scann = {name: getattr(args, name) for name in
              ("num_leaves", "leaves_to_search", "training_sample_size", "reorder", "num_threads")
              if getattr(args, name) is not None}
@@ -70,12 +71,11 @@ def _build(args) -> int:
                  "health_queries": args.health_queries,
                  "sides": tuple(args.sides.split(",")) if args.sides else None}
     if scann:
-        from ldot_jax.train import load_config
-        base = build.index_options(load_config(args.workdir))["scann"]
+        base = index_build.index_options(workdir_lib.load_config(args.workdir))["scann"]
         overrides["scann"] = {**base, **scann}
-    built = build.build_from_workdir(args.workdir, model_dir=args.model, out_dir=args.out,
-                                     overwrite=args.overwrite, progress=not args.no_progress,
-                                     **overrides)
+    built = index_build.build_from_workdir(args.workdir, model_dir=args.model, out_dir=args.out,
+                                           overwrite=args.overwrite, progress=not args.no_progress,
+                                           **overrides)
     for side, path in built.indexes.items():
         print(f"{side} index: {path}")
         report = built.health.get(side, {})
@@ -95,7 +95,7 @@ def _info(args) -> int:
 
 
 def _query(args) -> int:
-    from ldot_jax.retrieval import Retriever
+    from ldot_jax.retrieval.retriever import Retriever
     retriever = Retriever.load(args.workdir, split=args.split, model_dir=args.model,
                                index_dir=args.index_dir, force=args.force)
     retriever.warmup()
@@ -104,11 +104,10 @@ def _query(args) -> int:
         queries = args.text
         kind = "image"
     else:
-        from ldot_jax.index import build
-        from ldot_jax.train import load_config
-        config = load_config(args.workdir)
-        split = args.split or build.index_options(config)["split"]
-        images = build.open_dataset(config).split(split)
+        from ldot_jax.retrieval import index_build
+        config = workdir_lib.load_config(args.workdir)
+        split = args.split or index_build.index_options(config)["split"]
+        images = index_build.open_dataset(config).split(split)
         position = _image_position(images, args.image)
         record = images[position]
         results = retriever.search_image([record["region_feat"]], [record["boxes"]], k=args.k)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldot_jax import checkpoint, fileutil
+from ldot_jax.checkpoints import checkpoint
+from ldot_jax.core import fileutil
 from ldot_jax.models import config as config_lib
 from ldot_jax.models.config import BertConfig, CrossEncoderConfig, DualEncoderConfig
 from ldot_jax.models.cross_encoder import CrossEncoder

@@ -22,20 +22,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from ldot_jax import extract, fileutil, parallel, pretrained, train
+from ldot_jax.checkpoints import pretrained
+from ldot_jax.core import fileutil, parallel
+from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets
 from ldot_jax.index import base, health
 from ldot_jax.index.exact import ExactIndex
 from ldot_jax.index.hierarchical import HierarchicalIndex
 from ldot_jax.index.scann_index import ScannIndex
+from ldot_jax.retrieval import extract
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("scann", "hierarchical", "exact")
-EMBEDDINGS_DIR = "embeddings"
-INDEX_DIR = "index"
-# Which modality queries an index of each side.
-QUERY_SIDE = {"image": "text", "text": "image"}
 
 
 def _section(config, key, default=None):
@@ -58,9 +57,9 @@ def index_options(config: ml_collections.ConfigDict | None, **overrides) -> dict
     if out["backend"] not in BACKENDS:
         raise ValueError(f"index.backend={out['backend']!r}: expected one of {BACKENDS}")
     out["sides"] = tuple(out["sides"])
-    bad = set(out["sides"]) - set(extract.SIDES)
+    bad = set(out["sides"]) - set(workdir_lib.SIDES)
     if bad or not out["sides"]:
-        raise ValueError(f"index.sides={out['sides']}: expected a subset of {extract.SIDES}")
+        raise ValueError(f"index.sides={out['sides']}: expected a subset of {workdir_lib.SIDES}")
     return out
 
 
@@ -137,10 +136,10 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     <workdir>/index/<split>.
     """
     workdir = os.path.abspath(workdir)
-    config = train.load_config(workdir)
+    config = workdir_lib.load_config(workdir)
     options = index_options(config, **overrides)
     split = options["split"]
-    model_dir = model_dir or os.path.join(workdir, train.MODEL_DIR)
+    model_dir = model_dir or os.path.join(workdir, workdir_lib.MODEL_DIR)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(
             f"no model at {model_dir}: a finished single-process run exports one; otherwise "
@@ -163,14 +162,14 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     embeddings, paths = {}, {}
     # Both modalities are extracted: an index of one side is checked with queries of the other.
     for side, corpus in corpora.items():
-        paths[side] = os.path.join(workdir, EMBEDDINGS_DIR, split, side)
+        paths[side] = workdir_lib.embeddings_dir(workdir, split, side)
         embeddings[side] = extract.extract(model, params, corpus, paths[side], mesh, fingerprint,
                                            options["shard_size"], normalize, overwrite, progress)
-    out_dir = out_dir or os.path.join(workdir, INDEX_DIR, split)
+    out_dir = out_dir or workdir_lib.index_dir(workdir, split)
     indexes, reports = {}, {}
     matryoshka = tuple(config.loss.get("matryoshka_dims", ()) or ())
     for side in options["sides"]:
-        other = QUERY_SIDE[side]
+        other = workdir_lib.QUERY_SIDE[side]
         queries = health.sample_queries(embeddings[other].vectors, options["health_queries"])
         index = build_index(embeddings[side], options["backend"], options, queries, other,
                             matryoshka)

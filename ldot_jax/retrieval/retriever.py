@@ -22,10 +22,13 @@ from typing import Protocol, Sequence
 import jax
 import numpy as np
 
-from ldot_jax import evaluate, pretrained, train
+from ldot_jax.checkpoints import pretrained
+from ldot_jax.core import numerics
+from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.index import base as index_base
-from ldot_jax.index import build as index_build
 from ldot_jax.index.base import load_index
+from ldot_jax.retrieval import encode
+from ldot_jax.retrieval import index_build
 
 DIRECTIONS = ("text_to_image", "image_to_text")
 
@@ -111,14 +114,14 @@ class Retriever:
         <workdir>/index/<split> (or index_dir). An index built from another model is an error
         unless `force`. kwargs: reranker, rerank_top."""
         workdir = os.path.abspath(workdir)
-        config = train.load_config(workdir)
+        config = workdir_lib.load_config(workdir)
         options = index_build.index_options(config)
         split = split or options["split"]
         loaded = pretrained.load_pretrained(model_dir or os.path.join(workdir,
-                                                                      train.MODEL_DIR))
+                                                                      workdir_lib.MODEL_DIR))
         model = pretrained.build_model(loaded.kind, loaded.config)
         fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
-        index_dir = index_dir or os.path.join(workdir, index_build.INDEX_DIR, split)
+        index_dir = index_dir or os.path.join(workdir, workdir_lib.INDEX_DIR, split)
         indexes, catalogs = {}, {}
         for side in ("image", "text"):
             path = os.path.join(index_dir, side)
@@ -127,7 +130,7 @@ class Retriever:
                 catalogs[side] = Catalog.read(path)
         if not indexes:
             raise index_base.IndexFormatError(
-                f"no index under {index_dir}: build one with `python -m ldot_jax.index build "
+                f"no index under {index_dir}: build one with `ldot index build "
                 f"--workdir {workdir} --split {split}`")
         tokenizer = index_build.open_dataset(config).tokenizer
         return cls(model, loaded.params, tokenizer, indexes.get("image"), indexes.get("text"),
@@ -138,7 +141,7 @@ class Retriever:
 
     def _finish(self, vectors: np.ndarray) -> np.ndarray:
         if self.normalize:
-            vectors = evaluate.l2_normalize(vectors)
+            vectors = numerics.l2_normalize(vectors)
         return vectors
 
     def text_inputs(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
@@ -189,7 +192,7 @@ class Retriever:
     def _encode(self, inputs: dict, side: str, count: int) -> np.ndarray:
         dummy = ({"region_feat": None, "boxes": None, "region_mask": None} if side == "text"
                  else {"input_ids": None, "attention_mask": None})
-        out = evaluate._encode(self.model, self.params, {**dummy, **inputs}, side)
+        out = encode.encode_batch(self.model, self.params, {**dummy, **inputs}, side)
         return self._finish(np.asarray(jax.device_get(out), np.float32)[:count])
 
     def encode_text(self, captions: Sequence[str]) -> np.ndarray:

@@ -11,14 +11,10 @@ Scores are formed block by block (never the whole #captions × #images matrix at
 
 from __future__ import annotations
 
-import functools
-from typing import Iterable, Sequence
+from typing import Sequence
 
-import jax
 import numpy as np
-import tqdm
 
-from ldot_jax import parallel
 
 KS = (1, 5, 10)
 
@@ -62,11 +58,6 @@ def image_to_text_ranks(text: np.ndarray, image: np.ndarray, caption_image: np.n
     return best
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of f32[n, D] scaled to unit length (zero rows stay zero)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
     """{K: percent of ranks < K}."""
     return {k: 100.0 * float(np.mean(ranks < k)) for k in ks}
@@ -91,41 +82,3 @@ def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.nda
     out.update({f"tr_r{k}": v for k, v in tr.items()})
     out["ar"] = float(np.mean(list(ir.values()) + list(tr.values())))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Embedding a split with the dual encoder (data parallel, every process gets everything)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "side"))
-def _encode(model, params, batch, side: str):
-    def fn(module):
-        dual = getattr(module, "dual_encoder", module)
-        if side == "text":
-            return dual.encode_text(batch["input_ids"], batch["attention_mask"])
-        return dual.encode_image(batch["region_feat"], batch["boxes"], batch["region_mask"])
-    return model.apply({"params": params}, method=fn)
-
-
-def embed_batches(model, params, batches: Iterable[dict], mesh, side: str, index_key: str,
-                  total: int | None = None, desc: str | None = None) -> tuple[np.ndarray,
-                                                                             np.ndarray]:
-    """Runs one tower over evaluation batches (pipeline.eval_*_batches, this process's share)
-    and returns (vectors f32[n, P], ids i64[n]) of every valid row of every process, sorted
-    by id. `params` are the tower owner's params (DualEncoder or pre-training model)."""
-    vectors, ids = [], []
-    show = desc is not None and jax.process_index() == 0
-    for batch in tqdm.tqdm(batches, total=total, desc=desc, disable=not show, leave=False,
-                           unit="batch"):
-        keep = {k: batch[k] for k in ("input_ids", "attention_mask", "region_feat", "boxes",
-                                      "region_mask", "valid", index_key)}
-        with jax.set_mesh(mesh):
-            global_batch = parallel.global_batch(keep, mesh)
-            out = _encode(model, params, global_batch, side)
-        vectors.append(parallel.gather_rows(out))
-        ids.append(parallel.gather_rows(global_batch[index_key]))
-        ids[-1] = np.where(parallel.gather_rows(global_batch["valid"]), ids[-1], -1)
-    vectors, ids = np.concatenate(vectors), np.concatenate(ids)
-    keep = ids >= 0
-    order = np.argsort(ids[keep], kind="stable")
-    return vectors[keep][order].astype(np.float32), ids[keep][order]

@@ -1,7 +1,7 @@
 """Defaults shared by the experiment configs (each experiment file overrides what it changes).
 
 Sections (what reads them):
-  model_kind, model   the network (configs/models.py presets; ldot_jax.models.config)
+  model_kind, model   the network (ldot_jax/configs/models.py presets; ldot_jax.models.config)
   data                dataset name or prepared directory, builder config, splits (data/datasets.py)
   pipeline            global batch, buckets, caption length (data/pipeline.py)
   tasks               {task: mix ratio} over cmr / vmlm / mrfr / mrckl (tasks.py)
@@ -13,16 +13,16 @@ Sections (what reads them):
   distill             distillation from the cross-encoder into the towers (tasks.py)
   train               steps, logging, evaluation, checkpoints (train.py)
   index               the fast stage: extraction and the index built after training
-                      (ldot_jax/index/build.py, `python -m ldot_jax.index build`)
+                      (ldot_jax/index/build.py, `ldot index build`)
 Fields that default to None are typed placeholders, so `--config.x=value` works on them.
-As a config file, `configs/base.py:<model preset>` gives these defaults (fine-tuning CMR on
+As a config file, `ldot_jax/configs/base.py:<model preset>` gives these defaults (fine-tuning CMR on
 the scenes data with that preset).
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from configs import models
+from ldot_jax.configs import models
 
 
 def base_config(preset: str, model_kind: str | None = None) -> ml_collections.ConfigDict:

@@ -10,9 +10,9 @@ First convert the original's LMDBs once (soft labels kept for MRC-kl; README "Da
     datasets.prepare(datasets.UniterDb(config=config, data_dir="data"))
     PY
 
-then, with BERT-base-cased and UNITER-base converted by `python -m ldot_jax.convert`:
+then, with BERT-base-cased and UNITER-base converted by `ldot convert`:
 
-    python -m ldot_jax.main --config=configs/pretrain.py --workdir=runs/pretrain \\
+    ldot train --config=ldot_jax/configs/pretrain.py --workdir=runs/pretrain \\
         --config.data.name=data/ldot_uniter_db/pretrain_coco/1.0.0 \\
         --config.data.vocab=bert-base-cased/vocab.txt \\
         --config.init.text=models/bert-base-cased --config.init.image=models/uniter-base
@@ -25,14 +25,14 @@ global batch is fixed (1,024 captions over all devices) and negatives are global
 bf16 on accelerators: `--config.model.text.dtype=bfloat16 --config.model.image.dtype=bfloat16`.
 """
 
-from configs import base
+from ldot_jax.configs import base
 
 MIXES = {"coco_sbu": {"cmr": 16, "vmlm": 8, "mrfr": 4, "mrckl": 4},
          "vg_cc": {"cmr": 16, "vmlm": 12, "mrfr": 6, "mrckl": 6}}
 
 
 def get_config(arg: str = "coco_sbu"):
-    mix, options = base.parse_arg(arg, tuple(MIXES), "coco_sbu", "configs/pretrain.py")
+    mix, options = base.parse_arg(arg, tuple(MIXES), "coco_sbu", "ldot_jax/configs/pretrain.py")
     c = base.base_config("lightningdot_base", "lightningdot_pretrain")
     base.pretraining_recipe(c)
     c.tasks = dict(MIXES[mix])

@@ -15,7 +15,7 @@
 
 Recipes of the original: pre-training lr 5e-5, 10k warm-up, β = (0.9, 0.98), eps 1e-6,
 wd 0.01, clip 5.0; fine-tuning lr 2e-5, 10% warm-up, β = (0.9, 0.999), eps 1e-8, wd 0,
-clip 2.0 (configs/pretrain.py and configs/finetune_*.py).
+clip 2.0 (ldot_jax/configs/pretrain.py and configs/finetune_*.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import optax
+
 
 NO_DECAY_LEAVES = ("bias", "scale")  # biases and LayerNorm scales (HF's no_decay)
 LOSS_PARAMS = "contrastive"  # top-level params of the loss (temperature, bias): no decay

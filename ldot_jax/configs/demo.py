@@ -1,10 +1,10 @@
 """The scenes demo: LightningDOT pre-training and fine-tuning on the built-in scenes data.
 
-    python -m ldot_jax.main --config=configs/demo.py:pretrain --workdir=runs/demo/pretrain
-    python -m ldot_jax.main --config=configs/demo.py:finetune --workdir=runs/demo/finetune \\
+    ldot train --config=ldot_jax/configs/demo.py:pretrain --workdir=runs/demo/pretrain
+    ldot train --config=ldot_jax/configs/demo.py:finetune --workdir=runs/demo/finetune \\
         --config.init.model=runs/demo/pretrain/model
 
-    python -m ldot_jax.main --config=configs/demo.py:rerank --workdir=runs/demo/rerank \\
+    ldot train --config=ldot_jax/configs/demo.py:rerank --workdir=runs/demo/rerank \\
         --config.itm.dual=runs/demo/finetune/model
 
 Stages (the first part of the argument):
@@ -19,7 +19,7 @@ Stages (the first part of the argument):
             learns a correction to the dot stage and re-ranks fused (α chosen on val);
   distill   fine-tuning with the re-ranker as teacher (distill.teacher), from init.model;
   vldeformer  the same, both towers initialized from the re-ranker (init.text, init.image).
-Add `,tiny` (e.g. `configs/demo.py:pretrain,tiny`) for a seconds-long run on a 48-image
+Add `,tiny` (e.g. `ldot_jax/configs/demo.py:pretrain,tiny`) for a seconds-long run on a 48-image
 scenes set with the `tiny` model: what the tests run.
 
 What the demo reaches (2-core CPU, test split, 1,000 caption queries over 1,000 images): the
@@ -35,7 +35,7 @@ The scenes data (30k training images) is generated on first use (about a minute 
 
 from ml_collections.config_dict import placeholder
 
-from configs import base
+from ldot_jax.configs import base
 
 # The demo's evaluation (ldot_jax.two_stage.evaluate_workdir): a seeded sample of the test
 # queries against the whole test corpus (1,000 images, 5,000 captions), to keep the
@@ -49,7 +49,7 @@ STAGES = ("pretrain", "finetune", "rerank", "distill", "vldeformer")
 
 
 def get_config(arg: str = "pretrain"):
-    stage, options = base.parse_arg(arg, STAGES, "pretrain", "configs/demo.py")
+    stage, options = base.parse_arg(arg, STAGES, "pretrain", "ldot_jax/configs/demo.py")
     cross = stage == "rerank"
     c = base.base_config("scenes_small_uniter" if cross else "scenes_small",
                          None if cross else "lightningdot_pretrain")
