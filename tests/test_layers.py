@@ -104,3 +104,53 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
         assert layer_of(found[0][1]) == "training" and layer_of(module_name(fake)) == "index"
     finally:
         fake.unlink()
+
+
+# The query path: what a service imports. Training, TFDS, grain and the LMDB reader stay out.
+HEAVY = ("grain", "tensorflow_datasets", "optax", "lmdb", "tensorflow", "torch")
+
+QUERY_SCRIPT = """
+import json, sys
+import ldot_jax.retrieval
+light = sorted(m for m in {heavy!r} if m in sys.modules)
+from ldot_jax.retrieval import Retriever
+retriever = Retriever.from_dirs({model!r}, {index!r}, tokenizer={vocab!r})
+hits = retriever.search_text(["a red circle", "two blue squares"], k=3)
+print(json.dumps({{"after_import": light, "ids": hits.ids.tolist(),
+                  "heavy": sorted(m for m in {heavy!r} if m in sys.modules),
+                  "training": sorted(m for m in sys.modules if m.startswith(
+                      ("ldot_jax.training", "ldot_jax.evaluation", "ldot_jax.tools")))}}))
+"""
+
+
+def test_the_query_path_imports_no_trainer_or_dataset_code(converted, tmp_path):
+    """`import ldot_jax.retrieval` and a Retriever built from a model and an index directory
+    (then a search) load neither the trainer nor TFDS, grain, optax or lmdb."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from ldot_jax.checkpoints import pretrained
+    from ldot_jax.data.tokenizer import Tokenizer
+    from ldot_jax.index import ExactIndex
+
+    model_dir = converted["lightningdot"]
+    loaded = pretrained.load_pretrained(model_dir)
+    index = ExactIndex(loaded.config.project_dim)
+    index.add(np.random.default_rng(0).normal(size=(20, index.dim)).astype(np.float32))
+    index.info.update(model_fingerprint=pretrained.fingerprint(loaded.kind, loaded.config,
+                                                               loaded.params), side="image")
+    index.save(tmp_path / "index" / "image")
+    Tokenizer.from_words(["a red circle", "two blue squares"], 100).save(tmp_path / "vocab")
+    script = QUERY_SCRIPT.format(heavy=HEAVY, model=str(model_dir),
+                                 index=str(tmp_path / "index"), vocab=str(tmp_path / "vocab"))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["after_import"] == [] and out["heavy"] == [], out
+    assert out["training"] == [], out
+    ids = np.asarray(out["ids"])
+    assert ids.shape == (2, 3) and set(ids.ravel()) <= set(range(20))

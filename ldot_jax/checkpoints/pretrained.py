@@ -30,6 +30,9 @@ from ldot_jax.models.towers import BertTrunk
 
 CONFIG_FILE = "ldot_config.json"
 PARAMS_DIR = "params"
+# The tokenizer the model was trained with (vocab.txt + tokenizer.json), when known: what a
+# query path needs besides the model (training exports write it).
+TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 
 
@@ -94,10 +97,11 @@ def init_params(kind: str, config, rng) -> Any:
 
 
 def save_pretrained(directory: str | os.PathLike, kind: str, config, params,
-                    metadata: dict | None = None) -> str:
+                    metadata: dict | None = None, tokenizer=None) -> str:
     """Writes a model directory atomically and returns its absolute path.
 
-    Params must match `abstract_params(kind, config)` in structure and shapes.
+    Params must match `abstract_params(kind, config)` in structure and shapes. tokenizer: a
+    `data.tokenizer.Tokenizer` saved beside the params (`load_tokenizer` reads it).
     """
     _check_params(kind, config, params, where="params to save")
     body = {"format_version": FORMAT_VERSION, "kind": kind, "model": config_lib.to_dict(config),
@@ -105,8 +109,20 @@ def save_pretrained(directory: str | os.PathLike, kind: str, config, params,
     is_model_dir = lambda path: os.path.isfile(os.path.join(path, CONFIG_FILE))
     with fileutil.atomic_directory(directory, replaceable=is_model_dir) as tmp:
         checkpoint.save_tree(os.path.join(tmp, PARAMS_DIR), params)
+        if tokenizer is not None:
+            tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
         fileutil.atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(body, indent=1))
     return os.path.abspath(directory)
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    """The Tokenizer saved in a model directory, or None when it holds none (converted
+    checkpoints: pass the vocabulary the original was trained with)."""
+    path = os.path.join(directory, TOKENIZER_DIR)
+    if not os.path.isdir(path):
+        return None
+    from ldot_jax.data.tokenizer import Tokenizer
+    return Tokenizer.load(path)
 
 
 class Pretrained(NamedTuple):

@@ -36,8 +36,9 @@ from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import pipeline
 from ldot_jax.data.batching import prefix_mask
 from ldot_jax.evaluation import recall
+from ldot_jax.index import backends
 from ldot_jax.index import health
-from ldot_jax.index.base import VectorIndex, load_index
+from ldot_jax.index.base import VectorIndex
 from ldot_jax.index.exact import ExactIndex
 from ldot_jax.retrieval import encode
 from ldot_jax.retrieval import extract, rerank
@@ -403,7 +404,7 @@ def _indexes(workdir: str, split: Split, split_name: str, config, fingerprint: s
              backend: str | None) -> tuple[dict, dict]:
     """(the dot-stage indexes, the coarse-to-fine ones): the saved ones of the workdir when
     they exist (the model fingerprint is checked), else built here from the split's vectors."""
-    options = index_build.index_options(config, split=split_name)
+    options = backends.index_options(config, split=split_name)
     backend = backend or options["backend"]
     matryoshka = tuple(config.loss.get("matryoshka_dims", ()) or ())
     normalized = bool(config.loss.get("normalize", False))
@@ -412,14 +413,14 @@ def _indexes(workdir: str, split: Split, split_name: str, config, fingerprint: s
     for side, v in vectors.items():
         saved = os.path.join(workdir, workdir_lib.INDEX_DIR, split_name, side)
         if backend == options["backend"] and os.path.isfile(os.path.join(saved, "index.json")):
-            dot[side] = load_index(saved, fingerprint)
+            dot[side] = backends.load_index(saved, fingerprint)
             log.info("dot stage (%s): the saved index %s", side, saved)
         else:
-            dot[side] = index_build.make_index(backend, v.shape[1], options, matryoshka,
+            dot[side] = backends.make_index(backend, v.shape[1], options, matryoshka,
                                                normalized)
             dot[side].add(v, np.arange(len(v)))
         if matryoshka:
-            coarse[side] = index_build.make_index("hierarchical", v.shape[1], options,
+            coarse[side] = backends.make_index("hierarchical", v.shape[1], options,
                                                   matryoshka, normalized)
             coarse[side].add(v, np.arange(len(v)))
     if not matryoshka:

@@ -32,15 +32,15 @@ META_FILE = "index.json"
 IDS_FILE = "ids.npy"
 
 
-class IndexError_(ValueError):
+class VectorIndexError(ValueError):
     """Base class of index errors (bad files, mismatched models or shapes)."""
 
 
-class IndexFormatError(IndexError_):
+class IndexFormatError(VectorIndexError):
     """A missing, partial or unreadable index directory."""
 
 
-class FingerprintMismatchError(IndexError_):
+class FingerprintMismatchError(VectorIndexError):
     """The index was built from another model than the one querying it."""
 
 
@@ -232,15 +232,6 @@ def is_index_dir(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
-# Backends register here (type name → class) when their module is imported.
-BACKENDS: dict[str, type[VectorIndex]] = {}
-
-
-def register(cls: type[VectorIndex]) -> type[VectorIndex]:
-    BACKENDS[cls.type] = cls
-    return cls
-
-
 def read_metadata(path: str | os.PathLike) -> dict:
     """The index.json of an index directory, checked: format version, and every listed file
     present with its recorded size."""
@@ -269,32 +260,3 @@ def read_metadata(path: str | os.PathLike) -> dict:
             raise IndexFormatError(f"{path}: file {name} has {os.path.getsize(full)} bytes, "
                                    f"the index was saved with {size} (partial or modified)")
     return meta
-
-
-def load_index(path: str | os.PathLike, fingerprint: str | None = None,
-               force: bool = False) -> VectorIndex:
-    """Reads an index saved by any backend.
-
-    fingerprint: the querying model's (`pretrained.fingerprint`); if the index records a
-    different one, a FingerprintMismatchError names both, unless `force` (e.g. a model
-    re-exported with identical weights but another config layout).
-    """
-    from ldot_jax.index import exact, hierarchical, scann_index  # noqa: F401  (registers)
-
-    meta = read_metadata(path)
-    if meta["type"] not in BACKENDS:
-        raise IndexFormatError(f"{path}: unknown index type {meta['type']!r}; known: "
-                               f"{sorted(BACKENDS)}")
-    saved = meta.get("info", {}).get("model_fingerprint")
-    if fingerprint is not None and saved != fingerprint and not force:
-        raise FingerprintMismatchError(
-            f"{path} was built from model {saved} but the query model is {fingerprint}: its "
-            f"vectors are not comparable (rebuild the index, or pass force=True / --force)")
-    ids = np.load(os.path.join(path, IDS_FILE))
-    if ids.shape != (meta["count"],):
-        raise IndexFormatError(f"{path}: {IDS_FILE} holds {ids.shape} ids, index.json says "
-                               f"{meta['count']}")
-    index = BACKENDS[meta["type"]]._load_files(os.path.abspath(path), int(meta["dim"]),
-                                                ids.astype(np.int64), dict(meta["params"]))
-    index.info = dict(meta.get("info", {}))
-    return index

@@ -86,7 +86,6 @@ def sharded_top_k(queries, corpus, count, *, k: int, chunk: int, precision: str,
     return scores, rows
 
 
-@base.register
 class ExactIndex(base.VectorIndex):
     """Exact top-k by inner product, jitted and sharded over this process's devices.
 

@@ -25,7 +25,6 @@ from ldot_jax.index import base, scann_index
 VECTORS_FILE = "vectors.npy"
 
 
-@base.register
 class HierarchicalIndex(scann_index.ScannIndex):
     """d_low: the coarse prefix dimension (one of the Matryoshka dims the towers were trained
     with). candidates: coarse results re-scored at full dimension (at least k).

@@ -103,7 +103,6 @@ def _scann():
     return scann_ops_pybind
 
 
-@base.register
 class ScannIndex(base.VectorIndex):
     """ScaNN over the vectors as given (inner product). `params`: a ScannParams, or None to
     apply `scann_params` to the first batch of vectors added (the build)."""

@@ -19,69 +19,17 @@ import time
 from typing import Mapping, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
 from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import fileutil, parallel
 from ldot_jax.core import workdir as workdir_lib
-from ldot_jax.data import datasets
+from ldot_jax.index import backends
 from ldot_jax.index import base, health
 from ldot_jax.index.exact import ExactIndex
-from ldot_jax.index.hierarchical import HierarchicalIndex
-from ldot_jax.index.scann_index import ScannIndex
 from ldot_jax.retrieval import extract
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("scann", "hierarchical", "exact")
-
-
-def _section(config, key, default=None):
-    return config.get(key, default) if config is not None else default
-
-
-def index_options(config: ml_collections.ConfigDict | None, **overrides) -> dict:
-    """The `index` section of a run config (defaults for runs saved without one), with
-    `overrides` (command-line flags; None means not given) applied."""
-    section = _section(config, "index") or ml_collections.ConfigDict()
-    out = {"split": "test", "backend": "scann", "sides": ("image", "text"),
-           "shard_size": 4096, "d_low": None, "candidates": 100, "health_queries": 1000,
-           "scann": {}, "exact": {}}
-    for key in out:
-        if key in section:
-            value = section[key]
-            out[key] = value.to_dict() if hasattr(value, "to_dict") else value
-    out["scann"] = {k: v for k, v in dict(out["scann"]).items() if v is not None}
-    out.update({k: v for k, v in overrides.items() if v is not None})
-    if out["backend"] not in BACKENDS:
-        raise ValueError(f"index.backend={out['backend']!r}: expected one of {BACKENDS}")
-    out["sides"] = tuple(out["sides"])
-    bad = set(out["sides"]) - set(workdir_lib.SIDES)
-    if bad or not out["sides"]:
-        raise ValueError(f"index.sides={out['sides']}: expected a subset of {workdir_lib.SIDES}")
-    return out
-
-
-def make_index(backend: str, dim: int, options: Mapping, matryoshka_dims: Sequence[int] = (),
-               normalized: bool = False) -> base.VectorIndex:
-    """An empty index of `backend` for vectors of `dim` (options: see `index_options`)."""
-    if backend == "exact":
-        return ExactIndex(dim, **dict(options.get("exact", {})))
-    if backend == "scann":
-        return ScannIndex(dim, **dict(options.get("scann", {})))
-    d_low = options.get("d_low")
-    if d_low is None:
-        smaller = [d for d in matryoshka_dims if d < dim]
-        if smaller:
-            d_low = min(smaller)
-        else:
-            d_low = max(1, dim // 4)
-            log.warning("index.d_low not set and the towers were not trained with Matryoshka "
-                        "prefixes: using d_low=%d, whose coarse stage may miss many true "
-                        "neighbours (check the health recall)", d_low)
-    return HierarchicalIndex(dim, int(d_low), int(options.get("candidates", 100)),
-                             normalize_prefix=normalized, **dict(options.get("scann", {})))
 
 
 def build_index(embeddings: extract.Embeddings, backend: str, options: Mapping,
@@ -90,7 +38,7 @@ def build_index(embeddings: extract.Embeddings, backend: str, options: Mapping,
     """Builds an index over `embeddings` and records its metadata: the model fingerprint,
     build time, what it holds, and health (recall against exact search for `queries`)."""
     manifest = embeddings.manifest
-    index = make_index(backend, embeddings.vectors.shape[1], options, matryoshka_dims,
+    index = backends.make_index(backend, embeddings.vectors.shape[1], options, matryoshka_dims,
                        manifest.get("normalized", False))
     start = time.perf_counter()
     index.add(embeddings.vectors, embeddings.ids)
@@ -121,8 +69,10 @@ class BuiltIndexes:
     health: dict[str, dict]
 
 
-def open_dataset(config) -> datasets.RetrievalDataset:
-    """The run's dataset (see `datasets.load_for_run`)."""
+def open_dataset(config):
+    """The run's dataset (`datasets.load_for_run`: a RetrievalDataset). Imported here, not at
+    module level, so that the query path does not load TFDS and grain."""
+    from ldot_jax.data import datasets
     return datasets.load_for_run(config.data)
 
 
@@ -137,7 +87,7 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     """
     workdir = os.path.abspath(workdir)
     config = workdir_lib.load_config(workdir)
-    options = index_options(config, **overrides)
+    options = backends.index_options(config, **overrides)
     split = options["split"]
     model_dir = model_dir or os.path.join(workdir, workdir_lib.MODEL_DIR)
     if not os.path.isdir(model_dir):

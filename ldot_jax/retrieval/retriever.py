@@ -1,6 +1,7 @@
 """The Retriever: the two-stage query path over a trained run's towers and indexes.
 
     retriever = Retriever.load("runs/demo/finetune")        # model/ + index/<split>/
+    retriever = Retriever.from_dirs(model_dir, index_dir)   # or any model + index directory
     hits = retriever.search_text(["a red circle left of a blue square"], k=5)
     hits.ids, hits.scores, hits.names, hits.timings_ms       # i64[Q, k], f32[Q, k], …
     hits = retriever.search_image(region_feat, boxes, k=5)   # image → captions
@@ -25,10 +26,9 @@ import numpy as np
 from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import numerics
 from ldot_jax.core import workdir as workdir_lib
+from ldot_jax.index import backends
 from ldot_jax.index import base as index_base
-from ldot_jax.index.base import load_index
 from ldot_jax.retrieval import encode
-from ldot_jax.retrieval import index_build
 
 DIRECTIONS = ("text_to_image", "image_to_text")
 
@@ -108,34 +108,56 @@ class Retriever:
         self.reranker, self.rerank_top = reranker, int(rerank_top)
 
     @classmethod
-    def load(cls, workdir: str, split: str | None = None, model_dir: str | None = None,
-             index_dir: str | None = None, force: bool = False, **kwargs) -> "Retriever":
-        """From a run's workdir: <workdir>/model (or model_dir) and the indexes under
-        <workdir>/index/<split> (or index_dir). An index built from another model is an error
-        unless `force`. kwargs: reranker, rerank_top."""
-        workdir = os.path.abspath(workdir)
-        config = workdir_lib.load_config(workdir)
-        options = index_build.index_options(config)
-        split = split or options["split"]
-        loaded = pretrained.load_pretrained(model_dir or os.path.join(workdir,
-                                                                      workdir_lib.MODEL_DIR))
+    def from_dirs(cls, model_dir: str, index_dir: str, tokenizer=None, force: bool = False,
+                  **kwargs) -> "Retriever":
+        """From a model directory and an index directory (its `image/` and / or `text/`
+        indexes, or one index directory), nothing else: the tokenizer is the one saved in the
+        model directory unless `tokenizer` (a Tokenizer, or a directory / vocab.txt) is given;
+        query vectors are normalized when the index was built from normalized vectors. An
+        index built from another model is an error unless `force`. kwargs: text_buckets,
+        region_buckets, reranker, rerank_top."""
+        loaded = pretrained.load_pretrained(model_dir)
         model = pretrained.build_model(loaded.kind, loaded.config)
         fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
-        index_dir = index_dir or os.path.join(workdir, workdir_lib.INDEX_DIR, split)
         indexes, catalogs = {}, {}
-        for side in ("image", "text"):
-            path = os.path.join(index_dir, side)
+        if index_base.is_index_dir(index_dir):  # one index: its metadata names its side
+            side = index_base.read_metadata(index_dir).get("info", {}).get("side") or "image"
+            sides = {side: index_dir}
+        else:
+            sides = {side: os.path.join(index_dir, side) for side in workdir_lib.SIDES}
+        for side, path in sides.items():
             if os.path.isdir(path):
-                indexes[side] = load_index(path, fingerprint, force)
+                indexes[side] = backends.load_index(path, fingerprint, force)
                 catalogs[side] = Catalog.read(path)
         if not indexes:
             raise index_base.IndexFormatError(
-                f"no index under {index_dir}: build one with `ldot index build "
-                f"--workdir {workdir} --split {split}`")
-        tokenizer = index_build.open_dataset(config).tokenizer
+                f"no index under {index_dir}: build one with `ldot index build`")
+        tokenizer = _tokenizer(tokenizer, model_dir)
+        normalized = {bool(i.info.get("normalized", False)) for i in indexes.values()}
+        kwargs.setdefault("normalize", normalized.pop() if len(normalized) == 1 else False)
         return cls(model, loaded.params, tokenizer, indexes.get("image"), indexes.get("text"),
-                   catalogs, config.pipeline.text_buckets, config.pipeline.region_buckets,
-                   bool(config.loss.get("normalize", False)), **kwargs)
+                   catalogs, **kwargs)
+
+    @classmethod
+    def load(cls, workdir: str, split: str | None = None, model_dir: str | None = None,
+             index_dir: str | None = None, force: bool = False, **kwargs) -> "Retriever":
+        """From a run's workdir: <workdir>/model (or model_dir) and the indexes under
+        <workdir>/index/<split> (or index_dir), with the run's query shapes and
+        normalization. An index built from another model is an error unless `force`.
+        kwargs: reranker, rerank_top."""
+        workdir = os.path.abspath(workdir)
+        config = workdir_lib.load_config(workdir)
+        split = split or backends.index_options(config)["split"]
+        model_dir = model_dir or workdir_lib.model_dir(workdir)
+        tokenizer = pretrained.load_tokenizer(model_dir)
+        if tokenizer is None:  # a model exported without its tokenizer: the run's dataset's
+            from ldot_jax.retrieval import index_build
+            tokenizer = index_build.open_dataset(config).tokenizer
+        return cls.from_dirs(
+            model_dir, index_dir or workdir_lib.index_dir(workdir, split), tokenizer, force,
+            text_buckets=config.pipeline.text_buckets,
+            region_buckets=config.pipeline.region_buckets,
+            normalize=bool(config.loss.get("normalize", False)), **kwargs)
 
     # -- encoding -----------------------------------------------------------------------------
 
@@ -272,3 +294,20 @@ class Retriever:
                 self._encode({"region_feat": np.zeros((1, r, config.region.feat_dim), np.float32),
                               "boxes": np.zeros((1, r, config.region.box_dim), np.float32),
                               "region_mask": np.ones((1, r), np.int32)}, "image", 1)
+
+
+def _tokenizer(tokenizer, model_dir: str):
+    """A Tokenizer from `tokenizer` (a Tokenizer, a saved directory or a vocab.txt) or, when
+    None, the one saved in the model directory."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    from ldot_jax.data.tokenizer import Tokenizer
+    if tokenizer is None:
+        found = pretrained.load_tokenizer(model_dir)
+        if found is None:
+            raise ValueError(f"{model_dir} holds no tokenizer (models exported by training "
+                             f"carry one; for a converted checkpoint pass tokenizer= the "
+                             f"vocab.txt it was trained with)")
+        return found
+    path = os.fspath(tokenizer)
+    return Tokenizer.load(path) if os.path.isdir(path) else Tokenizer.from_vocab_file(path)

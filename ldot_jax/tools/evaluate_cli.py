@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from ldot_jax.evaluation import two_stage
-from ldot_jax.retrieval import index_build
+from ldot_jax.index import backends
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_queries", type=int, help="a seeded sample of caption queries")
     parser.add_argument("--max_image_queries", type=int, help="… and of image queries")
     parser.add_argument("--alpha_split", help="choose the fusion weight α on this split")
-    parser.add_argument("--backend", choices=index_build.BACKENDS)
+    parser.add_argument("--backend", choices=backends.NAMES)
     parser.add_argument("--out", help="output directory (default <workdir>/eval/<split>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -19,6 +19,7 @@ import sys
 from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import schema
+from ldot_jax.index import backends
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", help="model directory (default: <workdir>/model)")
     b.add_argument("--out", help="index directory (default: <workdir>/index/<split>)")
     b.add_argument("--split")
-    b.add_argument("--backend", choices=("scann", "hierarchical", "exact"))
+    b.add_argument("--backend", choices=backends.NAMES,
+                   help="; ".join(f"{b.name}: {b.summary}" for b in backends.BACKENDS.values()))
     b.add_argument("--sides", help="image, text, or image,text")
     b.add_argument("--d_low", type=int)
     b.add_argument("--candidates", type=int)
@@ -71,7 +73,7 @@ def _build(args) -> int:
                  "health_queries": args.health_queries,
                  "sides": tuple(args.sides.split(",")) if args.sides else None}
     if scann:
-        base = index_build.index_options(workdir_lib.load_config(args.workdir))["scann"]
+        base = backends.index_options(workdir_lib.load_config(args.workdir))["scann"]
         overrides["scann"] = {**base, **scann}
     built = index_build.build_from_workdir(args.workdir, model_dir=args.model, out_dir=args.out,
                                            overwrite=args.overwrite, progress=not args.no_progress,
@@ -106,7 +108,7 @@ def _query(args) -> int:
     else:
         from ldot_jax.retrieval import index_build
         config = workdir_lib.load_config(args.workdir)
-        split = args.split or index_build.index_options(config)["split"]
+        split = args.split or backends.index_options(config)["split"]
         images = index_build.open_dataset(config).split(split)
         position = _image_position(images, args.image)
         record = images[position]

@@ -423,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             settle()
         ckpt.wait()
         if jax.process_count() == 1 and summary["step"] == steps and t.get("export", True):
-            export_model(workdir, kind, model_cfg, state.params["model"])
+            export_model(workdir, kind, model_cfg, state.params["model"], data.tokenizer)
     finally:
         progress.close()
         preemption.close()
@@ -432,12 +432,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
-def export_model(workdir: str, kind: str, model_cfg, model_params) -> str:
+def export_model(workdir: str, kind: str, model_cfg, model_params, tokenizer=None) -> str:
     """Writes <workdir>/model, a model directory (`ldot_jax.load_dual_encoder` reads it)."""
     path = workdir_lib.model_dir(workdir)
     host = jax.device_get(parallel.to_host(model_params))
     return pretrained.save_pretrained(path, kind, model_cfg, host,
-                                      metadata={"source": workdir, "exported_by": "train"})
+                                      metadata={"source": workdir, "exported_by": "train"},
+                                      tokenizer=tokenizer)
 
 
 def summary_json(summary: Mapping) -> str:
