@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from ldot_jax.checkpoints import pretrained
+from ldot_jax.checkpoints import kinds, pretrained
 from ldot_jax.models import config as config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "ldot_jax" / "configs"
@@ -22,12 +22,12 @@ def test_model_presets_build_the_published_sizes():
     models = load_module(CONFIGS / "models.py")
     for name in models.PRESETS:
         cfg = models.get_config(name)
-        built = config_lib.model_config(cfg.kind, cfg.model)
+        built = kinds.model_config(cfg.kind, cfg.model)
         pretrained.abstract_params(cfg.kind, built)  # the module builds with these sizes
     base = models.get_config("lightningdot_base")
-    assert config_lib.model_config(base.kind, base.model) == config_lib.base_dual_encoder_config()
+    assert kinds.model_config(base.kind, base.model) == config_lib.base_dual_encoder_config()
     uniter = models.get_config("uniter_base")
-    assert (config_lib.model_config(uniter.kind, uniter.model)
+    assert (kinds.model_config(uniter.kind, uniter.model)
             == config_lib.base_cross_encoder_config())
     with pytest.raises(ValueError, match="unknown model preset 'huge'"):
         models.get_config("huge")
@@ -37,10 +37,10 @@ def test_overrides_are_validated():
     models = load_module(CONFIGS / "models.py")
     cfg = models.get_config("small")
     cfg.model.text.dtype = "bfloat16"
-    assert config_lib.model_config(cfg.kind, cfg.model).text.dtype == "bfloat16"
+    assert kinds.model_config(cfg.kind, cfg.model).text.dtype == "bfloat16"
     cfg.model.text.num_heads = 5
     with pytest.raises(ValueError, match="hidden_size=32 is not divisible by num_heads=5"):
-        config_lib.model_config(cfg.kind, cfg.model)
+        kinds.model_config(cfg.kind, cfg.model)
 
 
 def test_every_config_file_loads():

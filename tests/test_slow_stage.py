@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+from ldot_jax.checkpoints import kinds
 from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import parallel
-from ldot_jax.evaluation import recall, two_stage
+from ldot_jax.evaluation import ranked_lists, recall
 from ldot_jax.models.config import (CrossEncoderConfig, DualEncoderConfig, RegionConfig,
                                     TransformerConfig)
 from ldot_jax.training import hard_negatives, losses, tasks
@@ -247,7 +248,7 @@ def test_slow_tasks_refuse_the_wrong_model(slow_models):
         tasks.distill({"model": dual_params}, slow_models["batch"], jax.random.key(0),
                       tasks.TaskSetup(dual, None))
     with pytest.raises(ValueError, match="cannot train model kind"):
-        tasks.check_kind_tasks("uniter_itm", ("cmr",))
+        kinds.check_tasks("uniter_itm", ("cmr",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,9 +287,10 @@ def test_recall_from_lists_matches_brute_force_with_ties(seed):
     scores = rng.integers(0, 6, (len(caption_image), n)).astype(np.float32)
     want = _brute_force(scores, caption_image)
     for k in (10, 17):
-        ir = two_stage.text_to_image_ranks(_ranked(scores, k), caption_image)
-        tr = two_stage.image_to_text_ranks(_ranked(scores.T, k), np.arange(n), caption_image)
-        got = two_stage.metrics_from_ranks(ir, tr, k)
+        ir = ranked_lists.list_ranks_text_to_image(_ranked(scores, k), caption_image)
+        tr = ranked_lists.list_ranks_image_to_text(_ranked(scores.T, k), np.arange(n),
+                                                   caption_image)
+        got = ranked_lists.metrics_from_ranks(ir, tr, k)
         for key, value in want.items():
             assert got[key] == pytest.approx(value), (key, k)
         assert got["ar"] == pytest.approx(np.mean(list(want.values())))
@@ -298,7 +300,7 @@ def test_recall_from_lists_matches_brute_force_with_ties(seed):
     for k, v in full_ir.items():
         assert v == pytest.approx(want[f"ir_r{k}"])
     with pytest.raises(ValueError, match="lists of ≥ 10"):
-        two_stage.metrics_from_ranks(ir, tr, 5)
+        ranked_lists.metrics_from_ranks(ir, tr, 5)
 
 
 def test_reranking_every_candidate_equals_the_exact_ranking():
@@ -309,13 +311,13 @@ def test_reranking_every_candidate_equals_the_exact_ranking():
     dot_sorted = np.take_along_axis(dot, ids, 1)
     exact = rng.integers(0, 4, (q, n)).astype(np.float32)  # the cross-encoder, with ties
     cross = np.take_along_axis(exact, ids, 1)
-    got = two_stage.rerank_lists(ids, dot_sorted, cross, n)
+    got = ranked_lists.rerank_lists(ids, dot_sorted, cross, n)
     # Exact: by cross score, ties in dot order.
     want = np.array([sorted(ids[r], key=lambda i: (-exact[r, i], list(ids[r]).index(i)))
                      for r in range(q)])
     np.testing.assert_array_equal(got, want)
     # M < k: only the head moves; -1 candidates go last.
     ids[:, 2] = -1
-    head = two_stage.rerank_lists(ids, dot_sorted, cross, 5)
+    head = ranked_lists.rerank_lists(ids, dot_sorted, cross, 5)
     np.testing.assert_array_equal(head[:, 5:], ids[:, 5:])
     assert (head[:, 4] == -1).all()

@@ -20,6 +20,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from ldot_jax.checkpoints import checkpoint, pretrained
+from ldot_jax.checkpoints import kinds
 from ldot_jax.configs import demo, finetune_coco, finetune_flickr30k, pretrain  # noqa: E402
 from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
@@ -96,7 +97,7 @@ def test_every_config_loads(name):
         train.loss_config(c), train.pipeline_config(c)
         train.itm_config(c), train.distill_config(c)
         names, _ = tasks.check_mix(dict(c.tasks))
-        tasks.check_kind_tasks(kind, names)
+        kinds.check_tasks(kind, names)
         params = {"model": pretrained.abstract_params(kind, model_cfg)}
         optim.make_optimizer(c.optimizer, c.train.num_steps or 100_000, params)
         assert module.__doc__ and "ldot train --config=ldot_jax/configs/" in module.__doc__

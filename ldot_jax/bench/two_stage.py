@@ -36,11 +36,11 @@ REGIONS, TEXT_LEN = 16, 14
 def _models(preset: str):
     from ldot_jax.configs import models
     from ldot_jax.checkpoints import pretrained
-    from ldot_jax.models import config as model_config
+    from ldot_jax.checkpoints import kinds
     dual_preset = models.get_config(preset)
     cross_preset = models.get_config(preset + "_uniter")
-    dual_cfg = model_config.model_config(dual_preset.kind, dual_preset.model)
-    cross_cfg = model_config.model_config(cross_preset.kind, cross_preset.model)
+    dual_cfg = kinds.model_config(dual_preset.kind, dual_preset.model)
+    cross_cfg = kinds.model_config(cross_preset.kind, cross_preset.model)
     key = jax.random.key(0)
     return ((pretrained.build_model("lightningdot", dual_cfg),
              pretrained.init_params("lightningdot", dual_cfg, key)),

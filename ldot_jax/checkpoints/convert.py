@@ -9,185 +9,25 @@ hidden / 64). Every key must be used: unknown or missing keys and shape mismatch
 that list them. Keys the Flax model has no use for (BERT poolers LightningDOT never reads, the
 pre-training model's unused ITM head, BERT's own pre-training heads) are reported as ignored.
 
-Names are translated by `Rule`s that work both ways, so the same tables also export Flax params
-back to a PyTorch-named state_dict (`params_to_state_dict`).
+Names are translated by the `Rule`s of checkpoints/torch_names.py, which work both ways, so the
+same tables also export Flax params back to a PyTorch-named state_dict (`params_to_state_dict`).
+Which rules, trunk prefix and size inference a kind uses is its registry entry's `converter`
+(checkpoints/kinds.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from ldot_jax.checkpoints import pretrained
-from ldot_jax.models.config import (BertConfig, CrossEncoderConfig, DualEncoderConfig,
-                                    RegionConfig, TransformerConfig)
+from ldot_jax.checkpoints import kinds, pretrained, torch_names
 
 log = logging.getLogger(__name__)
-
-KINDS = ("lightningdot", "lightningdot_pretrain", "uniter_itm", "bert")
-
-DENSE, LAYER_NORM, EMBED, TENSOR = "dense", "layer_norm", "embed", "tensor"
-# Per module kind: PyTorch parameter name → Flax leaf name.
-_LEAVES = {
-    DENSE: {"weight": "kernel", "bias": "bias"},
-    LAYER_NORM: {"weight": "scale", "bias": "bias"},
-    EMBED: {"weight": "embedding"},
-}
-_PLACEHOLDERS = {"n": r"\d+", "proj": r"query|key|value"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """Maps a PyTorch module (`torch`, dotted) to a Flax module (`flax`, slash-separated).
-
-    Templates may hold {n} (layer index) and {proj} (query|key|value). For kind TENSOR both
-    templates name a single tensor (a raw parameter), not a module.
-    """
-
-    torch: str
-    flax: str
-    kind: str
-
-    def _regex(self, template: str, sep: str) -> re.Pattern:
-        return _compile(template, sep, self.kind)
-
-    def to_flax(self, key: str) -> tuple[str, bool] | None:
-        """PyTorch key → (Flax path, transpose?) or None."""
-        m = self._regex(self.torch, ".").match(key)
-        if not m:
-            return None
-        groups = {k: v for k, v in m.groupdict().items() if k != "leaf"}
-        path = self.flax.format(**groups)
-        if self.kind == TENSOR:
-            return path, False
-        leaf = _LEAVES[self.kind][m.group("leaf")]
-        return f"{path}/{leaf}", leaf == "kernel"
-
-    def to_torch(self, path: str) -> tuple[str, bool] | None:
-        """Flax path → (PyTorch key, transpose?) or None."""
-        m = self._regex(self.flax, "/").match(path)
-        if not m:
-            return None
-        groups = {k: v for k, v in m.groupdict().items() if k != "leaf"}
-        key = self.torch.format(**groups)
-        if self.kind == TENSOR:
-            return key, False
-        inverse = {v: k for k, v in _LEAVES[self.kind].items()}
-        return f"{key}.{inverse[m.group('leaf')]}", m.group("leaf") == "kernel"
-
-
-@functools.lru_cache(maxsize=None)
-def _compile(template: str, sep: str, kind: str) -> re.Pattern:
-    """Regex of a Rule template; leaf names follow `sep` ("." PyTorch, "/" Flax)."""
-    pattern = re.escape(template)
-    for name, sub in _PLACEHOLDERS.items():
-        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{sub})")
-    if kind != TENSOR:
-        leaves = _LEAVES[kind].keys() if sep == "." else _LEAVES[kind].values()
-        pattern += re.escape(sep) + "(?P<leaf>" + "|".join(leaves) + ")"
-    return re.compile(pattern + r"\Z")
-
-
-def _prefixed(rules: Iterable[Rule], torch_prefix: str, flax_prefix: str) -> list[Rule]:
-    return [Rule(torch_prefix + r.torch, flax_prefix + r.flax, r.kind) for r in rules]
-
-
-TEXT_EMBEDDINGS = [
-    Rule("embeddings.word_embeddings", "embeddings/word_embeddings", EMBED),
-    Rule("embeddings.position_embeddings", "embeddings/position_embeddings", EMBED),
-    Rule("embeddings.token_type_embeddings", "embeddings/token_type_embeddings", EMBED),
-    Rule("embeddings.LayerNorm", "embeddings/layer_norm", LAYER_NORM),
-]
-ENCODER = [
-    Rule("encoder.layer.{n}.attention.self.{proj}", "encoder/layer_{n}/attention/{proj}", DENSE),
-    Rule("encoder.layer.{n}.attention.output.dense", "encoder/layer_{n}/attention/output", DENSE),
-    Rule("encoder.layer.{n}.attention.output.LayerNorm",
-         "encoder/layer_{n}/attention_layer_norm", LAYER_NORM),
-    Rule("encoder.layer.{n}.intermediate.dense", "encoder/layer_{n}/intermediate", DENSE),
-    Rule("encoder.layer.{n}.output.dense", "encoder/layer_{n}/output", DENSE),
-    Rule("encoder.layer.{n}.output.LayerNorm", "encoder/layer_{n}/output_layer_norm", LAYER_NORM),
-]
-REGION_EMBEDDINGS = [
-    Rule("img_embeddings.img_linear", "region_embeddings/img_linear", DENSE),
-    Rule("img_embeddings.img_layer_norm", "region_embeddings/img_layer_norm", LAYER_NORM),
-    Rule("img_embeddings.pos_linear", "region_embeddings/pos_linear", DENSE),
-    Rule("img_embeddings.pos_layer_norm", "region_embeddings/pos_layer_norm", LAYER_NORM),
-    Rule("img_embeddings.mask_embedding.weight", "region_embeddings/mask_embedding", TENSOR),
-    Rule("img_embeddings.LayerNorm", "region_embeddings/layer_norm", LAYER_NORM),
-]
-ENCODE_PROJ = [
-    Rule("encode_proj.0", "encode_proj/dense_in", DENSE),
-    Rule("encode_proj.2", "encode_proj/layer_norm", LAYER_NORM),
-    Rule("encode_proj.3", "encode_proj/dense_out", DENSE),
-]
-BERT_TRUNK = TEXT_EMBEDDINGS + ENCODER
-UNITER_TRUNK = TEXT_EMBEDDINGS + REGION_EMBEDDINGS + ENCODER
-DUAL_ENCODER = (_prefixed(BERT_TRUNK, "txt_model.bert.", "text_tower/bert/")
-                + _prefixed(ENCODE_PROJ, "txt_model.", "text_tower/")
-                + _prefixed(UNITER_TRUNK, "img_model.bert.", "image_tower/uniter/")
-                + _prefixed(ENCODE_PROJ, "img_model.", "image_tower/"))
-PRETRAIN_HEADS = [
-    Rule("cls.predictions.transform.dense", "mlm_head/transform", DENSE),
-    Rule("cls.predictions.transform.LayerNorm", "mlm_head/layer_norm", LAYER_NORM),
-    Rule("cls.predictions.bias", "mlm_head/bias", TENSOR),
-    Rule("feat_regress.net.0", "mrfr_head/transform", DENSE),
-    Rule("feat_regress.net.2", "mrfr_head/layer_norm", LAYER_NORM),
-    Rule("feat_regress.bias", "mrfr_head/bias", TENSOR),
-    Rule("region_classifier.net.0", "mrc_head/transform", DENSE),
-    Rule("region_classifier.net.2", "mrc_head/layer_norm", LAYER_NORM),
-    Rule("region_classifier.net.3", "mrc_head/classifier", DENSE),
-]
-ITM_HEADS = [
-    Rule("pooler.dense", "pooler", DENSE),
-    Rule("itm_output", "itm_output", DENSE),
-    Rule("rank_output", "rank_output", DENSE),
-]
-
-
-@dataclasses.dataclass(frozen=True)
-class KindSpec:
-    """How one kind of checkpoint maps: name rules, keys ignored (regexes), and tied tensors
-    (key → the key it must equal). `tied` keys are also written on export, as the original
-    saves them; `aliases` are tied copies that only newer libraries save (accepted on import)."""
-
-    rules: list[Rule]
-    ignored: tuple[str, ...] = ()
-    tied: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-_POSITION_IDS = r"(.*\.)?embeddings\.position_ids"  # a buffer, saved by some transformers
-
-
-def kind_spec(kind: str, trunk_prefix: str = "") -> KindSpec:
-    """Rules for `kind`. `trunk_prefix` is the UNITER trunk's name for uniter_itm
-    ("uniter." or LightningDOT's vendored "bert.") and the optional "bert." of BERT."""
-    if kind == "lightningdot":
-        return KindSpec(DUAL_ENCODER, (r"(txt|img)_model\.bert\.pooler\..*", _POSITION_IDS))
-    if kind == "lightningdot_pretrain":
-        return KindSpec(
-            _prefixed(DUAL_ENCODER, "bert.", "dual_encoder/") + PRETRAIN_HEADS,
-            (r"bert\.(txt|img)_model\.bert\.pooler\..*", r"itm_output\..*", _POSITION_IDS),
-            tied={"cls.predictions.decoder.weight":
-                      "bert.img_model.bert.embeddings.word_embeddings.weight",
-                  "feat_regress.weight": "bert.img_model.bert.img_embeddings.img_linear.weight"},
-            # transformers >= 2.4 ties the decoder's bias to the head's bias and saves both.
-            aliases={"cls.predictions.decoder.bias": "cls.predictions.bias"})
-    if kind == "uniter_itm":
-        return KindSpec(_prefixed(UNITER_TRUNK, trunk_prefix, "uniter/")
-                        + _prefixed(ITM_HEADS[:1], trunk_prefix, "") + ITM_HEADS[1:],
-                        (_POSITION_IDS,))
-    if kind == "bert":
-        return KindSpec(_prefixed(BERT_TRUNK, trunk_prefix, ""),
-                        (re.escape(trunk_prefix) + r"pooler\..*", r"cls\..*", _POSITION_IDS))
-    raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {list(KINDS)}")
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading state_dicts
@@ -269,84 +109,24 @@ def normalize_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def trunk_prefix(kind: str, state: Mapping[str, Any]) -> str:
-    """The trunk's key prefix: "uniter." / "bert." for uniter_itm, "bert." or "" for bert."""
-    if kind == "uniter_itm":
-        for prefix in ("uniter.", "bert."):
-            if any(k.startswith(prefix + "embeddings.") for k in state):
-                return prefix
-        raise ValueError("uniter_itm checkpoint: no 'uniter.embeddings.*' or "
-                         "'bert.embeddings.*' keys found")
-    if kind == "bert":
-        return "bert." if any(k.startswith("bert.embeddings.") for k in state) else ""
-    return ""
-
-
 # ---------------------------------------------------------------------------------------------
-# Sizes from shapes
+# A kind's converter (the registry entry's): trunk prefix, name rules, config
 
 
-def _require(state, key, where):
-    if key not in state:
-        raise ValueError(f"cannot infer the {where}: key {key!r} is missing from the checkpoint")
-    return state[key].shape
+def trunk_prefix(kind: str, state: Mapping[str, Any]) -> str:
+    """The prefix a `kind` checkpoint saves its trunk under ("uniter." / "bert." / "")."""
+    return kinds.get(kind).converter.trunk_prefix(state)
 
 
-def infer_transformer(state, prefix: str, num_heads: int | None,
-                      where: str = "transformer") -> TransformerConfig:
-    """TransformerConfig from the tensors under `prefix` (e.g. "txt_model.bert.")."""
-    vocab, hidden = _require(state, f"{prefix}embeddings.word_embeddings.weight", where)
-    positions = _require(state, f"{prefix}embeddings.position_embeddings.weight", where)[0]
-    types = _require(state, f"{prefix}embeddings.token_type_embeddings.weight", where)[0]
-    layer_ids = {int(m.group(1)) for k in state
-                 if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k))}
-    if not layer_ids:
-        raise ValueError(f"cannot infer the {where}: no {prefix}encoder.layer.N.* keys")
-    intermediate = _require(state, f"{prefix}encoder.layer.0.intermediate.dense.weight",
-                            where)[0]
-    if num_heads is None:
-        if hidden % 64:
-            raise ValueError(f"{where}: hidden size {hidden} is not a multiple of 64; pass the "
-                             f"number of attention heads (--num_heads)")
-        num_heads = hidden // 64
-    if hidden % num_heads:
-        raise ValueError(f"{where}: hidden size {hidden} is not divisible by num_heads="
-                         f"{num_heads}")
-    return TransformerConfig(vocab_size=vocab, hidden_size=hidden,
-                             num_layers=max(layer_ids) + 1, num_heads=num_heads,
-                             intermediate_size=intermediate, max_position_embeddings=positions,
-                             type_vocab_size=types)
-
-
-def _infer_region(state, prefix: str, classifier_key: str | None) -> RegionConfig:
-    hidden_feat = _require(state, f"{prefix}img_embeddings.img_linear.weight", "region config")
-    box = _require(state, f"{prefix}img_embeddings.pos_linear.weight", "region config")
-    classes = RegionConfig.num_classes
-    if classifier_key is not None:
-        classes = _require(state, classifier_key, "number of region classes")[0]
-    return RegionConfig(feat_dim=hidden_feat[1], box_dim=box[1], num_classes=classes)
+def kind_spec(kind: str, trunk: str | None = None) -> torch_names.KindSpec:
+    """The name rules of `kind` for trunk prefix `trunk` (default: the one written on export)."""
+    converter = kinds.get(kind).converter
+    return converter.rules(converter.export_prefix if trunk is None else trunk)
 
 
 def infer_config(kind: str, state: Mapping[str, np.ndarray], num_heads: int | None = None):
-    """The model config of a (normalized) state_dict of `kind`."""
-    if kind in ("lightningdot", "lightningdot_pretrain"):
-        root = "bert." if kind == "lightningdot_pretrain" else ""
-        classifier = "region_classifier.net.3.weight" if root else None
-        project_dim = _require(state, f"{root}txt_model.encode_proj.3.weight",
-                               "projection dim")[0]
-        return DualEncoderConfig(
-            text=infer_transformer(state, f"{root}txt_model.bert.", num_heads, "text tower"),
-            image=infer_transformer(state, f"{root}img_model.bert.", num_heads, "image tower"),
-            region=_infer_region(state, f"{root}img_model.bert.", classifier),
-            project_dim=project_dim)
-    prefix = trunk_prefix(kind, state)
-    if kind == "uniter_itm":
-        return CrossEncoderConfig(
-            transformer=infer_transformer(state, prefix, num_heads, "cross-encoder"),
-            region=_infer_region(state, prefix, None))
-    if kind == "bert":
-        return BertConfig(transformer=infer_transformer(state, prefix, num_heads, "BERT"))
-    raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {list(KINDS)}")
+    """The model config of a (normalized) state_dict of `kind`, from its tensors' shapes."""
+    return kinds.get(kind).converter.infer(state, num_heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +148,7 @@ def _set(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
-def _torch_name(spec: KindSpec, path: str) -> tuple[str, bool]:
+def _torch_name(spec: torch_names.KindSpec, path: str) -> tuple[str, bool]:
     for rule in spec.rules:
         found = rule.to_torch(path)
         if found:
@@ -437,8 +217,6 @@ def params_to_state_dict(kind: str, params, trunk: str | None = None) -> dict[st
     Tied tensors are written under both names, as torch.save does. `trunk` is the trunk prefix
     for uniter_itm ("uniter." default) and bert ("bert." default).
     """
-    if trunk is None:
-        trunk = {"uniter_itm": "uniter.", "bert": "bert."}.get(kind, "")
     spec = kind_spec(kind, trunk)
     state = {}
     for path, value in pretrained.flatten_params(params).items():
@@ -463,8 +241,8 @@ def convert_checkpoint(kind: str, input_path: str | os.PathLike, output_dir: str
     `load_cross_encoder`, `load_pretraining_model` or `load_pretrained`. The output is written
     to a temporary directory and renamed, so an existing good directory survives a failure.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {list(KINDS)}")
+    if kind not in kinds.KINDS:  # before the file is read
+        raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {list(kinds.NAMES)}")
     state = normalize_keys(read_state_dict(input_path, trust_pickle))
     config = infer_config(kind, state, num_heads)
     conversion = state_dict_to_params(kind, state, config)

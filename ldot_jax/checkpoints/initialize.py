@@ -30,24 +30,20 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ldot_jax.checkpoints import pretrained
+from ldot_jax.checkpoints import kinds, pretrained
 from ldot_jax.checkpoints.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
 TARGETS = ("model", "text", "image")
-_DUAL_KINDS = ("lightningdot", "lightningdot_pretrain")
-
-
-def _dual_params(kind: str, params: dict) -> dict:
-    return params["dual_encoder"] if kind == "lightningdot_pretrain" else params
 
 
 def _source_subtree(target: str, source_kind: str, source: dict, directory: str) -> dict:
     """The part of a source checkpoint that maps onto `target`, laid out like the target's
     subtree (the dual encoder for "model", the tower for "text" / "image")."""
-    if source_kind in _DUAL_KINDS:
-        dual = _dual_params(source_kind, source)
+    spec = kinds.get(source_kind)
+    if spec.is_dual_encoder:
+        dual = spec.dual_encoder_params(source)
         if target == "cross":  # the re-ranker from the towers: words from the text tower,
             # regions and layers from the image tower (a UNITER trunk itself)
             image = dual["image_tower"]["uniter"]
@@ -55,7 +51,9 @@ def _source_subtree(target: str, source_kind: str, source: dict, directory: str)
                                "region_embeddings": image["region_embeddings"],
                                "encoder": image["encoder"]}}
         if target == "model":
-            return source if source_kind == "lightningdot_pretrain" else {"dual_encoder": dual}
+            # laid out as the pre-training model (the towers under "dual_encoder", then the
+            # heads): a pre-training source is that already
+            return source if spec.dual_encoder == ("dual_encoder",) else {"dual_encoder": dual}
         return dual[f"{target}_tower"]
     if target == "cross" and source_kind == "uniter_itm":
         return source
@@ -70,7 +68,7 @@ def _source_subtree(target: str, source_kind: str, source: dict, directory: str)
     raise CheckpointError(f"init.{target}: {directory} holds a {source_kind!r} model, which "
                           f"cannot initialize the {target} "
                           f"{'dual encoder' if target == 'model' else 'tower'}; see "
-                          f"ldot_jax/initialize.py for the valid sources")
+                          f"ldot_jax/checkpoints/initialize.py for the valid sources")
 
 
 def _copy(dest: dict, source: dict, where: str) -> tuple[dict, list[str], list[str]]:
@@ -118,16 +116,15 @@ def from_pretrained(params: Mapping[str, Any], kind: str,
             params, copied, kept = _copy(params, _source_subtree(
                 "cross", source.kind, source.params, str(directory)), where)
         elif target == "model":
-            if kind == "lightningdot":
+            if not kinds.get(kind).dual_encoder:  # the towers are the whole params
                 subtree = subtree["dual_encoder"]
             params, copied, kept = _copy(params, subtree, where)
         else:
             tower = f"{target}_tower"
-            dual = _dual_params(kind, params)
+            target_kind = kinds.get(kind)
+            dual = target_kind.dual_encoder_params(params)
             new_tower, copied, kept = _copy(dual[tower], subtree, where)
-            dual = {**dual, tower: new_tower}
-            params = {**params, "dual_encoder": dual} if kind == "lightningdot_pretrain" \
-                else dual
+            params = target_kind.replace_dual_encoder(params, {**dual, tower: new_tower})
         if not copied:
             raise CheckpointError(f"{where}: no parameter of the checkpoint matches the "
                                   f"{target}")

@@ -12,21 +12,18 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from ldot_jax.checkpoints import checkpoint
+from ldot_jax.checkpoints import checkpoint, kinds
 from ldot_jax.core import fileutil
 from ldot_jax.models import config as config_lib
-from ldot_jax.models.config import BertConfig, CrossEncoderConfig, DualEncoderConfig
 from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.dual_encoder import DualEncoder
 from ldot_jax.models.pretraining import DualEncoderForPretraining
-from ldot_jax.models.towers import BertTrunk
 
 CONFIG_FILE = "ldot_config.json"
 PARAMS_DIR = "params"
@@ -36,45 +33,9 @@ TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 
 
-class ModelKind(NamedTuple):
-    """A kind of model directory: its config class, how to build the module, and dummy inputs
-    (smallest shapes) for shape inference."""
-
-    config_cls: type
-    build: Callable[[Any], nn.Module]
-    dummy_inputs: Callable[[Any], tuple]
-
-
-def _text(b=1, length=2):
-    return jnp.zeros((b, length), jnp.int32), jnp.ones((b, length), jnp.int32)
-
-
-def _regions(region, b=1, r=1):
-    return (jnp.zeros((b, r, region.feat_dim), jnp.float32),
-            jnp.zeros((b, r, region.box_dim), jnp.float32), jnp.ones((b, r), jnp.int32))
-
-
-MODEL_KINDS: dict[str, ModelKind] = {
-    "lightningdot": ModelKind(
-        DualEncoderConfig, DualEncoder, lambda c: _text() + _regions(c.region)),
-    "lightningdot_pretrain": ModelKind(
-        DualEncoderConfig, DualEncoderForPretraining,
-        lambda c: _text() + _regions(c.region) + (jnp.ones((1, 1), jnp.int32),)),
-    "uniter_itm": ModelKind(
-        CrossEncoderConfig, CrossEncoder, lambda c: _text() + _regions(c.region)),
-    "bert": ModelKind(BertConfig, lambda c: BertTrunk(c.transformer), lambda c: _text()),
-}
-
-
-def model_kind(kind: str) -> ModelKind:
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model kind {kind!r}; valid kinds are {sorted(MODEL_KINDS)}")
-    return MODEL_KINDS[kind]
-
-
 def build_model(kind: str, config) -> nn.Module:
     """The Flax module of `kind` for `config`."""
-    spec = model_kind(kind)
+    spec = kinds.get(kind)
     if not isinstance(config, spec.config_cls):
         raise ValueError(f"kind {kind!r} takes a {spec.config_cls.__name__}, got "
                          f"{type(config).__name__}")
@@ -84,7 +45,7 @@ def build_model(kind: str, config) -> nn.Module:
 def abstract_params(kind: str, config) -> Any:
     """Params pytree of jax.ShapeDtypeStruct for `kind` / `config` (nothing is allocated)."""
     model = build_model(kind, config)
-    inputs = model_kind(kind).dummy_inputs(config)
+    inputs = kinds.get(kind).dummy_inputs(config)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))
     return variables["params"]
 
@@ -92,7 +53,7 @@ def abstract_params(kind: str, config) -> Any:
 def init_params(kind: str, config, rng) -> Any:
     """Freshly initialized params of `kind` / `config` (BERT init: normal(0.02), LN 1/0)."""
     model = build_model(kind, config)
-    inputs = model_kind(kind).dummy_inputs(config)
+    inputs = kinds.get(kind).dummy_inputs(config)
     return jax.jit(model.init)(rng, *inputs)["params"]
 
 
@@ -153,7 +114,7 @@ def read_config(directory: str | os.PathLike) -> tuple[str, Any, dict]:
         raise checkpoint.CheckpointError(
             f"{path}: format_version {body['format_version']} is not supported "
             f"(this ldot_jax reads {FORMAT_VERSION})")
-    spec = model_kind(body["kind"])
+    spec = kinds.get(body["kind"])
     config = config_lib.from_dict(spec.config_cls, body["model"], where=f"{path}: model")
     return body["kind"], config, body.get("metadata", {})
 
@@ -180,13 +141,12 @@ def load_dual_encoder(directory: str | os.PathLike, **numerics) -> tuple[DualEnc
     are dropped). `numerics` override compute settings, e.g. `dtype="bfloat16"`.
     """
     loaded = load_pretrained(directory, **numerics)
-    if loaded.kind == "lightningdot":
-        return DualEncoder(loaded.config), loaded.params
-    if loaded.kind == "lightningdot_pretrain":
-        return DualEncoder(loaded.config), loaded.params["dual_encoder"]
-    raise checkpoint.CheckpointError(
-        f"{directory} holds a {loaded.kind!r} model, not a dual encoder "
-        f"(lightningdot or lightningdot_pretrain)")
+    spec = kinds.get(loaded.kind)
+    if not spec.is_dual_encoder:
+        raise checkpoint.CheckpointError(
+            f"{directory} holds a {loaded.kind!r} model, not a dual encoder "
+            f"({' or '.join(kinds.dual_encoder_kinds())})")
+    return DualEncoder(loaded.config), spec.dual_encoder_params(loaded.params)
 
 
 def load_pretraining_model(directory: str | os.PathLike,

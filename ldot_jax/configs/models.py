@@ -2,7 +2,7 @@
 
     from configs import models
     cfg = models.get_config("lightningdot_base")          # or "uniter_base", "scenes", "small", "tiny"
-    model_config = ldot_jax.models.config.model_config(cfg.kind, cfg.model)
+    model_config = ldot_jax.checkpoints.kinds.model_config(cfg.kind, cfg.model)
 
 `lightningdot_base` is the released LightningDOT bi-encoder (bert-base-cased text tower,
 UNITER-base image tower, 768-d vectors); `uniter_base` the UNITER-base ITM re-ranker; `small`

@@ -27,6 +27,9 @@ INDEX_DIR = "index"
 # The two modalities a corpus (and an index) can hold, and which one queries the other.
 SIDES = ("image", "text")
 QUERY_SIDE = {"image": "text", "text": "image"}
+# The two search directions (of the Retriever and of the `retrieval.Reranker` protocol): a
+# caption query searches the image side, an image query the text side.
+DIRECTIONS = ("text_to_image", "image_to_text")
 
 
 def config_path(workdir: str) -> str:

@@ -160,20 +160,6 @@ def from_dict(cls, values: Mapping[str, Any], where: str = "config"):
     return cls(**kwargs)
 
 
-MODEL_CONFIGS = {"lightningdot": DualEncoderConfig, "lightningdot_pretrain": DualEncoderConfig,
-                 "uniter_itm": CrossEncoderConfig, "bert": BertConfig}
-
-
-def model_config(kind: str, values: Mapping[str, Any]):
-    """The config dataclass of a model `kind` from a (nested) dict or ml_collections
-    ConfigDict, e.g. `model_config(cfg.kind, cfg.model)`; errors name the bad key."""
-    if kind not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model kind {kind!r}; valid kinds are {sorted(MODEL_CONFIGS)}")
-    if hasattr(values, "to_dict"):
-        values = values.to_dict()
-    return from_dict(MODEL_CONFIGS[kind], values, where="model")
-
-
 def replace_numerics(config, **changes):
     """Returns `config` with numerics (the fields in NUMERICS) changed in every
     TransformerConfig it contains, e.g. `replace_numerics(cfg, dtype="bfloat16")`."""

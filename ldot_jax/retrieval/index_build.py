@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from ldot_jax.checkpoints import kinds
 from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import fileutil, parallel
 from ldot_jax.core import workdir as workdir_lib
@@ -95,8 +96,9 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
             f"no model at {model_dir}: a finished single-process run exports one; otherwise "
             f"pass model_dir / --model (a directory written by ldot_jax.save_pretrained)")
     loaded = pretrained.load_pretrained(model_dir)
-    if loaded.kind not in ("lightningdot", "lightningdot_pretrain"):
-        raise ValueError(f"{model_dir} holds a {loaded.kind!r} model, not a dual encoder")
+    if not kinds.get(loaded.kind).is_dual_encoder:
+        raise ValueError(f"{model_dir} holds a {loaded.kind!r} model, not a dual encoder "
+                         f"({' or '.join(kinds.dual_encoder_kinds())})")
     model = pretrained.build_model(loaded.kind, loaded.config)
     fingerprint = pretrained.fingerprint(loaded.kind, loaded.config, loaded.params)
     mesh = parallel.make_mesh()

@@ -28,29 +28,30 @@ import jax
 import numpy as np
 
 from ldot_jax.core import parallel
+from ldot_jax.core.workdir import DIRECTIONS  # the directions of `retrieval.Reranker`
 from ldot_jax.data.batching import bucket_size, prefix_mask
 from ldot_jax.models.cross_encoder import CrossEncoder
+from ldot_jax.models.inputs import check_prefix_mask
 
 if TYPE_CHECKING:
     from ldot_jax.data.pipeline import CaptionIndex
 
-# The directions of the `retrieval.Reranker` protocol (retrieval.DIRECTIONS; not imported
-# from there, since retrieval imports the trainer and the trainer may use the re-ranker).
-DIRECTIONS = ("text_to_image", "image_to_text")
 HEADS = ("rank", "itm")
 ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0,
               500.0)
 
 
-def _check_prefix(name: str, mask: np.ndarray) -> None:
-    """mask: [n, R] of 0/1 with every row 1…1 0…0 (UNITER packs text and regions)."""
+def _check_mask(name: str, mask: np.ndarray) -> None:
+    """mask: [n, R] of 0/1 with every row 1…1 0…0 (UNITER packs text and regions).
+
+    The prefix check is the model's (`check_prefix_mask`). It reads the mask as booleans, so
+    the 0/1 values are checked here first: a 2 would otherwise be stored (or counted in a
+    query's length) and reach the jitted scorer, where the model skips its value checks.
+    """
     if mask.size and not np.isin(mask, (0, 1)).all():
         bad = np.unique(mask[~np.isin(mask, (0, 1))])[:5].tolist()
         raise ValueError(f"{name}: expected 0/1 values, found {bad}")
-    rows = np.nonzero((np.diff(mask.astype(np.int8), axis=1) > 0).any(axis=1))[0]
-    if rows.size:
-        raise ValueError(f"{name}: rows {rows[:5].tolist()} have padding before a real "
-                         f"element; expected 1…1 0…0 per row")
+    check_prefix_mask(name, mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,7 @@ class ImageStore:
         if mask.shape != feat.shape[:2]:
             raise ValueError(f"ImageStore.region_mask has shape {mask.shape}, expected "
                              f"{feat.shape[:2]} to match region_feat {feat.shape}")
-        _check_prefix("ImageStore.region_mask", mask)
+        _check_mask("ImageStore.region_mask", mask)
         # Frozen, but the fields must hold the validated NumPy arrays, not what was passed.
         object.__setattr__(self, "region_feat", feat)
         object.__setattr__(self, "boxes", boxes)
@@ -399,7 +400,7 @@ class CrossEncoderReranker:
         if mask.shape != feat.shape[:2]:
             raise ValueError(f"{what}: region_mask has shape {mask.shape}, expected "
                              f"{feat.shape[:2]}")
-        _check_prefix(f"{what}: region_mask", mask)
+        _check_mask(f"{what}: region_mask", mask)
         counts = mask.sum(axis=1)
         if counts.size and counts.max() > regions:
             q = int(np.argmax(counts))
@@ -538,7 +539,7 @@ class CrossEncoderReranker:
             if mask.ndim != 2:
                 raise ValueError(f"queries attention_mask: expected i32[Q, L], got shape "
                                  f"{mask.shape}")
-            _check_prefix("queries attention_mask", mask)
+            _check_mask("queries attention_mask", mask)
             text = self._text_table(queries["input_ids"], mask.sum(axis=1), "queries")
             if len(text[1]) != q:
                 raise ValueError(f"{len(text[1])} text queries but candidates has {q} rows")

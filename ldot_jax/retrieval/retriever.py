@@ -26,11 +26,14 @@ import numpy as np
 from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import numerics
 from ldot_jax.core import workdir as workdir_lib
+from ldot_jax.data.batching import bucket_size
 from ldot_jax.index import backends
 from ldot_jax.index import base as index_base
 from ldot_jax.retrieval import encode
 
-DIRECTIONS = ("text_to_image", "image_to_text")
+# The Reranker protocol's directions; defined once, in core.workdir (this name is kept for
+# code that reads retriever.DIRECTIONS).
+DIRECTIONS = workdir_lib.DIRECTIONS
 
 
 class Reranker(Protocol):
@@ -53,13 +56,6 @@ class Results:
     scores: np.ndarray
     names: list[list[str]]
     timings_ms: dict[str, float]
-
-
-def _pad_to(n: int, buckets: Sequence[int], what: str) -> int:
-    for b in sorted(buckets):
-        if n <= b:
-            return b
-    raise ValueError(f"{what} of {n} exceeds the largest bucket {max(buckets)}")
 
 
 def _batch_size(n: int) -> int:
@@ -172,7 +168,8 @@ class Retriever:
         if isinstance(captions, str) or not len(captions):
             raise ValueError("captions: expected a non-empty list of strings")
         ids = self.tokenizer.encode_batch(list(captions), max(self.text_buckets) - 2, "truncate")
-        length = _pad_to(max(len(x) for x in ids), self.text_buckets, "caption length")
+        length = bucket_size(max(len(x) for x in ids), self.text_buckets,
+                             "caption length (tokens with [CLS]/[SEP])")
         b = _batch_size(len(ids))
         input_ids = np.zeros((b, length), np.int32)
         for row, x in enumerate(ids):
@@ -196,7 +193,7 @@ class Retriever:
             raise ValueError(f"{len(feats)} region sets and {len(box_list)} box sets: expected "
                              f"the same non-zero number")
         n = max(len(f) for f in feats)
-        r = _pad_to(n, self.region_buckets, "number of regions")
+        r = bucket_size(n, self.region_buckets, "region count")
         b = _batch_size(len(feats))
         feat_dim, box_dim = feats[0].shape[-1], box_list[0].shape[-1]
         out = {"region_feat": np.zeros((b, r, feat_dim), np.float32),

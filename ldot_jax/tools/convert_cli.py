@@ -9,14 +9,14 @@ import argparse
 import logging
 import sys
 
-from ldot_jax.checkpoints import convert, pretrained
+from ldot_jax.checkpoints import convert, kinds, pretrained
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ldot convert",
         description="Convert a LightningDOT / UNITER / BERT PyTorch checkpoint to ldot_jax.")
-    parser.add_argument("--kind", required=True, choices=convert.KINDS)
+    parser.add_argument("--kind", required=True, choices=kinds.NAMES)
     parser.add_argument("--input", required=True, help=".pt / .bin / .pth or .npz state_dict")
     parser.add_argument("--output", required=True, help="model directory to write")
     parser.add_argument("--num_heads", "--num-heads", type=int, default=None,

@@ -32,6 +32,7 @@ from ldot_jax.configs import demo as demo_configs
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, preview
 from ldot_jax.data.batching import prefix_mask
+from ldot_jax.evaluation import report as report_lib
 from ldot_jax.evaluation import two_stage
 from ldot_jax.retrieval import index_build
 from ldot_jax.training import train
@@ -105,7 +106,7 @@ def _train(stage: str, workdir: str, data_dir: str, tiny: bool) -> str:
 
 def run(workdir: str, data_dir: str | None = None, tiny: bool = False,
         fixtures: pathlib.Path = FIXTURES) -> dict:
-    """Runs the demo; returns {"parity": worst differences, "report": two_stage.Report,
+    """Runs the demo; returns {"parity": worst differences, "report": report_lib.Report,
     "paths": what the evaluation wrote, "seconds": per step}."""
     workdir = os.path.abspath(workdir)
     data_dir = data_dir or os.path.join(os.path.dirname(workdir), "data")
@@ -158,7 +159,7 @@ def run(workdir: str, data_dir: str | None = None, tiny: bool = False,
         finetune, os.path.join(workdir, "rerank", workdir_lib.MODEL_DIR), "test",
         progress=sys.stderr.isatty(), out_dir=os.path.join(workdir, "eval"), **options)
     lap("evaluate")
-    print(two_stage.table(report))
+    print(report_lib.table(report))
     print(f"      written: {', '.join(paths.values())}")
     print("      time per step (s): " + ", ".join(f"{k} {v}" for k, v in seconds.items())
           + f"; total {sum(seconds.values()):.0f} s")

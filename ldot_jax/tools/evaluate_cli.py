@@ -1,10 +1,12 @@
-"""`ldot evaluate`: the two-stage evaluation of a run (ldot_jax/evaluation/two_stage.py)."""
+"""`ldot evaluate`: the two-stage evaluation of a run (ldot_jax/evaluation/two_stage.py; the
+table and the files it writes: ldot_jax/evaluation/report.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from ldot_jax.evaluation import report as report_lib
 from ldot_jax.evaluation import two_stage
 from ldot_jax.index import backends
 
@@ -29,6 +31,6 @@ def main(argv: list[str] | None = None) -> int:
         args.workdir, args.reranker, args.split, tuple(int(m) for m in args.ms.split(",")),
         args.max_queries, args.max_image_queries, args.alpha_split, backend=args.backend,
         out_dir=args.out)
-    print(two_stage.table(report))
+    print(report_lib.table(report))
     print("written: " + ", ".join(paths.values()))
     return 0

@@ -37,7 +37,6 @@ import numpy as np
 from ldot_jax.core import numerics
 from ldot_jax.data import masking
 from ldot_jax.models.cross_encoder import CrossEncoder
-from ldot_jax.models.dual_encoder import DualEncoder
 from ldot_jax.models.pretraining import DualEncoderForPretraining
 from ldot_jax.training import contrastive, hard_negatives, losses
 
@@ -456,28 +455,3 @@ def task_of_step(step: int, names: tuple[str, ...], probabilities: np.ndarray,
     if len(names) == 1:
         return names[0]
     return names[int(np.random.default_rng([seed, step]).choice(len(names), p=probabilities))]
-
-
-def model_for_kind(kind: str, config):
-    if kind == "lightningdot":
-        return DualEncoder(config)
-    if kind == "lightningdot_pretrain":
-        return DualEncoderForPretraining(config)
-    if kind == "uniter_itm":
-        return CrossEncoder(config)
-    raise ValueError(f"model kind {kind!r} cannot be trained here; use 'lightningdot' "
-                     f"(fine-tuning: cmr, distill), 'lightningdot_pretrain' (cmr, vmlm, mrfr, "
-                     f"mrckl) or 'uniter_itm' (the re-ranker: itm)")
-
-
-KIND_TASKS = {"lightningdot": ("cmr", "distill"),
-              "lightningdot_pretrain": ("cmr", "vmlm", "mrfr", "mrckl", "distill"),
-              "uniter_itm": ("itm",)}
-
-
-def check_kind_tasks(kind: str, names: tuple[str, ...]) -> None:
-    """Every task of the mix must suit the model kind."""
-    wrong = [n for n in names if n not in KIND_TASKS.get(kind, ())]
-    if wrong:
-        raise ValueError(f"tasks {wrong} cannot train model kind {kind!r}; its tasks are "
-                         f"{KIND_TASKS.get(kind, ())}")

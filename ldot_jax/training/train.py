@@ -37,11 +37,11 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from ldot_jax.checkpoints import checkpoint, initialize, pretrained
+from ldot_jax.checkpoints import kinds
 from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, pipeline
 from ldot_jax.evaluation import recall
-from ldot_jax.models import config as model_config_lib
 from ldot_jax.retrieval import extract
 from ldot_jax.training import contrastive, optim, tasks
 from ldot_jax.training.metric_writer import MetricWriter
@@ -108,7 +108,7 @@ def frozen_models(config, names: tuple[str, ...]) -> tuple[dict, dict]:
     wanted = {"dual": ("itm", "itm.dual", ("lightningdot", "lightningdot_pretrain")),
               "teacher": ("distill", "distill.teacher", ("uniter_itm",))}
     modules, params = {}, {}
-    for name, (task, key, kinds) in wanted.items():
+    for name, (task, key, allowed) in wanted.items():
         section, field = key.split(".")
         directory = (config.get(section) or {}).get(field)
         if task not in names:
@@ -116,13 +116,13 @@ def frozen_models(config, names: tuple[str, ...]) -> tuple[dict, dict]:
         if not directory:
             if name == "teacher":
                 raise ValueError(f"task {task!r} needs {key}: a model directory of kind "
-                                 f"{kinds[0]!r}")
+                                 f"{allowed[0]!r}")
             log.warning("itm.dual is not set: negatives are drawn uniformly, not hard")
             continue
         loaded = pretrained.load_pretrained(directory)
-        if loaded.kind not in kinds:
+        if loaded.kind not in allowed:
             raise ValueError(f"{key}={directory} holds a {loaded.kind!r} model; expected "
-                             f"{' or '.join(kinds)}")
+                             f"{' or '.join(allowed)}")
         modules[name] = pretrained.build_model(loaded.kind, loaded.config)
         params[name] = loaded.params
     return modules, params
@@ -131,8 +131,8 @@ def frozen_models(config, names: tuple[str, ...]) -> tuple[dict, dict]:
 def model_and_config(config):
     """(kind, model config dataclass, Flax module)."""
     kind = config.model_kind
-    model_config = model_config_lib.model_config(kind, config.model)
-    return kind, model_config, tasks.model_for_kind(kind, model_config)
+    model_config = kinds.model_config(kind, config.model)
+    return kind, model_config, pretrained.build_model(kind, model_config)
 
 
 def _check_tokenizer(tokenizer, model_config) -> None:
@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir_lib.save_config(config, workdir)
     kind, model_cfg, model = model_and_config(config)
     names, probabilities = tasks.check_mix(dict(config.tasks))
-    tasks.check_kind_tasks(kind, names)
+    kinds.check_tasks(kind, names)
     frozen_modules, frozen = frozen_models(config, names)
     frozen = parallel.replicate(frozen, mesh)
     data = load_data(config)

@@ -1,0 +1,147 @@
+"""The model kinds: one registry entry holds every per-kind fact.
+
+A kind is what a model directory's `ldot_config.json` names and what a run's `model_kind` is:
+its config dataclass, how to build the Flax module, dummy inputs for shape inference, how its
+PyTorch checkpoints are named and sized (the converter), the training tasks that can train it
+and where its dual encoder (the two towers) sits in its params. Adding a kind is one entry
+here (plus its module and its name rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ldot_jax.checkpoints import torch_names
+from ldot_jax.models import config as config_lib
+from ldot_jax.models.config import BertConfig, CrossEncoderConfig, DualEncoderConfig
+from ldot_jax.models.cross_encoder import CrossEncoder
+from ldot_jax.models.dual_encoder import DualEncoder
+from ldot_jax.models.pretraining import DualEncoderForPretraining
+from ldot_jax.models.towers import BertTrunk
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """How the original code's checkpoints of a kind map onto its params.
+
+    rules: trunk prefix → the name rules (torch_names.KindSpec); trunk_prefix: state_dict → the
+    prefix its trunk is saved under; export_prefix: the prefix written on export; infer:
+    (state_dict, num_heads) → the config."""
+
+    rules: Callable[[str], torch_names.KindSpec]
+    trunk_prefix: Callable[[Mapping[str, Any]], str]
+    export_prefix: str
+    infer: Callable[..., Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """name: the kind's name; config_cls: its config dataclass; build: config → Flax module;
+    dummy_inputs: config → the smallest inputs of `module.init`; converter: its PyTorch
+    checkpoints; tasks: the training tasks that train it (() : not trained here);
+    dual_encoder: the path of the DualEncoder's params ({"text_tower", "image_tower"}) in
+    the kind's params (() : they are the params), None when the kind holds no towers;
+    summary: one line for listings."""
+
+    name: str
+    config_cls: type
+    build: Callable[[Any], nn.Module]
+    dummy_inputs: Callable[[Any], tuple]
+    converter: Converter
+    tasks: tuple[str, ...]
+    dual_encoder: tuple[str, ...] | None
+    summary: str
+
+    @property
+    def is_dual_encoder(self) -> bool:
+        return self.dual_encoder is not None
+
+    def dual_encoder_params(self, params):
+        """The DualEncoder's params inside this kind's params."""
+        if self.dual_encoder is None:
+            raise ValueError(f"a {self.name!r} model holds no dual encoder")
+        for name in self.dual_encoder:
+            params = params[name]
+        return params
+
+    def replace_dual_encoder(self, params, dual):
+        """This kind's params with the DualEncoder's params replaced by `dual`."""
+        if self.dual_encoder is None:
+            raise ValueError(f"a {self.name!r} model holds no dual encoder")
+        if not self.dual_encoder:
+            return dual
+        head, *rest = self.dual_encoder
+        inner = dataclasses.replace(self, dual_encoder=tuple(rest))
+        return {**params, head: inner.replace_dual_encoder(params[head], dual)}
+
+
+def _text(b=1, length=2):
+    return jnp.zeros((b, length), jnp.int32), jnp.ones((b, length), jnp.int32)
+
+
+def _regions(region, b=1, r=1):
+    return (jnp.zeros((b, r, region.feat_dim), jnp.float32),
+            jnp.zeros((b, r, region.box_dim), jnp.float32), jnp.ones((b, r), jnp.int32))
+
+
+KINDS: dict[str, ModelKind] = {k.name: k for k in (
+    ModelKind("lightningdot", DualEncoderConfig, DualEncoder,
+              lambda c: _text() + _regions(c.region),
+              Converter(torch_names.dual_encoder_rules, torch_names.no_trunk_prefix, "",
+                        torch_names.infer_dual_encoder),
+              tasks=("cmr", "distill"), dual_encoder=(),
+              summary="LightningDOT's two towers (fine-tuning: cmr, distill)"),
+    ModelKind("lightningdot_pretrain", DualEncoderConfig, DualEncoderForPretraining,
+              lambda c: _text() + _regions(c.region) + (jnp.ones((1, 1), jnp.int32),),
+              Converter(torch_names.pretraining_rules, torch_names.no_trunk_prefix, "",
+                        torch_names.infer_pretraining),
+              tasks=("cmr", "vmlm", "mrfr", "mrckl", "distill"),
+              dual_encoder=("dual_encoder",),
+              summary="the towers with the VMLM / MRFR / MRC heads (pre-training)"),
+    ModelKind("uniter_itm", CrossEncoderConfig, CrossEncoder,
+              lambda c: _text() + _regions(c.region),
+              Converter(torch_names.uniter_itm_rules, torch_names.uniter_trunk_prefix,
+                        "uniter.", torch_names.infer_uniter_itm),
+              tasks=("itm",), dual_encoder=None,
+              summary="UNITER ITM, the cross-encoder re-ranker (itm)"),
+    ModelKind("bert", BertConfig, lambda c: BertTrunk(c.transformer), lambda c: _text(),
+              Converter(torch_names.bert_rules, torch_names.bert_trunk_prefix, "bert.",
+                        torch_names.infer_bert),
+              tasks=(), dual_encoder=None,
+              summary="a BERT trunk (initializes a text tower)"),
+)}
+NAMES = tuple(KINDS)
+
+
+def get(name: str) -> ModelKind:
+    """The registry entry of kind `name` (a ValueError lists the valid kinds)."""
+    if name not in KINDS:
+        raise ValueError(f"unknown model kind {name!r}; valid kinds are {list(KINDS)}")
+    return KINDS[name]
+
+
+def model_config(kind: str, values: Mapping[str, Any]):
+    """The config dataclass of a model `kind` from a (nested) dict or ml_collections
+    ConfigDict, e.g. `model_config(cfg.model_kind, cfg.model)`; errors name the bad key."""
+    if hasattr(values, "to_dict"):
+        values = values.to_dict()
+    return config_lib.from_dict(get(kind).config_cls, values, where="model")
+
+
+def dual_encoder_kinds() -> tuple[str, ...]:
+    """The kinds whose params hold the two towers (what the index build and the Retriever
+    accept)."""
+    return tuple(name for name, kind in KINDS.items() if kind.is_dual_encoder)
+
+
+def check_tasks(kind: str, tasks: tuple[str, ...]) -> None:
+    """Every task of a run's mix must train `kind`."""
+    allowed = get(kind).tasks
+    wrong = [t for t in tasks if t not in allowed]
+    if wrong:
+        raise ValueError(f"tasks {wrong} cannot train model kind {kind!r}; its tasks are "
+                         f"{allowed}" + ("" if allowed else " (it is not trained here)"))
