@@ -1,6 +1,8 @@
 """The built wheel works on its own: `pip wheel` of the package, installed into a fresh venv
 outside the checkout, then `ldot --help` and `ldot demo --tiny` run there from an empty
-directory. This catches what the editable install hides: package data missing from the wheel
+directory, as a separate process on one device (the way `make demo` starts it): parity with
+the original outputs, the three training stages, the indexes and the two-stage table with
+its plot (this is also the demo's end-to-end test). This catches what the editable install hides: package data missing from the wheel
 (the parity fixtures, the configs) and paths computed relative to the repository.
 
 The fresh venv gets no copies of jax, flax, ...: a `.pth` line puts the outer venv's
@@ -123,6 +125,16 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
     assert stages[:4] == [("dot", None), ("coarse-to-fine", None), ("+ re-rank", 10),
                           ("+ re-rank", 20)]
     assert any(s.startswith("+ fused") for s, _ in stages)
+    choice = report["alpha_choice"]
+    best = max(choice["ir_r1"].values())  # the smallest α of the best IR R@1 on val
+    assert choice["split"] == "val" and report["alpha"] == min(
+        float(a) for a, r in choice["ir_r1"].items() if r == best)
+    assert "α of the fused rows chosen on val" in out
+    for row in report["rows"]:
+        assert set(row["metrics"]) == {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10",
+                                       "ar"}
+        assert row["ms"]["t2i"] > 0 and row["speedup"]["t2i"] > 0
+    assert report["all_pairs"]["label"].startswith("extrapolated from")
     assert (workdir / "eval" / "recall_latency.png").stat().st_size > 1000
     for stage in ("pretrain", "finetune", "rerank"):
         assert (workdir / stage / "model" / "ldot_config.json").exists()
