@@ -40,35 +40,16 @@ TARGETS = ("model", "text", "image")
 
 def _source_subtree(target: str, source_kind: str, source: dict, directory: str) -> dict:
     """The part of a source checkpoint that maps onto `target`, laid out like the target's
-    subtree (the dual encoder for "model", the tower for "text" / "image")."""
-    spec = kinds.get(source_kind)
-    if spec.is_dual_encoder:
-        dual = spec.dual_encoder_params(source)
-        if target == "cross":  # the re-ranker from the towers: words from the text tower,
-            # regions and layers from the image tower (a UNITER trunk itself)
-            image = dual["image_tower"]["uniter"]
-            return {"uniter": {"embeddings": dual["text_tower"]["bert"]["embeddings"],
-                               "region_embeddings": image["region_embeddings"],
-                               "encoder": image["encoder"]}}
-        if target == "model":
-            # laid out as the pre-training model (the towers under "dual_encoder", then the
-            # heads): a pre-training source is that already
-            return source if spec.dual_encoder == ("dual_encoder",) else {"dual_encoder": dual}
-        return dual[f"{target}_tower"]
-    if target == "cross" and source_kind == "uniter_itm":
-        return source
-    if target == "text" and source_kind == "bert":
-        return {"bert": source}
-    if target == "image" and source_kind == "uniter_itm":
-        return {"uniter": source["uniter"]}
-    if target == "text" and source_kind == "uniter_itm":  # VLDeformer: towers from the re-ranker
-        return {"bert": {k: source["uniter"][k] for k in ("embeddings", "encoder")}}
-    if target == "image" and source_kind == "bert":
-        return {"uniter": source}
-    raise CheckpointError(f"init.{target}: {directory} holds a {source_kind!r} model, which "
-                          f"cannot initialize the {target} "
-                          f"{'dual encoder' if target == 'model' else 'tower'}; see "
-                          f"ldot_jax/checkpoints/initialize.py for the valid sources")
+    subtree (the dual encoder for "model", the re-ranker for "cross", the tower for "text" /
+    "image"): the source kind's registry entry says (kinds.ModelKind.warm_starts)."""
+    warm_start = kinds.get(source_kind).warm_starts.get(target)
+    if warm_start is None:
+        valid = [name for name, kind in kinds.KINDS.items() if target in kind.warm_starts]
+        raise CheckpointError(f"init.{target}: {directory} holds a {source_kind!r} model, "
+                              f"which cannot initialize the {target} "
+                              f"{'dual encoder' if target == 'model' else 'tower'}; the kinds "
+                              f"that can are {valid}")
+    return warm_start(source)
 
 
 def _copy(dest: dict, source: dict, where: str) -> tuple[dict, list[str], list[str]]:

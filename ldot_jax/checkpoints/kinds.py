@@ -45,7 +45,10 @@ class ModelKind:
     checkpoints; tasks: the training tasks that train it (() : not trained here);
     dual_encoder: the path of the DualEncoder's params ({"text_tower", "image_tower"}) in
     the kind's params (() : they are the params), None when the kind holds no towers;
-    summary: one line for listings."""
+    warm_starts: what a model directory of this kind can initialize (checkpoints/
+    initialize.py): target ("model": a dual encoder, laid out as the pre-training model;
+    "cross": a uniter_itm re-ranker; "text" / "image": a tower) → params → the subtree laid
+    out like the target's; summary: one line for listings."""
 
     name: str
     config_cls: type
@@ -54,6 +57,7 @@ class ModelKind:
     converter: Converter
     tasks: tuple[str, ...]
     dual_encoder: tuple[str, ...] | None
+    warm_starts: Mapping[str, Callable[[Any], Any]]
     summary: str
 
     @property
@@ -88,30 +92,56 @@ def _regions(region, b=1, r=1):
             jnp.zeros((b, r, region.box_dim), jnp.float32), jnp.ones((b, r), jnp.int32))
 
 
+def _dual_warm_starts(path: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
+    """What the towers of a dual-encoder kind (at `path` in its params) initialize."""
+    def dual(params):
+        for name in path:
+            params = params[name]
+        return params
+
+    def cross(params):  # the re-ranker from the towers: words from the text tower, regions
+        image = dual(params)["image_tower"]["uniter"]  # and layers from the image tower
+        return {"uniter": {"embeddings": dual(params)["text_tower"]["bert"]["embeddings"],
+                           "region_embeddings": image["region_embeddings"],
+                           "encoder": image["encoder"]}}
+
+    return {"model": (lambda p: p) if path == ("dual_encoder",) else (
+                lambda p: {"dual_encoder": dual(p)}),
+            "cross": cross,
+            "text": lambda p: dual(p)["text_tower"],
+            "image": lambda p: dual(p)["image_tower"]}
+
+
 KINDS: dict[str, ModelKind] = {k.name: k for k in (
     ModelKind("lightningdot", DualEncoderConfig, DualEncoder,
               lambda c: _text() + _regions(c.region),
               Converter(torch_names.dual_encoder_rules, torch_names.no_trunk_prefix, "",
                         torch_names.infer_dual_encoder),
-              tasks=("cmr", "distill"), dual_encoder=(),
+              tasks=("cmr", "distill"), dual_encoder=(), warm_starts=_dual_warm_starts(()),
               summary="LightningDOT's two towers (fine-tuning: cmr, distill)"),
     ModelKind("lightningdot_pretrain", DualEncoderConfig, DualEncoderForPretraining,
               lambda c: _text() + _regions(c.region) + (jnp.ones((1, 1), jnp.int32),),
               Converter(torch_names.pretraining_rules, torch_names.no_trunk_prefix, "",
                         torch_names.infer_pretraining),
               tasks=("cmr", "vmlm", "mrfr", "mrckl", "distill"),
-              dual_encoder=("dual_encoder",),
+              dual_encoder=("dual_encoder",), warm_starts=_dual_warm_starts(("dual_encoder",)),
               summary="the towers with the VMLM / MRFR / MRC heads (pre-training)"),
     ModelKind("uniter_itm", CrossEncoderConfig, CrossEncoder,
               lambda c: _text() + _regions(c.region),
               Converter(torch_names.uniter_itm_rules, torch_names.uniter_trunk_prefix,
                         "uniter.", torch_names.infer_uniter_itm),
               tasks=("itm",), dual_encoder=None,
+              warm_starts={
+                  "cross": lambda p: p, "image": lambda p: {"uniter": p["uniter"]},
+                  # VLDeformer: the towers from the re-ranker
+                  "text": lambda p: {"bert": {k: p["uniter"][k] for k in ("embeddings",
+                                                                          "encoder")}}},
               summary="UNITER ITM, the cross-encoder re-ranker (itm)"),
     ModelKind("bert", BertConfig, lambda c: BertTrunk(c.transformer), lambda c: _text(),
               Converter(torch_names.bert_rules, torch_names.bert_trunk_prefix, "bert.",
                         torch_names.infer_bert),
               tasks=(), dual_encoder=None,
+              warm_starts={"text": lambda p: {"bert": p}, "image": lambda p: {"uniter": p}},
               summary="a BERT trunk (initializes a text tower)"),
 )}
 NAMES = tuple(KINDS)

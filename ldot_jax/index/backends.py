@@ -49,12 +49,14 @@ def _hierarchical(cls, dim: int, options: Mapping, matryoshka_dims, normalized):
 class Backend:
     """name: the saved `type` and the config / command-line name; where: "module:Class"
     (imported on first use); make: (class, dim, options, matryoshka_dims, normalized) → an
-    empty index; summary: one line for --help."""
+    empty index; summary: one line for --help; exact: it is exact search itself (its health
+    check against exact search is skipped)."""
 
     name: str
     where: str
     make: Callable
     summary: str
+    exact: bool = False
 
     def index_class(self) -> type[base.VectorIndex]:
         module, _, cls = self.where.partition(":")
@@ -67,7 +69,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("hierarchical", "ldot_jax.index.hierarchical:HierarchicalIndex", _hierarchical,
             "HiVLP coarse-to-fine: ScaNN on low-dim prefixes, exact full-dim rescoring"),
     Backend("exact", "ldot_jax.index.exact:ExactIndex", _exact,
-            "jitted chunked matmul + top-k on the accelerator (the ground truth)"),
+            "jitted chunked matmul + top-k on the accelerator (the ground truth)", exact=True),
 )}
 NAMES = tuple(BACKENDS)
 

@@ -50,7 +50,7 @@ def build_index(embeddings: extract.Embeddings, backend: str, options: Mapping,
         "normalized": bool(manifest.get("normalized", False)),
         "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     if queries is not None and len(queries):
-        if backend == "exact":
+        if backends.backend(backend).exact:
             report = {"queries": int(len(queries)), "exact": True}
         else:
             exact = ExactIndex(index.dim, **dict(options.get("exact", {})))
