@@ -1,2 +1,2 @@
-"""Layer 7, evaluation: recall definitions (recall), evaluators (evaluators: plug-ins by
-name), the two-stage evaluation and its report (two_stage)."""
+"""Layer 7, evaluation: recall definitions (recall), recall from ranked lists (ranked_lists),
+the two-stage evaluation (two_stage) and its table and plot (report)."""
