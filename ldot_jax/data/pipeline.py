@@ -198,6 +198,36 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
     each followed by n captions of its mined images (`mined_negatives.BatchComposer`, drawn
     from the seed and the batch position, so every process builds the same global batch).
     """
+    usable = _check_shards(index, config, process_index, process_count)
+    composer = None
+    if config.mined_negatives:
+        negatives, _ = mined_negatives.read(config.mined_negatives, index.num_images)
+        composer = mined_negatives.BatchComposer(index.image, negatives,
+                                                 config.mined_per_anchor)
+        anchors = config.batch_size // (1 + config.mined_per_anchor)
+        usable = len(index) // anchors * anchors
+    ds = grain.MapDataset.range(len(index)).shuffle(seed=config.seed)[:usable]
+    load_rows = _row_loader(images, index, config, process_index, process_count)
+
+    # Batch, then repeat: a batch never mixes two epochs, each epoch drops its own remainder.
+    if composer is None:
+        ds = ds.batch(config.batch_size, drop_remainder=True, batch_fn=np.asarray)
+        ds = ds.map(load_rows).repeat(config.num_epochs)
+    else:  # repeat before composing, so each epoch draws new mined captions
+        ds = ds.batch(anchors, drop_remainder=True, batch_fn=np.asarray)
+        ds = ds.repeat(config.num_epochs).random_map(composer, seed=config.seed + 1)
+        ds = ds.map(load_rows)
+    if config.mask_text or config.mask_regions:
+        ds = ds.random_map(_masker(tokenizer, config, process_index, process_count),
+                           seed=config.seed)
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
+                                                prefetch_buffer_size=config.prefetch))
+
+
+def _check_shards(index: CaptionIndex, config: PipelineConfig, process_index: int,
+                  process_count: int) -> int:
+    """The number of shuffled captions the epochs use (whole global batches), after checking
+    that the global batch splits over the processes and fits the split."""
     if config.batch_size % process_count:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                          f"{process_count} processes")
@@ -207,19 +237,18 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
         raise ValueError("multi-process training needs the region count of every image in the "
                          "caption index (build it from records or a caption table with "
                          "'num_regions')")
-    local_batch = config.batch_size // process_count
     usable = shard_bounds(len(index), process_index, process_count).stop
     if usable < config.batch_size:
         raise ValueError(f"{len(index)} captions are fewer than one batch of "
                          f"{config.batch_size} (the global batch)")
-    composer = None
-    if config.mined_negatives:
-        negatives, _ = mined_negatives.read(config.mined_negatives, index.num_images)
-        composer = mined_negatives.BatchComposer(index.image, negatives,
-                                                 config.mined_per_anchor)
-        anchors = config.batch_size // (1 + config.mined_per_anchor)
-        usable = len(index) // anchors * anchors
-    ds = grain.MapDataset.range(len(index)).shuffle(seed=config.seed)[:usable]
+    return usable
+
+
+def _row_loader(images: Sequence[dict], index: CaptionIndex, config: PipelineConfig,
+                process_index: int, process_count: int):
+    """fn(global batch's caption ids i[B]) → this process's collated rows, padded to the
+    buckets of the whole global batch (so every process's arrays have the same shapes)."""
+    local_batch = config.batch_size // process_count
     source = CaptionSource(images, index)
     lengths = np.asarray([len(t) for t in index.token_ids])
 
@@ -236,20 +265,7 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
             region_buckets = config.region_buckets
         return batching.collate([source[int(t)] for t in mine], (text_len,), region_buckets,
                                 local_batch)
-
-    # Batch, then repeat: a batch never mixes two epochs, each epoch drops its own remainder.
-    if composer is None:
-        ds = ds.batch(config.batch_size, drop_remainder=True, batch_fn=np.asarray)
-        ds = ds.map(load_rows).repeat(config.num_epochs)
-    else:  # repeat before composing, so each epoch draws new mined captions
-        ds = ds.batch(anchors, drop_remainder=True, batch_fn=np.asarray)
-        ds = ds.repeat(config.num_epochs).random_map(composer, seed=config.seed + 1)
-        ds = ds.map(load_rows)
-    if config.mask_text or config.mask_regions:
-        ds = ds.random_map(_masker(tokenizer, config, process_index, process_count),
-                           seed=config.seed)
-    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.num_threads,
-                                                prefetch_buffer_size=config.prefetch))
+    return load_rows
 
 
 def _masker(tokenizer, config: PipelineConfig, process_index: int, process_count: int):
