@@ -65,11 +65,11 @@ def test_mining_on_8_devices_equals_one_device_and_gathers_rows():
     text, image = (rng.normal(size=(b, d)).astype(np.float32) for _ in range(2))
     group, valid = _groups(b), np.arange(b) < 14
     key = jax.random.key(3)
-    one = hard_negatives.mine(None, text, image, group, valid, key, 1.0, 3)
+    one = hard_negatives.draw(None, text, image, group, valid, key, 1.0, 3)
     mesh = parallel.make_mesh()
     with jax.set_mesh(mesh):
         args = parallel.global_batch({"t": text, "i": image, "g": group, "v": valid}, mesh)
-        eight = jax.jit(lambda a: hard_negatives.mine(mesh, a["t"], a["i"], a["g"], a["v"],
+        eight = jax.jit(lambda a: hard_negatives.draw(mesh, a["t"], a["i"], a["g"], a["v"],
                                                       key, 1.0, 3))(args)
         gathered = jax.jit(lambda a, idx: hard_negatives.gather(mesh, a["i"], idx))(
             args, jax.device_put(eight[0], parallel.batch_sharding(mesh)))
@@ -198,15 +198,16 @@ def test_slow_tasks_equal_on_8_devices_and_one(slow_models, variant):
     task = variant.split("_")[0]
     if variant == "itm":
         model, params = cross, {"model": cross_params, "dual": dual_params}
-        extra = {"dual": dual}
+        extra = {"frozen": {"dual": dual}}
     elif variant == "itm_listwise":  # 3 negatives per positive, all three losses, residual
         model, params = cross, {"model": cross_params, "dual": dual_params}
-        extra = {"dual": dual, "itm": tasks.ItmConfig(negatives=3, list_weight=1.0,
-                                                      residual_scale=5.0)}
+        extra = {"frozen": {"dual": dual}, "configs": {"itm": tasks.ItmConfig(
+            negatives=3, list_weight=1.0, residual_scale=5.0)}}
     else:
         model, params = dual, {"model": dual_params, "teacher": cross_params}
-        extra = {"teacher": cross, "distill": tasks.DistillConfig(candidates=4)}
-    fn = tasks.task_fn(task)
+        extra = {"frozen": {"teacher": cross},
+                 "configs": {"distill": tasks.DistillConfig(candidates=4)}}
+    fn = tasks.get(task).loss
     key = jax.random.key(10)
     results = []
     for mesh in (None, parallel.make_mesh()):
@@ -242,11 +243,11 @@ def test_slow_tasks_equal_on_8_devices_and_one(slow_models, variant):
 def test_slow_tasks_refuse_the_wrong_model(slow_models):
     dual, dual_params = slow_models["dual"]
     with pytest.raises(ValueError, match="uniter_itm"):
-        tasks.itm({"model": dual_params}, slow_models["batch"], jax.random.key(0),
-                  tasks.TaskSetup(dual, None))
+        tasks.get("itm").loss({"model": dual_params}, slow_models["batch"],
+                              jax.random.key(0), tasks.TaskSetup(dual, None))
     with pytest.raises(ValueError, match="teacher"):
-        tasks.distill({"model": dual_params}, slow_models["batch"], jax.random.key(0),
-                      tasks.TaskSetup(dual, None))
+        tasks.get("distill").loss({"model": dual_params}, slow_models["batch"],
+                                  jax.random.key(0), tasks.TaskSetup(dual, None))
     with pytest.raises(ValueError, match="cannot train model kind"):
         kinds.check_tasks("uniter_itm", ("cmr",))
 

@@ -25,8 +25,9 @@ from ldot_jax.configs import demo, finetune_coco, finetune_flickr30k, pretrain  
 from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, mined_negatives
-from ldot_jax.tools import launch
-from ldot_jax.training import metric_writer as metrics, mine, optim, tasks, train
+from ldot_jax.evaluation import evaluators
+from ldot_jax.tools import launch, mine_cli
+from ldot_jax.training import metric_writer as metrics, optim, tasks, train
 
 CONFIGS = {"demo": (demo, ["pretrain", "finetune", "rerank", "distill", "vldeformer",
                          "pretrain,tiny", "finetune,tiny", "rerank,tiny", "distill,tiny"]),
@@ -94,8 +95,10 @@ def test_every_config_loads(name):
         c = module.get_config(arg)
         kind, model_cfg, _ = train.model_and_config(c)
         assert kind in ("lightningdot", "lightningdot_pretrain", "uniter_itm")
-        train.loss_config(c), train.pipeline_config(c)
-        train.itm_config(c), train.distill_config(c)
+        train.pipeline_config(c)
+        tasks.task_configs(c, tuple(tasks.TASKS))  # every task's sections parse
+        for entry in evaluators.evals_config(c).values():
+            evaluators.get(entry["type"])
         names, _ = tasks.check_mix(dict(c.tasks))
         kinds.check_tasks(kind, names)
         params = {"model": pretrained.abstract_params(kind, model_cfg)}
@@ -180,13 +183,13 @@ def test_task_on_8_devices_equals_one_device(task):
     c.loss.learn_temperature = True
     kind, model_cfg, model = train.model_and_config(c)
     params = {"model": pretrained.init_params(kind, model_cfg, jax.random.key(0)),
-              **train.loss_config(c).init_params()}
+              **tasks.init_params(c, (task,))}
     batch = _random_batch(np.random.default_rng(1))
     key = jax.random.key(3)
 
     def run(mesh):
-        setup = tasks.TaskSetup(model, mesh, train.loss_config(c))
-        loss_fn = lambda p, b: tasks.TASKS[task](p, b, key, setup)
+        setup = tasks.make_setup(model, mesh, c, (task,))
+        loss_fn = lambda p, b: tasks.get(task).loss(p, b, key, setup)
         fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True) if task == "cmr" else loss_fn)
         if mesh is None:
             return fn(params, batch)
@@ -418,8 +421,7 @@ def test_bfloat16_training_step(data_dir):
         tx, _ = optim.make_optimizer(c.optimizer, 10, {"model": pretrained.abstract_params(
             kind, model_cfg)})
         state = train.init_state(c, kind, model_cfg, tx, mesh, load_pretrained=False)
-        step = train.make_train_step("cmr", tasks.TaskSetup(model, mesh, train.loss_config(c)),
-                                     tx)
+        step = train.make_train_step("cmr", tasks.make_setup(model, mesh, c, ("cmr",)), tx)
         batch = _random_batch(np.random.default_rng(0))
         batch["text_index"] = np.arange(16, dtype=np.int32)
         with jax.set_mesh(mesh):
@@ -436,7 +438,7 @@ def test_mined_negatives_from_a_run_feed_the_reranker(data_dir, tmp_path):
     dual = str(tmp_path / "finetune")
     train.train_and_evaluate(tiny_config(data_dir, "finetune", steps=3), dual)
     out = str(tmp_path / "mined.npz")
-    assert mine.main(["--workdir", dual, "--out", out, "--k", "5"]) == 0
+    assert mine_cli.main(["--workdir", dual, "--out", out, "--k", "5"]) == 0
     config = tiny_config(data_dir, "rerank", steps=3)
     dataset = datasets.load_for_run(config.data)
     num_images = len(dataset.split("train"))

@@ -49,7 +49,7 @@ def _step_rate(batches, steps: int) -> float:
                            method=model.encode_text)
         image = model.apply({"params": params}, batch["region_feat"], batch["boxes"], batch["region_mask"],
                             method=model.encode_image)
-        return losses.contrastive_loss(text, image)
+        return losses.reference_contrastive_loss(text, image)
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     keys = ("input_ids", "attention_mask", "region_feat", "boxes", "region_mask")

@@ -74,8 +74,9 @@ def run(preset: str, batch_size: int, text_len: int, regions: int, dtype: str, t
     parallel.check_global_batch(batch_size, mesh)
     tx, _ = optim.make_optimizer(c.optimizer, 1000, {"model": pretrained.abstract_params(
         kind, model_cfg)})
-    setup = tasks.TaskSetup(model, mesh, train.loss_config(c))
+    setup = tasks.make_setup(model, mesh, c, (task,))
     state = train.init_state(c, kind, model_cfg, tx, mesh, load_pretrained=False)
+    frozen = {}  # the benchmarked tasks need no frozen model
     rng = np.random.default_rng(0)
     batch = synthetic_batch(rng, batch_size, text_len, regions, model_cfg.region.feat_dim,
                             model_cfg.text.vocab_size, model_cfg.region.num_classes)
@@ -84,17 +85,17 @@ def run(preset: str, batch_size: int, text_len: int, regions: int, dtype: str, t
     with jax.set_mesh(mesh):
         global_batch = parallel.global_batch(batch, mesh)
         start = time.perf_counter()
-        compiled = step.lower(state, global_batch, key).compile()
+        compiled = step.lower(state, global_batch, key, frozen).compile()
         compile_s = time.perf_counter() - start
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", 0.0)) if cost else 0.0
-        state, metrics = compiled(state, global_batch, key)  # warm-up
+        state, metrics = compiled(state, global_batch, key, frozen)  # warm-up
         jax.block_until_ready(metrics)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            state, metrics = compiled(state, global_batch, key)
+            state, metrics = compiled(state, global_batch, key, frozen)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
     step_s = float(np.median(times))

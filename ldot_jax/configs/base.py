@@ -4,14 +4,23 @@ Sections (what reads them):
   model_kind, model   the network (ldot_jax/configs/models.py presets; ldot_jax.models.config)
   data                dataset name or prepared directory, builder config, splits (data/datasets.py)
   pipeline            global batch, buckets, caption length (data/pipeline.py)
-  tasks               {task: mix ratio} over cmr / vmlm / mrfr / mrckl (tasks.py)
+  tasks               {task: mix ratio} over cmr / vmlm / mrfr / mrckl / itm / distill
+                      (training/tasks/: one module per task, registered by name)
   loss                the CMR loss options (contrastive.py, tasks.LossConfig)
   optimizer           the recipe (optim.py)
   init                model directories to start from, per tower (initialize.py)
   mesh                device mesh: data × model (parallel.py)
-  itm                 the cross-encoder's objective and its hard-negative sampler (tasks.py)
-  distill             distillation from the cross-encoder into the towers (tasks.py)
+  itm                 the cross-encoder's objective and its hard-negative sampler
+                      (tasks/itm.py)
+  distill             distillation from the cross-encoder into the towers (tasks/distill.py)
   train               steps, logging, evaluation, checkpoints (train.py)
+  evals               optional: the evaluators, {name: dict(type=..., split=..., every=...,
+                      type's keys)}, e.g. c.evals = {"val": dict(type="dot_recall",
+                      split="val", every=1000)} (metrics "val/ir_r1", …; best_metric "val/ar");
+                      types: ldot_jax/evaluation/evaluators. Not set here: without it
+                      data.eval_split, train.eval_every and itm.eval_top describe the one
+                      evaluation (dot_recall for the towers, rerank_recall of itm.dual's top
+                      for the cross-encoder), its metrics unprefixed ("ar")
   index               the fast stage: extraction and the index built after training
                       (ldot_jax/index/build.py, `ldot index build`)
 Fields that default to None are typed placeholders, so `--config.x=value` works on them.
@@ -97,7 +106,7 @@ def base_config(preset: str, model_kind: str | None = None) -> ml_collections.Co
     c.train.eval_batch_size = 256
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 3
-    c.train.best_metric = "ar"
+    c.train.best_metric = "ar"  # an evaluator's metric (with `evals`: "<name>/ar")
     c.train.best_mode = "max"
     c.train.async_checkpoints = True
     c.train.tensorboard = True

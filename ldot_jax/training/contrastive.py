@@ -174,16 +174,33 @@ def contrastive_loss(text, image, group, valid, mesh: jax.sharding.Mesh | None,
                          out_specs=P())(*args, scale, bias)
 
 
+def matryoshka_terms(text, image, group, valid, mesh, config: ContrastiveConfig,
+                     dims: tuple[int, ...], scale=1.0, bias=0.0, axis_name: str = "data",
+                     where: str = "prefix dims") -> dict[int, jax.Array]:
+    """HiVLP / Matryoshka: {d: the contrastive loss on the first d embedding components} for
+    each d of `dims`, in that order (each prefix normalized on its own when config.normalize).
+    `where` names the dims in the error (a config key)."""
+    if max(dims) > text.shape[-1]:
+        raise ValueError(f"{where} {dims} exceed the embedding size {text.shape[-1]}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"{where} {dims}: a dimension is listed twice")
+    return {d: contrastive_loss(text[:, :d], image[:, :d], group, valid, mesh, config, scale,
+                                bias, axis_name) for d in dims}
+
+
 def matryoshka_loss(text, image, group, valid, mesh, config: ContrastiveConfig,
                     dims: tuple[int, ...], weights: tuple[float, ...] | None = None, scale=1.0,
                     bias=0.0, axis_name: str = "data"):
-    """HiVLP / Matryoshka: Σ_k w_k · loss on the first dims[k] embedding components (each
-    prefix normalized on its own when config.normalize). weights default to 1 each."""
+    """Σ_k w_k · loss on the first dims[k] embedding components (`matryoshka_terms`).
+    weights default to 1 each."""
     weights = weights or (1.0,) * len(dims)
     if len(weights) != len(dims):
         raise ValueError(f"{len(weights)} weights for {len(dims)} prefix dims {dims}")
-    if max(dims) > text.shape[-1]:
-        raise ValueError(f"prefix dims {dims} exceed the embedding size {text.shape[-1]}")
-    return sum(w * contrastive_loss(text[:, :d], image[:, :d], group, valid, mesh, config,
-                                    scale, bias, axis_name)
-               for d, w in zip(dims, weights))
+    terms = matryoshka_terms(text, image, group, valid, mesh, config, dims, scale, bias,
+                             axis_name)
+    return weighted_sum(terms, dict(zip(dims, weights)))
+
+
+def weighted_sum(terms: dict[int, jax.Array], weights: dict[int, float]) -> jax.Array:
+    """Σ_d weights[d] · terms[d], in the order of `terms`."""
+    return sum(weights[d] * term for d, term in terms.items())

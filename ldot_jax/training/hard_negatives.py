@@ -1,4 +1,4 @@
-"""Hard negatives mined from the dual encoder's scores, within the global batch.
+"""Hard negatives drawn from the dual encoder's scores, within the global batch (`draw`).
 
 ALBEF / BLIP sampling: each query draws its negatives from the keys of the WHOLE global batch
 (all-gathered across devices), with probability ∝ softmax(score / temperature) over the keys
@@ -49,7 +49,7 @@ def _row_noise(key_data, rows, columns: int):
     return jax.vmap(lambda r: jax.random.gumbel(jax.random.fold_in(key, r), (columns,)))(rows)
 
 
-def _local_mine(queries, keys, group, valid, key_data, *, temperature, k, axis_name):
+def _local_draw(queries, keys, group, valid, key_data, *, temperature, k, axis_name):
     rows = queries.shape[0]
     if axis_name is not None:
         offset = jax.lax.axis_index(axis_name) * rows
@@ -64,7 +64,7 @@ def _local_mine(queries, keys, group, valid, key_data, *, temperature, k, axis_n
     return index, found & valid[:, None]
 
 
-def mine(mesh, queries, keys, group, valid, key, temperature: float | None, k: int,
+def draw(mesh, queries, keys, group, valid, key, temperature: float | None, k: int,
          axis_name: str = DATA):
     """k negatives per query row among the batch's keys (see `sample`).
 
@@ -76,7 +76,7 @@ def mine(mesh, queries, keys, group, valid, key, temperature: float | None, k: i
       the query's own group; found is False for invalid queries and missing draws.
     """
     key_data = jax.random.key_data(key)
-    fn = functools.partial(_local_mine, temperature=temperature, k=k,
+    fn = functools.partial(_local_draw, temperature=temperature, k=k,
                            axis_name=None if mesh is None else axis_name)
     if k > queries.shape[0]:
         raise ValueError(f"{k} negatives per query from a batch of {queries.shape[0]} rows")
@@ -114,7 +114,7 @@ def gather(mesh, x, index, axis_name: str = DATA):
 
 def candidate_scores(mesh, queries, keys, index, axis_name: str = DATA):
     """f32[B, k]: queries[b] · keys[index[b, j]], the dot product of each query with its
-    candidates (index i32[B, k]: global rows, as `mine` returns; keys gathered across
+    candidates (index i32[B, k]: global rows, as `draw` returns; keys gathered across
     devices). queries f[B, D] and keys f[B, D] B@data; differentiable in both."""
     return jnp.einsum("bd,bkd->bk", queries, gather(mesh, keys, index, axis_name),
                       preferred_element_type=jnp.float32)

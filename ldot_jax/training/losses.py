@@ -33,8 +33,9 @@ def contrastive_loss_per_example(text_embeddings, image_embeddings):
     return 0.5 * text_to_image + 0.5 * image_to_text
 
 
-def contrastive_loss(text_embeddings, image_embeddings):
-    """Mean of `contrastive_loss_per_example` over the batch: f32[]."""
+def reference_contrastive_loss(text_embeddings, image_embeddings):
+    """Mean of `contrastive_loss_per_example` over the batch: f32[] (the faithful reference of
+    the sharded `contrastive.contrastive_loss`)."""
     return jnp.mean(contrastive_loss_per_example(text_embeddings, image_embeddings))
 
 

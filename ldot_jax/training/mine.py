@@ -31,7 +31,7 @@ from ldot_jax.retrieval import index_build
 log = logging.getLogger(__name__)
 
 
-def mine(image_vectors: np.ndarray, text_vectors: np.ndarray, caption_image: np.ndarray,
+def mine_negatives(image_vectors: np.ndarray, text_vectors: np.ndarray, caption_image: np.ndarray,
          k: int, per_caption: int | None = None) -> np.ndarray:
     """i32[N, k]: per image, the k other images that its captions rank highest.
 
@@ -39,10 +39,10 @@ def mine(image_vectors: np.ndarray, text_vectors: np.ndarray, caption_image: np.
     many images each caption retrieves (default k + 1, enough to skip its own image).
     """
     if k < 1:
-        raise ValueError(f"mine: k={k}, expected ≥ 1")
+        raise ValueError(f"mine_negatives: k={k}, expected ≥ 1")
     num_images = len(image_vectors)
     if num_images < 2:
-        raise ValueError(f"mine: {num_images} image(s): no other image to mine")
+        raise ValueError(f"mine_negatives: {num_images} image(s): no other image to mine")
     per_caption = min(per_caption or k + 1, num_images)
     index = ExactIndex(image_vectors.shape[1]).add(image_vectors)
     hits = index.search(text_vectors, per_caption)
@@ -67,7 +67,7 @@ def mine_workdir(workdir: str, out: str, split: str = "train", k: int = 20,
     start = time.perf_counter()
     image_vectors, text_vectors, caption_image = extract.embed_split(
         model, params, images, captions, config, mesh, progress)
-    negatives = mine(image_vectors, text_vectors, caption_image, k)
+    negatives = mine_negatives(image_vectors, text_vectors, caption_image, k)
     seconds = time.perf_counter() - start
     meta = {"split": split, "k": k, "workdir": workdir,
             "fingerprint": pretrained.fingerprint(loaded.kind, loaded.config, loaded.params),

@@ -1,9 +1,13 @@
 """Training: `train_and_evaluate(config, workdir)` for pre-training and fine-tuning.
 
-One `jax.jit` program per (task, batch shape) over a (data, model) mesh: params and optimizer
-state replicated, batches B@data, the contrastive loss in a `shard_map` island (tasks.py,
-contrastive.py). Each update runs ONE task drawn by mix ratio from (seed, step)
-(`config.tasks`, e.g. {cmr: 16, vmlm: 8, mrfr: 4, mrckl: 4}); fine-tuning is {cmr: 1}.
+`setup_run` builds a run (a `TrainContext`); `train_loop` runs its steps: train, log,
+evaluate, save, stop when preempted. One `jax.jit` program per (task, batch shape) over a
+(data, model) mesh: params and optimizer state replicated, batches B@data, the contrastive
+loss in a `shard_map` island (tasks/, contrastive.py). Each update runs ONE task drawn by mix
+ratio from (seed, step) (`config.tasks`, e.g. {cmr: 16, vmlm: 8, mrfr: 4, mrckl: 4}); the
+tasks' registry (tasks/__init__.py) says which config sections, frozen models and pipeline
+masks they need, so this module names none. The evaluators are the ones `config.evals` lists
+(ldot_jax/evaluation/evaluators; without that section, the one the old keys describe).
 
 Reproducibility: the dropout key is `fold_in(key(seed), step)`; with JAX's partitionable
 threefry each device draws different bits for its own rows of that global key, so dropout is
@@ -25,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -36,14 +40,12 @@ import optax
 import tqdm
 from jax.experimental import multihost_utils
 
-from ldot_jax.checkpoints import checkpoint, initialize, pretrained
-from ldot_jax.checkpoints import kinds
+from ldot_jax.checkpoints import checkpoint, initialize, kinds, pretrained
 from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, pipeline
-from ldot_jax.evaluation import recall
-from ldot_jax.retrieval import extract
-from ldot_jax.training import contrastive, optim, tasks
+from ldot_jax.evaluation import evaluators
+from ldot_jax.training import optim, tasks
 from ldot_jax.training.metric_writer import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -67,64 +69,37 @@ class TrainState:
 # Pieces built from the config
 
 
-def loss_config(config) -> tasks.LossConfig:
-    c = config.loss
-    return tasks.LossConfig(
-        contrastive=contrastive.ContrastiveConfig(
-            kind=c.kind, negatives=c.negatives, same_image_positives=c.same_image_positives,
-            normalize=c.normalize, chunk_size=c.get("chunk_size")),
-        temperature=c.get("temperature"), learn_temperature=c.get("learn_temperature", False),
-        matryoshka_dims=tuple(c.get("matryoshka_dims", ()) or ()),
-        matryoshka_weights=tuple(c.get("matryoshka_weights", ()) or ()))
-
-
 def pipeline_config(config) -> pipeline.PipelineConfig:
+    """The input pipeline's settings; its masks are the ones the run's tasks declare."""
     c = config.pipeline
     return pipeline.PipelineConfig(
         batch_size=c.batch_size, text_buckets=tuple(c.text_buckets),
         region_buckets=tuple(c.region_buckets), max_text_len=c.max_text_len,
-        length_policy=c.length_policy, seed=config.seed,
-        mask_text="vmlm" in config.tasks, mask_regions=bool({"mrfr", "mrckl"} & set(
-            config.tasks)), num_threads=c.num_threads, prefetch=c.prefetch,
-        mined_negatives=c.get("mined_negatives"), mined_per_anchor=c.get("mined_per_anchor", 1))
+        length_policy=c.length_policy, seed=config.seed, num_threads=c.num_threads,
+        prefetch=c.prefetch, mined_negatives=c.get("mined_negatives"),
+        mined_per_anchor=c.get("mined_per_anchor", 1),
+        **tasks.pipeline_flags(tuple(config.tasks)))
 
 
-def itm_config(config) -> tasks.ItmConfig:
-    c = config.get("itm") or {}
-    return tasks.ItmConfig(**{k: c[k] for k in (
-        "itm_weight", "rank_weight", "list_weight", "negatives", "margin", "residual_scale",
-        "sample_temperature", "normalize") if k in c})
-
-
-def distill_config(config) -> tasks.DistillConfig:
-    c = config.get("distill") or {}
-    return tasks.DistillConfig(**{k: c[k] for k in ("weight", "temperature", "candidates",
-                                                     "sample_temperature", "head") if k in c})
-
-
-def frozen_models(config, names: tuple[str, ...]) -> tuple[dict, dict]:
-    """The frozen models the tasks use: ({"dual": module, "teacher": module}, their params
-    {"dual": …, "teacher": …}), from `itm.dual` and `distill.teacher` (model directories)."""
-    wanted = {"dual": ("itm", "itm.dual", ("lightningdot", "lightningdot_pretrain")),
-              "teacher": ("distill", "distill.teacher", ("uniter_itm",))}
+def frozen_models(config, names: tuple[str, ...],
+                  models: evaluators.LoadedModels) -> tuple[dict, dict]:
+    """The frozen models the tasks `names` declare: ({name: Flax module}, {name: params
+    replicated over the mesh}), from the model directories their config keys name."""
     modules, params = {}, {}
-    for name, (task, key, allowed) in wanted.items():
-        section, field = key.split(".")
+    for task, spec in tasks.frozen_models(names):
+        section, field = spec.key.split(".")
         directory = (config.get(section) or {}).get(field)
-        if task not in names:
-            continue
         if not directory:
-            if name == "teacher":
-                raise ValueError(f"task {task!r} needs {key}: a model directory of kind "
-                                 f"{allowed[0]!r}")
-            log.warning("itm.dual is not set: negatives are drawn uniformly, not hard")
+            if spec.required:
+                raise ValueError(f"task {task!r} needs {spec.key}: a model directory of "
+                                 f"{spec.expected}")
+            log.warning("%s is not set: %s", spec.key, spec.missing)
             continue
-        loaded = pretrained.load_pretrained(directory)
-        if loaded.kind not in allowed:
-            raise ValueError(f"{key}={directory} holds a {loaded.kind!r} model; expected "
-                             f"{' or '.join(allowed)}")
-        modules[name] = pretrained.build_model(loaded.kind, loaded.config)
-        params[name] = loaded.params
+        loaded = models.load(directory)
+        if not spec.accepts(loaded.kind):
+            raise ValueError(f"{spec.key}={directory} holds a {loaded.kind!r} model; expected "
+                             f"{spec.expected}")
+        modules[spec.name], params[spec.name] = loaded.module, loaded.params
     return modules, params
 
 
@@ -152,16 +127,18 @@ def _check_tokenizer(tokenizer, model_config) -> None:
 
 @dataclasses.dataclass
 class TrainData:
+    """The training iterator (this process's rows), its caption index, the tokenizer and the
+    dataset (the evaluators open their splits from it)."""
+
     iterator: Any
     index: pipeline.CaptionIndex
     tokenizer: Any
-    eval_images: Any = None
-    eval_index: pipeline.CaptionIndex | None = None
+    dataset: Any = None
 
 
 def load_data(config) -> TrainData:
-    """The training iterator (this process's rows) and the evaluation split. Process 0
-    prepares the dataset on first use while the others wait."""
+    """The training iterator and the dataset. Process 0 prepares the dataset on first use
+    while the others wait."""
     c = config.data
     dataset = datasets.load_for_run(c)
     pcfg = pipeline_config(config)
@@ -170,12 +147,7 @@ def load_data(config) -> TrainData:
     iterator = iter(pipeline.training_dataset(dataset.split(c.train_split), index,
                                               dataset.tokenizer, pcfg, jax.process_index(),
                                               jax.process_count()))
-    data = TrainData(iterator, index, dataset.tokenizer)
-    if c.get("eval_split"):
-        data.eval_images = dataset.split(c.eval_split)
-        data.eval_index = extract.eval_caption_index(
-            dataset.caption_table(c.eval_split), dataset.tokenizer, c.eval_split, config)
-    return data
+    return TrainData(iterator, index, dataset.tokenizer, dataset)
 
 
 def total_steps(config, index: pipeline.CaptionIndex) -> int:
@@ -197,7 +169,8 @@ def init_state(config, kind: str, model_config, tx, mesh,
     if load_pretrained:
         sources = {k: config.init.get(k) for k in initialize.TARGETS}
         params = initialize.from_pretrained(params, kind, sources)
-    params = {"model": params, **jax.device_get(loss_config(config).init_params())}
+    params = {"model": params,
+              **jax.device_get(tasks.init_params(config, tuple(config.tasks)))}
     params = parallel.replicate(params, mesh)
     with jax.set_mesh(mesh):
         opt_state = jax.jit(tx.init)(params)
@@ -207,9 +180,9 @@ def init_state(config, kind: str, model_config, tx, mesh,
 
 def make_train_step(task: str, setup: tasks.TaskSetup, tx: optax.GradientTransformation):
     """Jitted (state, batch, key, frozen) → (state, metrics) for one task; state is donated.
-    `frozen`: params of the frozen models ({"dual"}, {"teacher"} or {}), replicated, seen by
-    the task beside state.params and never differentiated."""
-    task_loss = tasks.task_fn(task)
+    `frozen`: {name: params} of the task's frozen models (`frozen_models`; {} for most),
+    replicated, seen by the task beside state.params and never differentiated."""
+    task_loss = tasks.get(task).loss
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array], key, frozen):
         dropout_key = jax.random.fold_in(key, state.step)
@@ -269,48 +242,72 @@ class Preemption:
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
+# Setting a run up
 
 
-def evaluate_retrieval(model, params, data: TrainData, config, mesh,
-                       progress: bool = False) -> dict[str, float]:
-    """Dot-product IR / TR recall on the evaluation split (every image and caption once)."""
-    image_vectors, text_vectors, caption_image = extract.embed_split(
-        model, params, data.eval_images, data.eval_index, config, mesh, progress)
-    return recall.retrieval_metrics(text_vectors, image_vectors, caption_image)
+@dataclasses.dataclass
+class TrainContext:
+    """A run set up by `setup_run` (maxtext's TrainContext): everything the loop reads.
+
+    task_names / probabilities: the mix; step_fns: task → its jitted step; frozen: the frozen
+    models' params (replicated); key: the run's PRNG key (replicated); state: the current
+    TrainState (replaced by every step: the step donates it); start / stop_at: the steps of
+    this run; steps: of the whole schedule (the last step evaluates and exports)."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    mesh: jax.sharding.Mesh
+    kind: str
+    model_config: Any
+    data: TrainData
+    task_names: tuple[str, ...]
+    probabilities: np.ndarray
+    step_fns: dict[str, Callable]
+    frozen: dict
+    key: jax.Array
+    state: TrainState
+    schedule: optax.Schedule
+    start: int
+    stop_at: int
+    steps: int
+    checkpointer: checkpoint.TrainCheckpointer
+    evaluators: list[evaluators.Scheduled]
+    writer: MetricWriter
+    preemption: Preemption
+    progress: tqdm.tqdm
+
+    def close(self) -> None:
+        self.progress.close()
+        self.preemption.close()
+        self.writer.close()
+        self.checkpointer.close()
 
 
-def make_evaluator(kind: str, model, data: TrainData, config, mesh, frozen_modules: dict,
-                   frozen: dict):
-    """fn(model params, progress) → eval metrics, or None when the run does not recall.
-    Dual encoders: dot-product recall on the eval split. The cross-encoder: recall after it
-    re-ranks the top `itm.eval_top` of the frozen dual encoder (itm.dual)."""
-    if data.eval_images is None:
-        return None
-    if kind != "uniter_itm":
-        return lambda params, progress: evaluate_retrieval(model, params, data, config, mesh,
-                                                           progress)
-    if "dual" not in frozen_modules:
-        log.warning("the cross-encoder is not evaluated during training: itm.dual is not set")
-        return None
-    from ldot_jax.evaluation import two_stage  # the evaluation of the slow stage builds on training
-    dual = (frozen_modules["dual"], frozen["dual"])
-    return lambda params, progress: two_stage.rerank_recall(
-        dual, (model, params), data.eval_images, data.eval_index, config, mesh,
-        top=int(config.itm.get("eval_top", 20)), progress=progress)
+def _accumulation(config) -> int:
+    return int(config.optimizer.get("accumulation_steps", 1) or 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
+def _initial_state(config, kind: str, model_cfg, mesh, setup: tasks.TaskSetup, steps: int,
+                   ckpt: checkpoint.TrainCheckpointer, data: TrainData):
+    """(state, optimizer, schedule): the state restored from the latest checkpoint (and the
+    pipeline moved to its position), else a fresh one."""
+    resuming = ckpt.latest_step() is not None
+    abstract_params = {"model": pretrained.abstract_params(kind, model_cfg),
+                       **jax.eval_shape(setup.init_params)}
+    tx, schedule = optim.make_optimizer(config.optimizer,
+                                        max(1, steps // _accumulation(config)), abstract_params)
+    state = init_state(config, kind, model_cfg, tx, mesh, load_pretrained=not resuming)
+    if resuming:
+        state, data_state = ckpt.restore(_abstract(state))
+        data.iterator.set_state(data_state)
+        log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    return state, tx, schedule
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from <workdir>/checkpoints if present) and evaluates.
-
-    Returns {"step", "preempted", "train": last logged train metrics, "eval": last eval
-    metrics}. Writes <workdir>/config.json, metrics.jsonl, tensorboard/, checkpoints/ and, at
-    the end of a single-process run, model/ (a model directory for `load_dual_encoder`).
-    """
+def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
+    """Everything before the first step: the mesh, the model and its tasks, their frozen
+    models, the data, the evaluators, the state (fresh or restored), the step functions and
+    the writers. Saves <workdir>/config.json."""
     workdir = os.path.abspath(workdir)
     t = config.train
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.model)
@@ -320,115 +317,168 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     kind, model_cfg, model = model_and_config(config)
     names, probabilities = tasks.check_mix(dict(config.tasks))
     kinds.check_tasks(kind, names)
-    frozen_modules, frozen = frozen_models(config, names)
-    frozen = parallel.replicate(frozen, mesh)
+    models = evaluators.LoadedModels(mesh)
+    frozen_modules, frozen = frozen_models(config, names, models)
     data = load_data(config)
     _check_tokenizer(data.tokenizer, model_cfg)
+    evaluation = evaluators.from_config(config, evaluators.EvalContext(
+        model, kind, mesh, config, data.dataset, models))
+    evaluators.check_metric(evaluation, t.get("best_metric"), "train.best_metric")
     steps = total_steps(config, data.index)
-    accumulation = int(config.optimizer.get("accumulation_steps", 1) or 1)
-    setup = tasks.TaskSetup(model, mesh, loss_config(config), itm_config(config),
-                            distill_config(config), **frozen_modules)
-
+    setup = tasks.make_setup(model, mesh, config, names, frozen_modules)
     ckpt = checkpoint.TrainCheckpointer(
         workdir_lib.checkpoints_dir(workdir), keep=t.keep_checkpoints,
         best_metric=t.get("best_metric"), best_mode=t.get("best_mode", "max"),
         async_save=t.get("async_checkpoints", True))
-    resuming = ckpt.latest_step() is not None
-    abstract_params = {"model": pretrained.abstract_params(kind, model_cfg),
-                       **jax.eval_shape(setup.loss.init_params)}
-    tx, schedule = optim.make_optimizer(config.optimizer, max(1, steps // accumulation),
-                                        abstract_params)
-    state = init_state(config, kind, model_cfg, tx, mesh, load_pretrained=not resuming)
-    if resuming:
-        state, data_state = ckpt.restore(_abstract(state))
-        data.iterator.set_state(data_state)
-        log.info("resumed from %s at step %d", ckpt.directory, int(state.step))
+    state, tx, schedule = _initial_state(config, kind, model_cfg, mesh, setup, steps, ckpt,
+                                         data)
     start = int(parallel.to_host(state.step))
-
-    evaluator = make_evaluator(kind, model, data, config, mesh, frozen_modules, frozen)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0,
-                          tensorboard=t.get("tensorboard", True))
-    step_fns = {name: make_train_step(name, setup, tx) for name in names}
-    key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)), mesh)
-    key = jax.random.wrap_key_data(key)
-    preemption = Preemption()
     stop_at = min(steps, t.get("stop_at") or steps)
-    summary = {"step": start, "preempted": False, "train": {}, "eval": {}}
+    key = parallel.replicate(jax.random.key_data(jax.random.key(config.seed)), mesh)
     progress = tqdm.tqdm(total=stop_at, initial=start, desc="train", unit="step",
                          disable=jax.process_index() != 0 or not t.get("progress_bar", True),
                          mininterval=2.0)
-    window: dict[str, list] = {}
-    window_start, window_steps = time.perf_counter(), 0
-    pending = None  # the previous step's (step, task, metrics): read one step late
+    return TrainContext(
+        config, workdir, mesh, kind, model_cfg, data, names, probabilities,
+        {name: make_train_step(name, setup, tx) for name in names}, frozen,
+        jax.random.wrap_key_data(key), state, schedule, start, stop_at, steps, ckpt, evaluation,
+        MetricWriter(workdir, enabled=jax.process_index() == 0,
+                     tensorboard=t.get("tensorboard", True)), Preemption(), progress)
 
-    def settle():
-        """Reads the pending step's metrics (stops on a non-finite loss) into the window."""
-        nonlocal pending
-        if pending is None:
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class TrainMetrics:
+    """The train metrics of the steps since the last logged row, read one step late (the host
+    dispatches step n + 1 before it waits for step n's numbers). A non-finite step stops the
+    run with NonFiniteLossError, after in-flight checkpoint saves finish."""
+
+    def __init__(self, ckpt: checkpoint.TrainCheckpointer):
+        self._ckpt = ckpt
+        self._pending = None  # (step, task, the step's metrics on device)
+        self._window: dict[str, list[float]] = {}
+        self._start, self._steps = time.perf_counter(), 0
+
+    def add(self, step: int, task: str, metrics) -> None:
+        self.settle()
+        self._pending = (step, task, metrics)
+        self._steps += 1
+
+    def settle(self) -> None:
+        """Reads the pending step's metrics into the window (stops on a non-finite loss)."""
+        if self._pending is None:
             return
-        (step, task, metrics), pending = pending, None
+        (step, task, metrics), self._pending = self._pending, None
         metrics = jax.device_get(metrics)
         if not bool(metrics["finite"]):
-            ckpt.wait()
+            self._ckpt.wait()
             raise NonFiniteLossError(
                 f"step {step} (task {task}): non-finite loss {float(metrics['loss'])} or "
                 f"gradient norm {float(metrics['grad_norm'])}; the update was not applied and "
-                f"training stopped. Last good checkpoint: step {ckpt.latest_step()} in "
-                f"{ckpt.directory}")
+                f"training stopped. Last good checkpoint: step {self._ckpt.latest_step()} in "
+                f"{self._ckpt.directory}")
         for k, v in metrics.items():
             if k not in ("finite", "loss"):  # the task's own "<task>_loss" is in the metrics
-                window.setdefault(k, []).append(float(v))
+                self._window.setdefault(k, []).append(float(v))
 
+    def row(self, learning_rate: float, batch_size: int) -> dict[str, float]:
+        """The window's means, the learning rate and the rates; starts a new window."""
+        self.settle()
+        elapsed = time.perf_counter() - self._start
+        row = {k: float(np.mean(v)) for k, v in self._window.items()}
+        row["learning_rate"] = learning_rate
+        row["steps_per_sec"] = self._steps / elapsed
+        row["examples_per_sec"] = row["steps_per_sec"] * batch_size
+        self._window, self._start, self._steps = {}, time.perf_counter(), 0
+        return row
+
+
+def train_step(run: TrainContext, step: int) -> tuple[str, dict]:
+    """Runs the update of data batch `step`: (its task, its metrics on device)."""
+    task = tasks.task_of_step(step, run.task_names, run.probabilities, run.config.seed)
+    batch = parallel.global_batch(next(run.data.iterator), run.mesh)
+    run.state, metrics = run.step_fns[task](run.state, batch, run.key, run.frozen)
+    return task, metrics
+
+
+def log_train(run: TrainContext, done: int, window: TrainMetrics) -> dict[str, float]:
+    row = window.row(float(run.schedule(done // _accumulation(run.config))),
+                     run.config.pipeline.batch_size)
+    run.writer.write(done, row, "train")
+    run.progress.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("_loss")})
+    return row
+
+
+def evaluate(run: TrainContext, done: int) -> dict[str, float] | None:
+    """The metrics of the evaluators due after `done` steps, written (None: none was due)."""
+    metrics = evaluators.run_due(run.evaluators, done, run.steps, run.state.params["model"],
+                                 not run.progress.disable)
+    if metrics is not None:
+        run.writer.write(done, metrics, "eval")
+    return metrics
+
+
+def is_checkpoint_step(run: TrainContext, done: int) -> bool:
+    every = run.config.train.get("checkpoint_every")
+    return done == run.stop_at or bool(every and done % every == 0)
+
+
+def save(run: TrainContext, done: int, evaluated: dict[str, float] | None) -> None:
+    """A checkpoint of the state after `done` steps and the pipeline position; the step's
+    evaluation goes with it when it holds train.best_metric (best-checkpoint retention)."""
+    best = run.config.train.get("best_metric")
+    metrics = evaluated if best and evaluated and best in evaluated else None
+    run.checkpointer.save(done, run.state, run.data.iterator.get_state(), metrics=metrics)
+
+
+def train_loop(run: TrainContext) -> dict:
+    """The steps from run.start to run.stop_at: train, log, evaluate, save, stop when
+    preempted. Returns the summary (see `train_and_evaluate`)."""
+    summary = {"step": run.start, "preempted": False, "train": {}, "eval": {}}
+    window = TrainMetrics(run.checkpointer)
+    with jax.set_mesh(run.mesh):
+        for step in range(run.start, run.stop_at):
+            window.add(step, *train_step(run, step))
+            done = step + 1
+            run.progress.update(1)
+            if done % run.config.train.log_every == 0 or done == run.stop_at:
+                summary["train"] = log_train(run, done, window)
+            evaluated = evaluate(run, done)
+            if evaluated is not None:
+                summary["eval"] = {**summary["eval"], **evaluated}
+            preempted = run.preemption.reached(done)
+            if preempted or evaluated is not None or is_checkpoint_step(run, done):
+                window.settle()  # never save after a non-finite step
+                save(run, done, evaluated)
+            summary["step"] = done
+            if preempted:
+                log.warning("preempted: checkpoint of step %d saved, stopping", done)
+                summary["preempted"] = True
+                break
+        window.settle()
+    return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from <workdir>/checkpoints if present) and evaluates.
+
+    Returns {"step", "preempted", "train": last logged train metrics, "eval": the latest
+    metrics of each evaluator}. Writes <workdir>/config.json, metrics.jsonl, tensorboard/,
+    checkpoints/ and, at the end of a single-process run, model/ (a model directory for
+    `load_dual_encoder`).
+    """
+    run = setup_run(config, workdir)
     try:
-        with jax.set_mesh(mesh):
-            for step in range(start, stop_at):
-                task = tasks.task_of_step(step, names, probabilities, config.seed)
-                batch = parallel.global_batch(next(data.iterator), mesh)
-                state, metrics = step_fns[task](state, batch, key, frozen)
-                settle()
-                pending = (step, task, metrics)
-                done = step + 1
-                window_steps += 1
-                progress.update(1)
-                if done % t.log_every == 0 or done == stop_at:
-                    settle()
-                    elapsed = time.perf_counter() - window_start
-                    row = {k: float(np.mean(v)) for k, v in window.items()}
-                    row["learning_rate"] = float(schedule(done // accumulation))
-                    row["steps_per_sec"] = window_steps / elapsed
-                    row["examples_per_sec"] = row["steps_per_sec"] * config.pipeline.batch_size
-                    writer.write(done, row, "train")
-                    summary["train"] = row
-                    progress.set_postfix({k: f"{v:.3f}" for k, v in row.items()
-                                          if k.endswith("_loss")})
-                    window, window_start, window_steps = {}, time.perf_counter(), 0
-                evaluate_now = evaluator is not None and (
-                    (t.get("eval_every") and done % t.eval_every == 0) or done == steps)
-                eval_metrics = None
-                if evaluate_now:
-                    eval_metrics = evaluator(state.params["model"], not progress.disable)
-                    writer.write(done, eval_metrics, "eval")
-                    summary["eval"] = eval_metrics
-                preempted = preemption.reached(done)
-                if (preempted or eval_metrics is not None or done == stop_at
-                        or (t.get("checkpoint_every") and done % t.checkpoint_every == 0)):
-                    settle()  # never save after a non-finite step
-                    ckpt.save(done, state, data.iterator.get_state(),
-                              metrics=eval_metrics if t.get("best_metric") else None)
-                summary["step"] = done
-                if preempted:
-                    log.warning("preempted: checkpoint of step %d saved, stopping", done)
-                    summary["preempted"] = True
-                    break
-            settle()
-        ckpt.wait()
-        if jax.process_count() == 1 and summary["step"] == steps and t.get("export", True):
-            export_model(workdir, kind, model_cfg, state.params["model"], data.tokenizer)
+        summary = train_loop(run)
+        run.checkpointer.wait()
+        if (jax.process_count() == 1 and summary["step"] == run.steps
+                and config.train.get("export", True)):
+            export_model(run.workdir, run.kind, run.model_config, run.state.params["model"],
+                         run.data.tokenizer)
     finally:
-        progress.close()
-        preemption.close()
-        writer.close()
-        ckpt.close()
+        run.close()
     return summary
 
 
