@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from ldot_jax.checkpoints import kinds, pretrained
+from ldot_jax.evaluation import evaluators
 from ldot_jax.models import config as config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "ldot_jax" / "configs"
@@ -48,3 +49,14 @@ def test_every_config_file_loads():
         module = load_module(path)
         assert hasattr(module, "get_config"), f"{path} has no get_config"
         assert module.get_config() is not None
+
+
+def test_every_config_file_selects_by_an_evaluators_metric():
+    """train.best_metric names a metric of the config's evaluators (its `evals`, or the one
+    evaluation its old keys describe), so best-checkpoint retention has something to keep."""
+    for path in sorted(p for p in CONFIGS.glob("*.py") if p.name not in ("__init__.py",
+                                                                         "models.py")):
+        cfg = load_module(path).get_config()
+        metrics = evaluators.declared_metrics(cfg)
+        assert metrics, f"{path.name}: no evaluation"
+        assert cfg.train.best_metric in metrics, (path.name, cfg.train.best_metric, metrics)

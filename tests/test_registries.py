@@ -163,7 +163,7 @@ def test_two_evaluators_write_both_metric_sets(data_dir, tmp_path):
     workdir = str(tmp_path)
     summary = train.train_and_evaluate(c, workdir)
     want = {f"{split}/{m}" for split in ("val", "test") for m in RECALL}
-    assert set(summary["eval"]) == want
+    assert set(summary["eval"]) == want == set(evaluators.declared_metrics(c))
     rows = {r["step"]: r for r in metric_writer.read_jsonl(workdir, "eval")}
     assert sorted(rows) == [2, 4]
     assert {k for k in rows[2] if "/" in k} == {f"val/{m}" for m in RECALL}

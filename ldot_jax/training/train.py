@@ -339,11 +339,14 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
                          disable=jax.process_index() != 0 or not t.get("progress_bar", True),
                          mininterval=2.0)
     return TrainContext(
-        config, workdir, mesh, kind, model_cfg, data, names, probabilities,
-        {name: make_train_step(name, setup, tx) for name in names}, frozen,
-        jax.random.wrap_key_data(key), state, schedule, start, stop_at, steps, ckpt, evaluation,
-        MetricWriter(workdir, enabled=jax.process_index() == 0,
-                     tensorboard=t.get("tensorboard", True)), Preemption(), progress)
+        config=config, workdir=workdir, mesh=mesh, kind=kind, model_config=model_cfg, data=data,
+        task_names=names, probabilities=probabilities,
+        step_fns={name: make_train_step(name, setup, tx) for name in names}, frozen=frozen,
+        key=jax.random.wrap_key_data(key), state=state, schedule=schedule, start=start,
+        stop_at=stop_at, steps=steps, checkpointer=ckpt, evaluators=evaluation,
+        writer=MetricWriter(workdir, enabled=jax.process_index() == 0,
+                            tensorboard=t.get("tensorboard", True)),
+        preemption=Preemption(), progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------

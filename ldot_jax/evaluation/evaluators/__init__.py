@@ -30,8 +30,9 @@ from ldot_jax.checkpoints import kinds
 from ldot_jax.evaluation.evaluators import common
 from ldot_jax.evaluation.evaluators.common import EvalContext, LoadedModels, Scheduled
 
-__all__ = ["TYPES", "register", "get", "evals_config", "from_config", "metric_names",
-           "check_metric", "run_due", "EvalContext", "LoadedModels", "Scheduled"]
+__all__ = ["TYPES", "register", "get", "evals_config", "default_prefix", "declared_metrics",
+           "from_config", "metric_names", "check_metric", "run_due", "EvalContext",
+           "LoadedModels", "Scheduled"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,19 @@ def evals_config(config) -> dict[str, dict[str, Any]]:
                  "top": int(itm.get("eval_top", 20))}}
 
 
+def default_prefix(name: str) -> str:
+    """What an entry's metrics are written under: "<name>/" ("" for the old keys' one)."""
+    return f"{name}/" if name else ""
+
+
+def declared_metrics(config) -> list[str]:
+    """The metric names a run's evaluators write, from their types' declarations (nothing
+    is built: no data or model is loaded)."""
+    return [entry.get("prefix", default_prefix(name)) + metric
+            for name, entry in evals_config(config).items()
+            for metric in get(entry["type"]).metrics]
+
+
 def _build(name: str, entry: Mapping[str, Any], context: EvalContext) -> Scheduled:
     where = f"evals.{name}" if name else "the evaluation of data.eval_split"
     keys = dict(entry)
@@ -90,7 +104,7 @@ def _build(name: str, entry: Mapping[str, Any], context: EvalContext) -> Schedul
         cls = get(keys.pop("type"))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    every, prefix = keys.pop("every", None), keys.pop("prefix", f"{name}/" if name else "")
+    every, prefix = keys.pop("every", None), keys.pop("prefix", default_prefix(name))
     accepted = [p for p in inspect.signature(cls).parameters if p != "context"]
     unknown = sorted(set(keys) - set(accepted))
     if unknown:
