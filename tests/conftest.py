@@ -40,3 +40,11 @@ def converted(tmp_path_factory):
     return {kind: ldot_jax.convert_checkpoint(kind, PARITY / name, root / kind,
                                               num_heads=SMALL_HEADS)
             for kind, name in sources.items()}
+
+
+def flat(batch: dict) -> dict:
+    """{"['image']['region_feat']": array, …}: a batch's leaves by their path (batches hold
+    one input pytree per side)."""
+    import jax
+    return {jax.tree_util.keystr(path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]}

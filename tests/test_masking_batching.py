@@ -72,12 +72,13 @@ def example(n_tokens, n_regions, image, text, feat_dim=5, classes=3):
 def test_collate_pads_to_buckets():
     batch = batching.collate([example(5, 3, 0, 0), example(9, 10, 0, 1), example(4, 1, 2, 2)],
                              text_buckets=(8, 16, 32), region_buckets=(10, 20), batch_size=4)
-    assert batch["input_ids"].shape == (4, 16) and batch["region_feat"].shape == (4, 10, 5)
+    text, image = batch["text"], batch["image"]
+    assert text["input_ids"].shape == (4, 16) and image["region_feat"].shape == (4, 10, 5)
     assert batch["soft_labels"].shape == (4, 10, 3)
-    np.testing.assert_array_equal(batch["attention_mask"].sum(1), [5, 9, 4, 0])
-    np.testing.assert_array_equal(batch["region_mask"].sum(1), [3, 10, 1, 0])
+    np.testing.assert_array_equal(batch["text"]["attention_mask"].sum(1), [5, 9, 4, 0])
+    np.testing.assert_array_equal(batch["image"]["region_mask"].sum(1), [3, 10, 1, 0])
     np.testing.assert_array_equal(batch["valid"], [True, True, True, False])
-    assert (batch["region_feat"][1, :10] == 1).all() and (batch["region_feat"][0, 3:] == 0).all()
+    assert (image["region_feat"][1, :10] == 1).all() and (image["region_feat"][0, 3:] == 0).all()
     np.testing.assert_array_equal(batching.same_image(batch["image_index"]),
                                   [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
 

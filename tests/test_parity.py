@@ -29,16 +29,25 @@ def region_mask(io):
     return io["in_img_attention_mask"][:, 1:]  # drop the image tower's [CLS] column
 
 
+def text_of(io, ids="in_txt_input_ids"):
+    """The original's caption inputs as our text input pytree."""
+    return {"input_ids": io[ids], "attention_mask": io["in_txt_attention_mask"]}
+
+
+def image_of(io, features="in_img_feat"):
+    """The original's image inputs as our region input pytree."""
+    return {"region_feat": io[features], "boxes": io["in_img_pos_feat"],
+            "region_mask": region_mask(io)}
+
+
 @pytest.fixture(scope="module", params=IMPLS)
 def dual(request, converted, ldot_io):
     model, params = ldot_jax.load_dual_encoder(converted["lightningdot"],
                                                attention_impl=request.param)
     io = ldot_io
     variables = {"params": params}
-    text = model.apply(variables, io["in_txt_input_ids"], io["in_txt_attention_mask"],
-                       method=model.text_states)
-    image = model.apply(variables, io["in_img_feat"], io["in_img_pos_feat"], region_mask(io),
-                        method=model.image_states)
+    text = model.apply(variables, text_of(io), method=model.text_states)
+    image = model.apply(variables, image_of(io), method=model.image_states)
     return model, params, text, image
 
 
@@ -61,9 +70,7 @@ def test_retrieval_vectors_and_scores(dual, ldot_io):
     assert_close(ldot_jax.dot_scores(text.embedding, image.embedding),
                  ldot_io["out_scores_txt_img"])
     io = ldot_io
-    scores = model.apply({"params": params}, io["in_txt_input_ids"], io["in_txt_attention_mask"],
-                         io["in_img_feat"], io["in_img_pos_feat"], region_mask(io),
-                         method=model.score)
+    scores = model.apply({"params": params}, text_of(io), image_of(io), method=model.score)
     assert_close(scores, io["out_scores_txt_img"])
     # The exact inner-product top-4 of the original's FAISS index.
     top_scores, top_ids = jax.lax.top_k(scores, 4)
@@ -91,10 +98,12 @@ def cross(request, converted, uniter_io):
     model, params = ldot_jax.load_cross_encoder(converted["uniter_itm"],
                                                 attention_impl=request.param)
     io = uniter_io
-    out = model.apply({"params": params}, io["in_input_ids"],
-                      prefix_mask(io["in_txt_lens"], io["in_input_ids"].shape[1]),
-                      io["in_img_feat"], io["in_img_pos_feat"],
-                      prefix_mask(io["in_num_bbs"], io["in_img_feat"].shape[1]))
+    out = model.apply(
+        {"params": params},
+        {"input_ids": io["in_input_ids"],
+         "attention_mask": prefix_mask(io["in_txt_lens"], io["in_input_ids"].shape[1])},
+        {"region_feat": io["in_img_feat"], "boxes": io["in_img_pos_feat"],
+         "region_mask": prefix_mask(io["in_num_bbs"], io["in_img_feat"].shape[1])})
     return out
 
 
@@ -120,9 +129,8 @@ def pretrain(request, converted):
 def test_vmlm_logits_and_loss(pretrain, ldot_io):
     model, params = pretrain
     io = ldot_io
-    logits = model.apply({"params": params}, io["pre_mlm_input_ids"],
-                         io["in_txt_attention_mask"], io["in_img_feat"], io["in_img_pos_feat"],
-                         region_mask(io), method=model.vmlm_logits)
+    logits = model.apply({"params": params}, text_of(io, "pre_mlm_input_ids"), image_of(io),
+                         method=model.vmlm_logits)
     labels = io["pre_mlm_txt_labels"]
     masked = labels != -1
     assert_close(np.asarray(logits)[masked], io["pre_mlm_scores"])
@@ -137,9 +145,8 @@ def test_vmlm_logits_and_loss(pretrain, ldot_io):
     for r, c in zip(rows, cols):
         positions[r, counts[r]] = c
         counts[r] += 1
-    gathered = model.apply({"params": params}, io["pre_mlm_input_ids"],
-                           io["in_txt_attention_mask"], io["in_img_feat"], io["in_img_pos_feat"],
-                           region_mask(io), positions, method=model.vmlm_logits)
+    gathered = model.apply({"params": params}, text_of(io, "pre_mlm_input_ids"), image_of(io),
+                           positions, method=model.vmlm_logits)
     take = np.arange(2)[None, :] < counts[:, None]
     assert_close(np.asarray(gathered)[take], io["pre_mlm_scores"])
 
@@ -151,8 +158,7 @@ def test_smrm_heads_and_losses(pretrain, ldot_io, features):
     io = ldot_io
     masks = io["pre_mrm_img_masks"]
     np.testing.assert_array_equal(io["pre_mrm_img_mask_tgt"][:, 1:], masks)
-    args = (io["in_txt_input_ids"], io["in_txt_attention_mask"], io[features],
-            io["in_img_pos_feat"], region_mask(io), masks)
+    args = (text_of(io), image_of(io, features), masks)
     prediction = model.apply({"params": params}, *args, method=model.mrfr_prediction)
     assert_close(np.asarray(prediction)[masks], io["pre_mrfr_pred"])
     np.testing.assert_array_equal(io["in_img_feat"][masks], io["pre_mrfr_feat_targets"])
@@ -173,10 +179,8 @@ def test_pretrain_cmr_loss(converted, ldot_io):
     """The pre-training checkpoint's dual encoder gives the CMR loss of the original."""
     model, params = ldot_jax.load_dual_encoder(converted["lightningdot_pretrain"])
     io = ldot_io
-    text = model.apply({"params": params}, io["in_txt_input_ids"], io["in_txt_attention_mask"],
-                       method=model.encode_text)
-    image = model.apply({"params": params}, io["in_img_feat"], io["in_img_pos_feat"],
-                        region_mask(io), method=model.encode_image)
+    text = model.apply({"params": params}, text_of(io), method=model.encode_text)
+    image = model.apply({"params": params}, image_of(io), method=model.encode_image)
     assert_close(losses.contrastive_loss_per_example(text, image),
                  io["pre_cmr_loss_per_example"])
     assert_close(losses.reference_contrastive_loss(text, image), io["pre_cmr_loss_mean"])

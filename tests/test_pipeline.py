@@ -4,11 +4,13 @@ yields every image and caption exactly once."""
 
 import logging
 
+import jax
 import numpy as np
 import pytest
 
 from ldot_jax.data import batching, masking, pipeline, scenes
 from ldot_jax.data.tokenizer import Tokenizer
+from conftest import flat
 
 CONFIG = scenes.ScenesConfig(feat_dim=32)
 TEXT_BUCKETS, REGION_BUCKETS = (8, 12, 16, 24), (4, 6, 8)
@@ -39,17 +41,19 @@ def test_batches_have_bucket_shapes_and_true_pairs(images, index, tokenizer):
     it = iter(pipeline.training_dataset(images, index, tokenizer, _config()))
     for _ in range(20):
         batch = next(it)
-        assert batch["input_ids"].shape[0] == 12 and batch["input_ids"].shape[1] in TEXT_BUCKETS
-        assert batch["region_feat"].shape[1] in REGION_BUCKETS
+        ids_shape = batch["text"]["input_ids"].shape
+        assert ids_shape[0] == 12 and ids_shape[1] in TEXT_BUCKETS
+        assert batch["image"]["region_feat"].shape[1] in REGION_BUCKETS
         assert batch["valid"].all()
         for row in range(12):  # each row pairs a caption with its own image
             t, i = batch["text_index"][row], batch["image_index"][row]
             assert index.image[t] == i
             ids = index.token_ids[t]
-            np.testing.assert_array_equal(batch["input_ids"][row, :len(ids)], ids)
+            np.testing.assert_array_equal(batch["text"]["input_ids"][row, :len(ids)], ids)
             n = len(images[i]["region_feat"])
-            np.testing.assert_array_equal(batch["region_feat"][row, :n], images[i]["region_feat"])
-            assert batch["region_mask"][row].sum() == n
+            np.testing.assert_array_equal(batch["image"]["region_feat"][row, :n],
+                                          images[i]["region_feat"])
+            assert batch["image"]["region_mask"][row].sum() == n
         positives = batching.same_image(batch["image_index"])
         assert (positives == (index.image[batch["text_index"]][:, None]
                               == index.image[batch["text_index"]][None, :])).all()
@@ -58,15 +62,15 @@ def test_batches_have_bucket_shapes_and_true_pairs(images, index, tokenizer):
 def test_masks(images, index, tokenizer):
     it = iter(pipeline.training_dataset(images, index, tokenizer, _config()))
     batch = next(it)
-    labels, masked = batch["vmlm_labels"], batch["vmlm_input_ids"]
+    labels, masked = batch["vmlm_labels"], batch["vmlm_text"]["input_ids"]
     selected = labels >= 0
     assert selected.any(axis=1).all()  # at least one per caption
-    lengths = batch["attention_mask"].sum(1)
+    lengths = batch["text"]["attention_mask"].sum(1)
     assert not selected[:, 0].any() and not selected[np.arange(12), lengths - 1].any()
-    np.testing.assert_array_equal(labels[selected], batch["input_ids"][selected])
-    np.testing.assert_array_equal(masked[~selected], batch["input_ids"][~selected])
+    np.testing.assert_array_equal(labels[selected], batch["text"]["input_ids"][selected])
+    np.testing.assert_array_equal(masked[~selected], batch["text"]["input_ids"][~selected])
     region = batch["region_masked"]
-    assert region.any(axis=1).all() and not (region & (batch["region_mask"] == 0)).any()
+    assert region.any(axis=1).all() and not (region & (batch["image"]["region_mask"] == 0)).any()
 
 
 @pytest.mark.parametrize("processes", [1, 3])
@@ -97,9 +101,8 @@ def test_resume_continues_the_same_order_and_masks(images, index, tokenizer):
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)
-        assert want.keys() == got.keys()
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
+        assert jax.tree.structure(want) == jax.tree.structure(got)  # the same keys, nested
+        jax.tree.map(np.testing.assert_array_equal, got, want)
     other_seed = next(iter(pipeline.training_dataset(images, index, tokenizer, _config(seed=8))))
     assert not np.array_equal(other_seed["text_index"], expected[0]["text_index"])
 
@@ -134,23 +137,23 @@ def test_evaluation_yields_everything_once(images, index, processes):
         batches = list(pipeline.eval_image_batches(images, 8, REGION_BUCKETS, p, processes))
         counts.add(len(batches))
         for batch in batches:
-            assert batch["region_feat"].shape[0] == 8
-            assert batch["region_feat"].shape[1] in REGION_BUCKETS
+            assert batch["image"]["region_feat"].shape[0] == 8
+            assert batch["image"]["region_feat"].shape[1] in REGION_BUCKETS
             assert (batch["image_index"][~batch["valid"]] == -1).all()
             valid = batch["image_index"][batch["valid"]]
             image_seen += valid.tolist()
             for row, i in enumerate(batch["image_index"]):
                 if i >= 0:
                     n = len(images[i]["region_feat"])
-                    np.testing.assert_array_equal(batch["region_feat"][row, :n],
+                    np.testing.assert_array_equal(batch["image"]["region_feat"][row, :n],
                                                   images[i]["region_feat"])
-                    assert batch["region_mask"][row].sum() == n
+                    assert batch["image"]["region_mask"][row].sum() == n
         caption_batches = list(pipeline.eval_caption_batches(index, 16, TEXT_BUCKETS, p,
                                                              processes))
         counts.add(("captions", len(caption_batches)))
         for batch in caption_batches:
-            assert batch["input_ids"].shape[0] == 16
-            assert batch["input_ids"].shape[1] in TEXT_BUCKETS
+            assert batch["text"]["input_ids"].shape[0] == 16
+            assert batch["text"]["input_ids"].shape[1] in TEXT_BUCKETS
             t = batch["text_index"][batch["valid"]]
             caption_seen += t.tolist()
             np.testing.assert_array_equal(batch["image_index"][batch["valid"]], index.image[t])
@@ -177,7 +180,8 @@ def test_a_process_past_the_end_gets_invalid_batches_of_the_same_shape(images):
     assert [len(b) for b in per_process] == [1, 1, 1, 1]
     last = per_process[3][0]
     assert not last["valid"].any() and (last["image_index"] == -1).all()
-    assert last["region_feat"].shape[0] == 4 and last["region_feat"].shape[1] in REGION_BUCKETS
+    shape = last["image"]["region_feat"].shape
+    assert shape[0] == 4 and shape[1] in REGION_BUCKETS
     seen = sorted(i for b in per_process for i in b[0]["image_index"][b[0]["valid"]])
     assert seen == [0, 1, 2, 3, 4]
 
@@ -191,10 +195,10 @@ def test_process_shards_assemble_the_single_process_batch(images, index, tokeniz
     for _ in range(6):
         whole = next(single)
         parts = [next(s) for s in shards]
-        for key, value in whole.items():
+        for key, value in flat(whole).items():
             for p, part in enumerate(parts):
-                assert part[key].shape[1:] == value.shape[1:], key
-                np.testing.assert_array_equal(part[key], value[p::3], err_msg=key)
+                assert flat(part)[key].shape[1:] == value.shape[1:], key
+                np.testing.assert_array_equal(flat(part)[key], value[p::3], err_msg=key)
 
 
 def test_vmlm_predictions_are_capped():

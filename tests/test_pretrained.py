@@ -108,12 +108,17 @@ def test_bfloat16_compute(converted, ldot_io, uniter_io, impl):
                                                      attention_impl=impl)
         assert all(x.dtype == np.float32 for x in jax.tree.leaves((params, cparams)))
         outs[dtype] = (
-            dual.apply({"params": params}, io["in_txt_input_ids"], io["in_txt_attention_mask"],
+            dual.apply({"params": params}, {"input_ids": io["in_txt_input_ids"],
+                                            "attention_mask": io["in_txt_attention_mask"]},
                        method=dual.encode_text),
-            dual.apply({"params": params}, io["in_img_feat"], io["in_img_pos_feat"],
-                       region_mask, method=dual.encode_image),
-            cross.apply({"params": cparams}, u["in_input_ids"], text_mask, u["in_img_feat"],
-                        u["in_img_pos_feat"], cross_regions).pooled)
+            dual.apply({"params": params}, {"region_feat": io["in_img_feat"],
+                                            "boxes": io["in_img_pos_feat"],
+                                            "region_mask": region_mask},
+                       method=dual.encode_image),
+            cross.apply({"params": cparams}, {"input_ids": u["in_input_ids"],
+                                              "attention_mask": text_mask},
+                        {"region_feat": u["in_img_feat"], "boxes": u["in_img_pos_feat"],
+                         "region_mask": cross_regions}).pooled)
     for low, reference in zip(outs["bfloat16"], outs["float32"]):
         reference = np.asarray(reference)
         error = np.abs(np.asarray(low, np.float32) - reference).max()

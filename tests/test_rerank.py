@@ -49,7 +49,9 @@ def _reference(model, params, captions, records):
     call per (caption length, region count), so that no pair is padded."""
     @jax.jit
     def scores(ids, feat, boxes):
-        args = (ids, jnp.ones_like(ids), feat, boxes, jnp.ones(feat.shape[:2], jnp.int32))
+        args = ({"input_ids": ids, "attention_mask": jnp.ones_like(ids)},
+                {"region_feat": feat, "boxes": boxes,
+                 "region_mask": jnp.ones(feat.shape[:2], jnp.int32)})
         rank = model.apply({"params": params}, *args, method=model.score)
         itm = model.apply({"params": params}, *args).itm_logits
         return rank, itm[:, 1] - itm[:, 0]
@@ -143,7 +145,7 @@ def test_text_to_image_with_every_image_equals_the_exact_cross_encoder(setup, re
     np.testing.assert_array_equal(store.input_ids[1, :13], captions[1])
     assert store.input_ids.shape == (12, 13) and not store.input_ids[0, 4:].any()
     assert setup["images"].num_regions == 5
-    np.testing.assert_array_equal(setup["images"].region_mask.sum(1), REGION_COUNTS)
+    np.testing.assert_array_equal(setup["images"].image["region_mask"].sum(1), REGION_COUNTS)
     candidates = _permutations(len(captions), len(setup["records"]), seed=1)
     queries = _text_queries(captions, range(len(captions)))
     got = reranker("text_to_image", queries, candidates, np.zeros(candidates.shape))
@@ -214,8 +216,7 @@ def test_no_compilation_after_warmup(setup, reranker):
     pairs = reranker.score_pairs(queries["input_ids"], lengths, image_ids)
     np.testing.assert_allclose(pairs, setup["rank"][np.arange(37) % 12, image_ids], atol=1e-5)
     regions = _image_queries(records, image_ids, width=5)
-    direct = reranker.score_text_image(queries["input_ids"], lengths, regions["region_feat"],
-                                       regions["boxes"], regions["region_mask"])
+    direct = reranker.score_text_image(queries["input_ids"], lengths, regions)
     np.testing.assert_allclose(direct, pairs, atol=1e-5)
     assert reranker.compiles == len(BUCKETS)
 

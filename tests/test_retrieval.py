@@ -64,7 +64,7 @@ def test_index_holds_the_towers_vectors(workdir, built, retriever):
                                rtol=1e-4, atol=1e-5)
     record = split[5]
     np.testing.assert_allclose(
-        retriever.encode_image([record["region_feat"]], [record["boxes"]]),
+        retriever.encode_image([record]),
         images.vectors[5:6], rtol=1e-4, atol=1e-5)
     for side, other, count in (("image", "text", 16), ("text", "image", 80)):
         meta = index_base.read_metadata(built.indexes[side])
@@ -86,7 +86,7 @@ def test_search_equals_exact_numpy_search(built, retriever):
     assert set(hits.timings_ms) == {"encode", "search", "rerank", "total", "per_query"}
     # Image → captions.
     split = index_build.open_dataset(workdir_lib.load_config(retriever_workdir(built))).split("test")
-    hits = retriever.search_image([split[2]["region_feat"]], [split[2]["boxes"]], k=4)
+    hits = retriever.search_image([split[2]], k=4)
     want = np.argsort(-(images.vectors[2] @ captions.vectors.T), kind="stable")[:4]
     np.testing.assert_array_equal(hits.ids[0], want)
     assert hits.names[0][0] == captions.names[want[0]]

@@ -65,14 +65,15 @@ def run(sizes, extrapolate, preset: str, ms, queries: int) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(5, cfg.text.vocab_size, (queries, TEXT_LEN)).astype(np.int32)
     ids[:, 0], ids[:, -1] = cfg.cls_token_id, 3
-    mask = np.ones_like(ids)
-    encode = jax.jit(lambda p, i, m: dual.apply({"params": p}, i, m, method=dual.encode_text))
-    encode_ms = _ms(lambda: jax.block_until_ready(encode(dual_params, ids, mask))) / queries
+    text = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    encode = jax.jit(lambda p, t: dual.apply({"params": p}, t, method=dual.encode_text))
+    encode_ms = _ms(lambda: jax.block_until_ready(encode(dual_params, text))) / queries
     rows, largest = [], None
     for n in sizes:
         feat = rng.normal(size=(n, REGIONS, cfg.region.feat_dim)).astype(np.float32)
         boxes = rng.uniform(size=(n, REGIONS, 7)).astype(np.float32)
-        images = rerank.ImageStore(feat, boxes, np.ones((n, REGIONS), np.int32))
+        images = rerank.ImageStore({"region_feat": feat, "boxes": boxes,
+                                    "region_mask": np.ones((n, REGIONS), np.int32)})
         reranker = rerank.CrossEncoderReranker(cross, cross_params, images, mesh=mesh,
                                                text_buckets=(16,))
         reranker.warmup()
@@ -81,7 +82,6 @@ def run(sizes, extrapolate, preset: str, ms, queries: int) -> dict:
         index.add(vectors, np.arange(n))
         query_vectors = rng.normal(size=(queries, cfg.project_dim)).astype(np.float32)
         search_ms = _ms(lambda: index.search(query_vectors, max(ms))) / queries
-        text = {"input_ids": ids, "attention_mask": mask}
         rerank_ms = {}
         for m in ms:
             cand = rng.integers(0, n, (queries, m))

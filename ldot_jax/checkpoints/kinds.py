@@ -21,6 +21,7 @@ from ldot_jax.models.config import BertConfig, CrossEncoderConfig, DualEncoderCo
 from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.dual_encoder import DualEncoder
 from ldot_jax.models.pretraining import DualEncoderForPretraining
+from ldot_jax.models import towers
 from ldot_jax.models.towers import BertTrunk
 
 
@@ -83,13 +84,10 @@ class ModelKind:
         return {**params, head: inner.replace_dual_encoder(params[head], dual)}
 
 
-def _text(b=1, length=2):
-    return jnp.zeros((b, length), jnp.int32), jnp.ones((b, length), jnp.int32)
-
-
-def _regions(region, b=1, r=1):
-    return (jnp.zeros((b, r, region.feat_dim), jnp.float32),
-            jnp.zeros((b, r, region.box_dim), jnp.float32), jnp.ones((b, r), jnp.int32))
+def _dual_inputs(c) -> tuple:
+    """(text, image) dummy inputs of a dual encoder's towers (from the tower registries)."""
+    return (towers.text_tower(c.text_tower).dummy_input(c),
+            towers.image_tower(c.image_tower).dummy_input(c))
 
 
 def _dual_warm_starts(path: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
@@ -114,20 +112,20 @@ def _dual_warm_starts(path: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
 
 KINDS: dict[str, ModelKind] = {k.name: k for k in (
     ModelKind("lightningdot", DualEncoderConfig, DualEncoder,
-              lambda c: _text() + _regions(c.region),
+              _dual_inputs,
               Converter(torch_names.dual_encoder_rules, torch_names.no_trunk_prefix, "",
                         torch_names.infer_dual_encoder),
               tasks=("cmr", "distill"), dual_encoder=(), warm_starts=_dual_warm_starts(()),
               summary="LightningDOT's two towers (fine-tuning: cmr, distill)"),
     ModelKind("lightningdot_pretrain", DualEncoderConfig, DualEncoderForPretraining,
-              lambda c: _text() + _regions(c.region) + (jnp.ones((1, 1), jnp.int32),),
+              lambda c: _dual_inputs(c) + (jnp.ones((1, 1), jnp.int32),),
               Converter(torch_names.pretraining_rules, torch_names.no_trunk_prefix, "",
                         torch_names.infer_pretraining),
               tasks=("cmr", "vmlm", "mrfr", "mrckl", "distill"),
               dual_encoder=("dual_encoder",), warm_starts=_dual_warm_starts(("dual_encoder",)),
               summary="the towers with the VMLM / MRFR / MRC heads (pre-training)"),
     ModelKind("uniter_itm", CrossEncoderConfig, CrossEncoder,
-              lambda c: _text() + _regions(c.region),
+              lambda c: (towers.dummy_text(), towers.dummy_regions(c.region)),
               Converter(torch_names.uniter_itm_rules, torch_names.uniter_trunk_prefix,
                         "uniter.", torch_names.infer_uniter_itm),
               tasks=("itm",), dual_encoder=None,
@@ -137,7 +135,8 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
                   "text": lambda p: {"bert": {k: p["uniter"][k] for k in ("embeddings",
                                                                           "encoder")}}},
               summary="UNITER ITM, the cross-encoder re-ranker (itm)"),
-    ModelKind("bert", BertConfig, lambda c: BertTrunk(c.transformer), lambda c: _text(),
+    ModelKind("bert", BertConfig, lambda c: BertTrunk(c.transformer),
+              lambda c: towers.text_fields(towers.dummy_text()),
               Converter(torch_names.bert_rules, torch_names.bert_trunk_prefix, "bert.",
                         torch_names.infer_bert),
               tasks=(), dual_encoder=None,

@@ -165,15 +165,17 @@ def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
                          f"{jax.process_count()} processes")
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows (NumPy, [B / processes, ...]) → global arrays [B@data, ...].
+def global_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """This process's rows (a pytree of NumPy arrays [B / processes, ...], e.g. a batch with
+    its text and image input pytrees) → the same pytree of global arrays [B@data, ...].
 
     Every process must pass arrays of the same shapes (the pipeline pads each global batch to
     one bucket for that reason); process p's rows become rows p·b … (p+1)·b − 1.
     """
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in local_batch.items()}
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
+        dict(local_batch))
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -3,11 +3,14 @@ jitted steps compile once per bucket, never per batch.
 
 An example is a dict with `input_ids` (int list, `[CLS] … [SEP]`), `region_feat` f32[n, F],
 `boxes` f32[n, 7], optional `soft_labels` f32[n, C], and ids `image_index` (int) and
-`text_index` (int). A batch is a dict of NumPy arrays:
-  input_ids i32[B, Lb], attention_mask i32[B, Lb], region_feat f32[B, Rb, F], boxes f32[B, Rb, 7],
-  region_mask i32[B, Rb], (soft_labels f32[B, Rb, C]), image_index i32[B], text_index i32[B],
-  valid bool[B] (False for rows that only pad the batch to its fixed size).
-Lb / Rb are the smallest buckets that fit the longest caption / largest region set.
+`text_index` (int). A batch is a dict of NumPy arrays with one pytree per side:
+  text  {"input_ids": i32[B, Lb], "attention_mask": i32[B, Lb]}          (collate_text)
+  image {"region_feat": f32[B, Rb, F], "boxes": f32[B, Rb, 7], "region_mask": i32[B, Rb]}
+                                                                        (collate_regions)
+  (soft_labels f32[B, Rb, C]), image_index i32[B], text_index i32[B], valid bool[B] (False for
+  rows that only pad the batch to its fixed size).
+Lb / Rb are the smallest buckets that fit the longest caption / largest region set. The
+collates are the only code above the models that reads the inputs' fields.
 """
 
 from __future__ import annotations
@@ -26,8 +29,81 @@ def bucket_size(n: int, buckets: Sequence[int], what: str = "length") -> int:
                      f"{sorted(buckets)})")
 
 
+def collate_text(token_ids: Sequence[Sequence[int]], text_buckets: Sequence[int],
+                 batch_size: int | None = None, stub_rows: bool = False) -> dict[str, np.ndarray]:
+    """The text input of a batch: {"input_ids": i32[B, Lb], "attention_mask": i32[B, Lb]}
+    from token id lists (`[CLS] … [SEP]`). Rows past len(token_ids) (up to `batch_size`) are
+    padding: empty, or with `stub_rows` a 2-token stub so no row is all padding."""
+    size = batch_size or len(token_ids)
+    length = bucket_size(max(len(ids) for ids in token_ids), text_buckets,
+                         "caption length (tokens with [CLS]/[SEP])")
+    input_ids = np.zeros((size, length), np.int32)
+    mask = np.zeros((size, length), np.int32)
+    for row, ids in enumerate(token_ids):
+        input_ids[row, :len(ids)] = ids
+        mask[row, :len(ids)] = 1
+    if stub_rows:
+        mask[len(token_ids):, :2] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def collate_regions(images: Sequence[Mapping], region_buckets: Sequence[int],
+                    batch_size: int | None = None, stub_rows: bool = False,
+                    ) -> dict[str, np.ndarray]:
+    """The region image input of a batch: {"region_feat": f32[B, Rb, F], "boxes":
+    f32[B, Rb, 7], "region_mask": i32[B, Rb]} from per-image {"region_feat": [n, F], "boxes":
+    [n, 7]}. Rows past len(images) are padding: empty, or with `stub_rows` one zero region."""
+    size = batch_size or len(images)
+    regions = bucket_size(max(len(e["region_feat"]) for e in images), region_buckets,
+                          "region count")
+    feat_dim, box_dim = np.shape(images[0]["region_feat"])[-1], np.shape(images[0]["boxes"])[-1]
+    out = {"region_feat": np.zeros((size, regions, feat_dim), np.float32),
+           "boxes": np.zeros((size, regions, box_dim), np.float32),
+           "region_mask": np.zeros((size, regions), np.int32)}
+    for row, example in enumerate(images):
+        feat, boxes = np.asarray(example["region_feat"]), np.asarray(example["boxes"])
+        if feat.ndim != 2:
+            raise ValueError(f"collate: example {row} has region features of shape "
+                             f"{feat.shape}, expected [n, {feat_dim}]")
+        if feat.shape[1] != feat_dim:
+            raise ValueError(f"collate: example {row} has region features of dim "
+                             f"{feat.shape[1]}, the batch has {feat_dim}")
+        if boxes.shape != (len(feat), box_dim) or not len(feat):
+            raise ValueError(f"collate: example {row} has {len(feat)} region features and "
+                             f"boxes of shape {boxes.shape}; expected the same non-zero count "
+                             f"and [n, {box_dim}]")
+        out["region_feat"][row, :len(feat)] = feat
+        out["boxes"][row, :len(feat)] = boxes
+        out["region_mask"][row, :len(feat)] = 1
+    if stub_rows:
+        out["region_mask"][len(images):, 0] = 1
+    return out
+
+
+def split_regions(image: Mapping) -> list[dict]:
+    """Per-image region inputs [{"region_feat": [n, F], "boxes": [n, 7]}] from a padded
+    region batch {"region_feat": [B, R, F], "boxes": [B, R, 7], ("region_mask": [B, R]: all
+    regions when absent)}; `collate_regions` is its inverse."""
+    for key in ("region_feat", "boxes"):
+        if key not in image:
+            raise ValueError(f"image input: {key!r} is missing (has {sorted(image)})")
+    feat, boxes = np.asarray(image["region_feat"]), np.asarray(image["boxes"])
+    if feat.ndim != 3 or boxes.shape[:2] != feat.shape[:2]:
+        raise ValueError(f"image input: region_feat {feat.shape} and boxes {boxes.shape}: "
+                         f"expected [B, R, F] and [B, R, 7]")
+    mask = np.asarray(image.get("region_mask", np.ones(feat.shape[:2], np.int32)))
+    if mask.shape != feat.shape[:2]:
+        raise ValueError(f"image input: region_mask {mask.shape}, expected {feat.shape[:2]}")
+    keep = mask.astype(bool)
+    return [{"region_feat": f[m], "boxes": b[m]} for f, b, m in zip(feat, boxes, keep)]
+
+
+# The image input's collate per image tower input (models/towers.py: TowerSpec.collate).
+IMAGE_COLLATES = {"regions": collate_regions}
+
+
 def collate(examples: Sequence[Mapping], text_buckets: Sequence[int],
-            region_buckets: Sequence[int], batch_size: int | None = None) -> dict[str, np.ndarray]:
+            region_buckets: Sequence[int], batch_size: int | None = None) -> dict:
     """Pads `examples` into one batch (see the module docstring for the layout).
 
     `batch_size` pads the batch with invalid rows up to a fixed size (evaluation's last batch).
@@ -37,37 +113,20 @@ def collate(examples: Sequence[Mapping], text_buckets: Sequence[int],
     size = batch_size or len(examples)
     if len(examples) > size:
         raise ValueError(f"collate: {len(examples)} examples exceed batch_size={size}")
-    text_len = bucket_size(max(len(e["input_ids"]) for e in examples), text_buckets,
-                           "caption length (tokens with [CLS]/[SEP])")
-    regions = bucket_size(max(len(e["region_feat"]) for e in examples), region_buckets,
-                          "region count")
-    feat_dim = examples[0]["region_feat"].shape[1]
     batch = {
-        "input_ids": np.zeros((size, text_len), np.int32),
-        "attention_mask": np.zeros((size, text_len), np.int32),
-        "region_feat": np.zeros((size, regions, feat_dim), np.float32),
-        "boxes": np.zeros((size, regions, 7), np.float32),
-        "region_mask": np.zeros((size, regions), np.int32),
+        "text": collate_text([e["input_ids"] for e in examples], text_buckets, size),
+        "image": collate_regions(examples, region_buckets, size),
         "image_index": np.full((size,), -1, np.int32),
         "text_index": np.full((size,), -1, np.int32),
         "valid": np.zeros((size,), bool),
     }
-    with_labels = "soft_labels" in examples[0]
-    if with_labels:
+    if "soft_labels" in examples[0]:  # MRC-kl's targets, per region
+        regions = batch["image"]["region_mask"].shape[1]
         classes = examples[0]["soft_labels"].shape[1]
         batch["soft_labels"] = np.zeros((size, regions, classes), np.float32)
+        for row, example in enumerate(examples):
+            batch["soft_labels"][row, :len(example["soft_labels"])] = example["soft_labels"]
     for row, example in enumerate(examples):
-        ids, n = example["input_ids"], len(example["region_feat"])
-        if example["region_feat"].shape[1] != feat_dim:
-            raise ValueError(f"collate: example {row} has region features of dim "
-                             f"{example['region_feat'].shape[1]}, the batch has {feat_dim}")
-        batch["input_ids"][row, :len(ids)] = ids
-        batch["attention_mask"][row, :len(ids)] = 1
-        batch["region_feat"][row, :n] = example["region_feat"]
-        batch["boxes"][row, :n] = example["boxes"]
-        batch["region_mask"][row, :n] = 1
-        if with_labels:
-            batch["soft_labels"][row, :n] = example["soft_labels"]
         batch["image_index"][row] = example["image_index"]
         batch["text_index"][row] = example["text_index"]
         batch["valid"][row] = True

@@ -11,10 +11,11 @@ iterator of the same pipeline continues the same data order, masks included (mas
 from the seed and the batch position).
 
 A training batch (per process, B = global batch / process count) is `batching.collate`'s dict
-plus:
-  vmlm_input_ids i32[B, L], vmlm_labels i32[B, L] (-1 where nothing is predicted; at most
-    `masking.max_predictions(L)` per row, so the loss gathers a fixed number of positions),
-  region_masked bool[B, R]  (SMRM; only with `mask_regions`).
+(one `text` and one `image` input pytree, ids, validity) plus:
+  vmlm_text: the text input with [MASK]s in its input_ids, vmlm_labels i32[B, L] (-1 where
+    nothing is predicted; at most `masking.max_predictions(L)` per row, so the loss gathers a
+    fixed number of positions),
+  region_masked bool[B, R]  (SMRM over the region input; only with `mask_regions`).
 All captions of one image are positives of each other: `batching.same_image(image_index)`.
 """
 
@@ -278,16 +279,17 @@ def _masker(tokenizer, config: PipelineConfig, process_index: int, process_count
         row_rngs = [np.random.default_rng([base, process_index + process_count * j])
                     for j in range(rows)]
         if config.mask_text:
-            cap = masking.max_predictions(batch["input_ids"].shape[1])
-            pairs = [masking.mask_text(batch["input_ids"][j:j + 1],
-                                       batch["attention_mask"][j:j + 1], row_rngs[j],
+            text = batch["text"]
+            cap = masking.max_predictions(text["input_ids"].shape[1])
+            pairs = [masking.mask_text(text["input_ids"][j:j + 1],
+                                       text["attention_mask"][j:j + 1], row_rngs[j],
                                        tokenizer.mask_id, tokenizer.random_token_range,
                                        max_predictions=cap) for j in range(rows)]
-            batch["vmlm_input_ids"] = np.concatenate([p[0] for p in pairs])
+            batch["vmlm_text"] = {**text, "input_ids": np.concatenate([p[0] for p in pairs])}
             batch["vmlm_labels"] = np.concatenate([p[1] for p in pairs])
         if config.mask_regions:
             batch["region_masked"] = np.concatenate(
-                [masking.mask_regions(batch["region_mask"][j:j + 1], row_rngs[j])
+                [masking.mask_regions(batch["image"]["region_mask"][j:j + 1], row_rngs[j])
                  for j in range(rows)])
         return batch
     return add_masks
@@ -329,9 +331,9 @@ def _padded(examples: list[dict], rows: int, template, text_buckets, region_buck
 
 def eval_image_batches(images: Sequence[dict], batch_size: int, region_buckets,
                        process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Every image of a split once (across processes), padded to full batches:
-    region_feat f32[B, R, F], boxes f32[B, R, 7], region_mask i32[B, R], image_index i32[B]
-    (-1 for padding), valid bool[B] (and text fields of a dummy caption, ignored)."""
+    """Every image of a split once (across processes), padded to full batches: the image
+    input, image_index i32[B] (-1 for padding), valid bool[B] (and the text input of a dummy
+    caption, ignored)."""
     def template():
         return {"input_ids": [0, 0], "image_index": 0, "text_index": -1, **_regions(images[0])}
     for rows in _plan(len(images), batch_size, process_index, process_count):
@@ -342,9 +344,9 @@ def eval_image_batches(images: Sequence[dict], batch_size: int, region_buckets,
 
 def eval_caption_batches(index: CaptionIndex, batch_size: int, text_buckets,
                          process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Every caption of the index once (across processes), padded to full batches:
-    input_ids i32[B, L], attention_mask i32[B, L], text_index i32[B], image_index i32[B]
-    (the caption's image: the ground truth), valid bool[B] (and one dummy region, ignored)."""
+    """Every caption of the index once (across processes), padded to full batches: the text
+    input, text_index i32[B], image_index i32[B] (the caption's image: the ground truth),
+    valid bool[B] (and the image input of one dummy region, ignored)."""
     dummy = {"region_feat": np.zeros((1, 1), np.float32), "boxes": np.zeros((1, 7), np.float32)}
     def template():
         return {"input_ids": index.token_ids[0], "image_index": 0, "text_index": 0, **dummy}

@@ -70,8 +70,7 @@ class Split:
 def _timed_encode(model, params, batch, side: str, mesh, repeat: int = 5) -> float:
     """ms per row of one evaluation batch through a tower (after a warm-up call)."""
     with jax.set_mesh(mesh):
-        inputs = parallel.global_batch({k: batch[k] for k in (
-            "input_ids", "attention_mask", "region_feat", "boxes", "region_mask")}, mesh)
+        inputs = parallel.global_batch(batch[side], mesh)
         jax.block_until_ready(encode.encode_batch(model, params, inputs, side))
         start = time.perf_counter()
         for _ in range(repeat):
@@ -109,12 +108,12 @@ def _search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray
 
 
 def _query_inputs(split: Split, direction: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The queries' input pytree: captions' text input, or images' image input."""
     if direction == "text_to_image":
         return {"input_ids": split.captions.input_ids[rows],
                 "attention_mask": prefix_mask(split.captions.lengths[rows],
                                               split.captions.input_ids.shape[1])}
-    return {"region_feat": split.images.region_feat[rows], "boxes": split.images.boxes[rows],
-            "region_mask": split.images.region_mask[rows]}
+    return split.images.rows(rows)
 
 
 def cross_scores(reranker: rerank.CrossEncoderReranker, split: Split, direction: str,

@@ -98,7 +98,8 @@ class RegionConfig:
 class DualEncoderConfig:
     """LightningDOT bi-encoder: a BERT text tower and a UNITER image tower, no shared weights.
 
-    `cls_token_id` is the single text token the image tower sees at position 0.
+    `cls_token_id` is the single text token the image tower sees at position 0. `text_tower` /
+    `image_tower` name the towers in models/towers.py's registries (TEXT_TOWERS, IMAGE_TOWERS).
     """
 
     text: TransformerConfig = TransformerConfig()
@@ -106,6 +107,8 @@ class DualEncoderConfig:
     region: RegionConfig = RegionConfig()
     project_dim: int = 768
     cls_token_id: int = 101
+    text_tower: str = "bert"
+    image_tower: str = "uniter_regions"
 
     def __post_init__(self):
         _check_positive(self, ("project_dim",))

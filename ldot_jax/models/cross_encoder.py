@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ldot_jax.models.config import CrossEncoderConfig
 from ldot_jax.models.layers import dense
-from ldot_jax.models.towers import UniterTrunk
+from ldot_jax.models.towers import UniterTrunk, region_fields, text_fields
 
 
 class CrossEncoderOutput(NamedTuple):
@@ -39,10 +39,13 @@ class CrossEncoder(nn.Module):
         self.itm_output = dense(c, 2)
         self.rank_output = dense(c, 1)
 
-    def __call__(self, input_ids, text_mask, region_feat, boxes, region_mask,
+    def __call__(self, text: Mapping[str, Any], image: Mapping[str, Any],
                  deterministic: bool = True) -> CrossEncoderOutput:
-        """input_ids: i32[B, L]; text_mask: [B, L] prefix mask; region_feat: f[B, R, F];
-        boxes: f[B, R, 7]; region_mask: [B, R] prefix mask. Pair i is (caption i, image i)."""
+        """text: {"input_ids": i32[B, L], "attention_mask": [B, L] prefix mask}; image: the
+        region input {"region_feat": f[B, R, F], "boxes": f[B, R, 7], "region_mask": [B, R]
+        prefix mask}. Pair i is (caption i, image i)."""
+        input_ids, text_mask = text_fields(text)
+        region_feat, boxes, region_mask = region_fields(image)
         sequence, mask = self.uniter(input_ids, text_mask, region_feat, boxes, region_mask,
                                      pack=True, deterministic=deterministic)
         pooled = jnp.tanh(self.pooler(sequence[:, 0]))
@@ -50,6 +53,6 @@ class CrossEncoder(nn.Module):
                                   self.itm_output(pooled).astype(jnp.float32),
                                   self.rank_output(pooled)[:, 0].astype(jnp.float32))
 
-    def score(self, input_ids, text_mask, region_feat, boxes, region_mask):
+    def score(self, text: Mapping[str, Any], image: Mapping[str, Any]):
         """f32[B]: the re-ranking logit of each (caption, image) pair."""
-        return self(input_ids, text_mask, region_feat, boxes, region_mask).rank_score
+        return self(text, image).rank_score

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ldot_jax.models import towers
 from ldot_jax.models.config import DualEncoderConfig
-from ldot_jax.models.towers import ImageTower, TextTower, TowerOutput
+from ldot_jax.models.towers import TowerOutput
 
 
 def dot_scores(text_embeddings, image_embeddings):
@@ -17,8 +20,12 @@ def dot_scores(text_embeddings, image_embeddings):
 
 
 class DualEncoder(nn.Module):
-    """Text tower (BERT) and image tower (UNITER regions), no shared weights.
+    """A text tower and an image tower, no shared weights, built by name from the registries
+    (`config.text_tower`, default "bert"; `config.image_tower`, default "uniter_regions").
 
+    Inputs are one pytree per side: text {"input_ids": i32[B, L], "attention_mask": [B, L]};
+    image: the image tower's input (regions: {"region_feat": f[B, R, F], "boxes": f[B, R, 7],
+    "region_mask": [B, R]}).
     Params: {"text_tower": {"bert", "encode_proj"}, "image_tower": {"uniter", "encode_proj"}}.
     """
 
@@ -26,35 +33,32 @@ class DualEncoder(nn.Module):
 
     def setup(self):
         c = self.config
-        self.text_tower = TextTower(c.text, c.project_dim)
-        self.image_tower = ImageTower(c.image, c.region, c.project_dim, c.cls_token_id)
+        self.text_tower = towers.text_tower(c.text_tower).build(c)
+        self.image_tower = towers.image_tower(c.image_tower).build(c)
 
-    def __call__(self, input_ids, attention_mask, region_feat, boxes, region_mask,
+    def __call__(self, text: Mapping[str, Any], image: Mapping[str, Any],
                  deterministic: bool = True) -> tuple[TowerOutput, TowerOutput]:
-        """Both towers: (text TowerOutput, image TowerOutput). See `text_states` and
-        `image_states` for shapes."""
-        return (self.text_states(input_ids, attention_mask, deterministic),
-                self.image_states(region_feat, boxes, region_mask, None, deterministic))
+        """Both towers: (text TowerOutput, image TowerOutput)."""
+        return (self.text_states(text, deterministic),
+                self.image_states(image, None, deterministic))
 
-    def text_states(self, input_ids, attention_mask, deterministic: bool = True) -> TowerOutput:
-        """input_ids: i32[B, L] (`[CLS] … [SEP]`, 0-padded); attention_mask: [B, L]."""
-        return self.text_tower(input_ids, attention_mask, deterministic)
+    def text_states(self, text: Mapping[str, Any], deterministic: bool = True) -> TowerOutput:
+        return self.text_tower(text, deterministic)
 
-    def image_states(self, region_feat, boxes, region_mask, masked_regions=None,
+    def image_states(self, image: Mapping[str, Any], masked_regions=None,
                      deterministic: bool = True) -> TowerOutput:
-        """region_feat: f[B, R, F]; boxes: f[B, R, 7] `[x1,y1,x2,y2,w,h,w*h]`; region_mask:
-        [B, R]; masked_regions: [B, R] or None (SMRM)."""
-        return self.image_tower(region_feat, boxes, region_mask, masked_regions, deterministic)
+        """masked_regions: [B, R] or None (SMRM, the region tower's pre-training input)."""
+        return self.image_tower(image, masked_regions, deterministic)
 
-    def encode_text(self, input_ids, attention_mask, deterministic: bool = True):
-        """i32[B, L], [B, L] → f32[B, P] retrieval vectors."""
-        return self.text_states(input_ids, attention_mask, deterministic).embedding
+    def encode_text(self, text: Mapping[str, Any], deterministic: bool = True):
+        """→ f32[B, P] retrieval vectors."""
+        return self.text_states(text, deterministic).embedding
 
-    def encode_image(self, region_feat, boxes, region_mask, deterministic: bool = True):
-        """f[B, R, F], f[B, R, 7], [B, R] → f32[B, P] retrieval vectors."""
-        return self.image_states(region_feat, boxes, region_mask, None, deterministic).embedding
+    def encode_image(self, image: Mapping[str, Any], deterministic: bool = True):
+        """→ f32[B, P] retrieval vectors."""
+        return self.image_states(image, None, deterministic).embedding
 
-    def score(self, input_ids, attention_mask, region_feat, boxes, region_mask):
+    def score(self, text: Mapping[str, Any], image: Mapping[str, Any]):
         """f32[B_text, B_image]: every caption against every image."""
-        text, image = self(input_ids, attention_mask, region_feat, boxes, region_mask)
-        return dot_scores(text.embedding, image.embedding)
+        text_out, image_out = self(text, image)
+        return dot_scores(text_out.embedding, image_out.embedding)

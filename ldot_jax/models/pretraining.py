@@ -5,7 +5,8 @@ the image tower's raw last-layer [CLS] state added before the MLM head (VMLM); e
 state gets the text tower's raw [CLS] state added before the MRFR / MRC heads (SMRM).
 
 Shapes: B batch, L text length, R regions, H hidden, V vocab, F feature dim, C classes,
-M gathered positions.
+M gathered positions. `text` / `image` are the towers' input pytrees (models/towers.py); SMRM
+(masked_regions, the MRFR / MRC heads) is defined over the region tower.
 """
 
 from __future__ import annotations
@@ -41,46 +42,40 @@ class DualEncoderForPretraining(nn.Module):
         self.mrfr_head = TiedOutputHead(c.image)
         self.mrc_head = MRCHead(c.image, c.region.num_classes)
 
-    def __call__(self, input_ids, attention_mask, region_feat, boxes, region_mask,
-                 masked_regions, deterministic: bool = True):
+    def __call__(self, text, image, masked_regions, deterministic: bool = True):
         """All heads at every position: (VMLM f32[B, L, V], MRFR f32[B, R, F],
         MRC f32[B, R, C]). Used to initialize every parameter."""
-        args = (input_ids, attention_mask, region_feat, boxes, region_mask)
-        return (self.vmlm_logits(*args, deterministic=deterministic),
-                self.mrfr_prediction(*args, masked_regions, deterministic=deterministic),
-                self.mrc_logits(*args, masked_regions, deterministic=deterministic))
+        return (self.vmlm_logits(text, image, deterministic=deterministic),
+                self.mrfr_prediction(text, image, masked_regions, deterministic=deterministic),
+                self.mrc_logits(text, image, masked_regions, deterministic=deterministic))
 
-    def vmlm_logits(self, input_ids, attention_mask, region_feat, boxes, region_mask,
-                    positions=None, deterministic: bool = True):
-        """input_ids: i32[B, L] with [MASK]s; positions: i32[B, M] or None → f32[B, M|L, V]."""
-        text = self.dual_encoder.text_states(input_ids, attention_mask, deterministic)
-        image = self.dual_encoder.image_states(region_feat, boxes, region_mask, None,
-                                               deterministic)
-        fused = _gather(text.sequence, positions) + image.cls_state[:, None]
+    def vmlm_logits(self, text, image, positions=None, deterministic: bool = True):
+        """text: the text input with [MASK]s in its input_ids; image: the image input;
+        positions: i32[B, M] or None → f32[B, M|L, V]."""
+        text_out = self.dual_encoder.text_states(text, deterministic)
+        image_out = self.dual_encoder.image_states(image, None, deterministic)
+        fused = _gather(text_out.sequence, positions) + image_out.cls_state[:, None]
         table = self.dual_encoder.image_tower.uniter.embeddings.word_embeddings.embedding
         return self.mlm_head(fused, table)
 
-    def smrm_states(self, input_ids, attention_mask, region_feat, boxes, region_mask,
-                    masked_regions, positions=None, deterministic: bool = True):
+    def smrm_states(self, text, image, masked_regions, positions=None,
+                    deterministic: bool = True):
         """Fused region states [B, M|R, H]: region states (masked ones replaced by the mask
         embedding at the input) + the text tower's [CLS] state. `positions` index regions
         (0-based, excluding the image [CLS])."""
-        text = self.dual_encoder.text_states(input_ids, attention_mask, deterministic)
-        image = self.dual_encoder.image_states(region_feat, boxes, region_mask, masked_regions,
-                                               deterministic)
-        return _gather(image.sequence[:, 1:], positions) + text.cls_state[:, None]
+        text_out = self.dual_encoder.text_states(text, deterministic)
+        image_out = self.dual_encoder.image_states(image, masked_regions, deterministic)
+        return _gather(image_out.sequence[:, 1:], positions) + text_out.cls_state[:, None]
 
-    def mrfr_prediction(self, input_ids, attention_mask, region_feat, boxes, region_mask,
-                        masked_regions, positions=None, deterministic: bool = True):
+    def mrfr_prediction(self, text, image, masked_regions, positions=None,
+                        deterministic: bool = True):
         """→ f32[B, M|R, F]: regressed region features."""
-        fused = self.smrm_states(input_ids, attention_mask, region_feat, boxes, region_mask,
-                                 masked_regions, positions, deterministic)
+        fused = self.smrm_states(text, image, masked_regions, positions, deterministic)
         region_embeddings = self.dual_encoder.image_tower.uniter.region_embeddings
         return self.mrfr_head(fused, region_embeddings.img_linear_kernel())
 
-    def mrc_logits(self, input_ids, attention_mask, region_feat, boxes, region_mask,
-                   masked_regions, positions=None, deterministic: bool = True):
+    def mrc_logits(self, text, image, masked_regions, positions=None,
+                   deterministic: bool = True):
         """→ f32[B, M|R, C]: detector-class logits."""
-        fused = self.smrm_states(input_ids, attention_mask, region_feat, boxes, region_mask,
-                                 masked_regions, positions, deterministic)
+        fused = self.smrm_states(text, image, masked_regions, positions, deterministic)
         return self.mrc_head(fused)

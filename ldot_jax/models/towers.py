@@ -1,11 +1,19 @@
-"""The trunks (BERT, UNITER) and the two retrieval towers of LightningDOT.
+"""The trunks (BERT, UNITER), the retrieval towers of LightningDOT, and the tower registries.
+
+A tower takes ONE input pytree: text towers `{"input_ids": i32[B, L], "attention_mask":
+[B, L]}`, the region tower `{"region_feat": f[B, R, F], "boxes": f[B, R, 7], "region_mask":
+[B, R]}`. Everything above the models (data, tasks, extraction, retrieval, re-ranking,
+evaluation) passes these pytrees along without unpacking them; only a tower and the collate of
+its input (data/batching.py) know the fields. Towers are built by name (`TEXT_TOWERS`,
+`IMAGE_TOWERS`; `DualEncoderConfig.text_tower` / `.image_tower`).
 
 Shapes: B batch, L text length, R regions, H hidden, F region feature dim, P projection dim.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -168,15 +176,16 @@ class TextTower(nn.Module):
         self.bert = BertTrunk(self.config)
         self.encode_proj = EncodeProjection(self.config, self.project_dim)
 
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True) -> TowerOutput:
-        """input_ids: i32[B, L]; attention_mask: [B, L] → TowerOutput (S = L)."""
+    def __call__(self, text: Mapping[str, Any], deterministic: bool = True) -> TowerOutput:
+        """text: {"input_ids": i32[B, L], "attention_mask": [B, L]} → TowerOutput (S = L)."""
+        input_ids, attention_mask = text_fields(text)
         sequence = self.bert(input_ids, attention_mask, deterministic)
         cls_state = sequence[:, 0]
         return TowerOutput(sequence, attention_mask.astype(bool), cls_state,
                            self.encode_proj(cls_state))
 
 
-class ImageTower(nn.Module):
+class RegionTower(nn.Module):
     """UNITER fed one text token ([CLS], from its own word table) and the regions.
 
     Retrieval vector = encode_proj(h_last[:, 0]).
@@ -191,10 +200,11 @@ class ImageTower(nn.Module):
         self.uniter = UniterTrunk(self.config, self.region)
         self.encode_proj = EncodeProjection(self.config, self.project_dim)
 
-    def __call__(self, region_feat, boxes, region_mask, masked_regions=None,
+    def __call__(self, image: Mapping[str, Any], masked_regions=None,
                  deterministic: bool = True) -> TowerOutput:
-        """region_feat: f[B, R, F]; boxes: f[B, R, 7]; region_mask: [B, R];
+        """image: {"region_feat": f[B, R, F], "boxes": f[B, R, 7], "region_mask": [B, R]};
         masked_regions: [B, R] or None (SMRM) → TowerOutput (S = 1 + R)."""
+        region_feat, boxes, region_mask = region_fields(image)
         # Built from region_mask so they are sharded like the batch ([B@data, 1] on a mesh).
         first = jnp.ones_like(region_mask[:, :1], dtype=jnp.int32)
         sequence, mask = self.uniter(first * self.cls_token_id, first, region_feat,
@@ -202,3 +212,83 @@ class ImageTower(nn.Module):
                                      deterministic=deterministic)
         cls_state = sequence[:, 0]
         return TowerOutput(sequence, mask, cls_state, self.encode_proj(cls_state))
+
+
+# ---------------------------------------------------------------------------------------------
+# The inputs' fields (only the towers and the collate of their inputs read them)
+
+TEXT_FIELDS = ("input_ids", "attention_mask")
+REGION_FIELDS = ("region_feat", "boxes", "region_mask")
+
+
+def _fields(pytree, names: tuple[str, ...], what: str) -> tuple:
+    if not isinstance(pytree, Mapping):
+        raise ValueError(f"{what}: expected a dict with {list(names)}, got "
+                         f"{type(pytree).__name__}")
+    missing = [n for n in names if n not in pytree]
+    if missing:
+        raise ValueError(f"{what}: missing {missing}; it has {sorted(pytree)} (expected "
+                         f"{list(names)})")
+    return tuple(pytree[n] for n in names)
+
+
+def text_fields(text) -> tuple:
+    """(input_ids, attention_mask) of a text input pytree (a ValueError names what is missing)."""
+    return _fields(text, TEXT_FIELDS, "text input")
+
+
+def region_fields(image) -> tuple:
+    """(region_feat, boxes, region_mask) of a region image input pytree."""
+    return _fields(image, REGION_FIELDS, "image input (regions)")
+
+
+def dummy_text(batch: int = 1, length: int = 2) -> dict:
+    """The smallest text input (shape inference)."""
+    return {"input_ids": jnp.zeros((batch, length), jnp.int32),
+            "attention_mask": jnp.ones((batch, length), jnp.int32)}
+
+
+def dummy_regions(region: RegionConfig, batch: int = 1, regions: int = 1) -> dict:
+    """The smallest region image input (shape inference)."""
+    return {"region_feat": jnp.zeros((batch, regions, region.feat_dim), jnp.float32),
+            "boxes": jnp.zeros((batch, regions, region.box_dim), jnp.float32),
+            "region_mask": jnp.ones((batch, regions), jnp.int32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The tower registries
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerSpec:
+    """build: the DualEncoderConfig → the tower module; dummy_input: the config → the
+    smallest input pytree; collate: the name of its input's collate in data/batching.py."""
+
+    build: Callable[[Any], nn.Module]
+    dummy_input: Callable[[Any], dict]
+    collate: str
+
+
+TEXT_TOWERS: dict[str, TowerSpec] = {
+    "bert": TowerSpec(lambda c: TextTower(c.text, c.project_dim), lambda c: dummy_text(),
+                      "text"),
+}
+IMAGE_TOWERS: dict[str, TowerSpec] = {
+    "uniter_regions": TowerSpec(
+        lambda c: RegionTower(c.image, c.region, c.project_dim, c.cls_token_id),
+        lambda c: dummy_regions(c.region), "regions"),
+}
+
+
+def _lookup(table: dict, name: str, what: str) -> TowerSpec:
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; the {what}s are {list(table)}")
+    return table[name]
+
+
+def text_tower(name: str) -> TowerSpec:
+    return _lookup(TEXT_TOWERS, name, "text tower")
+
+
+def image_tower(name: str) -> TowerSpec:
+    return _lookup(IMAGE_TOWERS, name, "image tower")

@@ -15,14 +15,13 @@ from ldot_jax.core import parallel
 
 
 @functools.partial(jax.jit, static_argnames=("model", "side"))
-def encode_batch(model, params, batch, side: str):
-    """f32[B, P]: one tower (`side` "text" or "image") over a batch's inputs (jitted; the
-    model may be a DualEncoder or the pre-training model, whose towers are its dual_encoder)."""
+def encode_batch(model, params, inputs, side: str):
+    """f32[B, P]: one tower (`side` "text" or "image") over its input pytree (batch["text"] /
+    batch["image"]; jitted; the model may be a DualEncoder or the pre-training model, whose
+    towers are its dual_encoder)."""
     def fn(module):
         dual = getattr(module, "dual_encoder", module)
-        if side == "text":
-            return dual.encode_text(batch["input_ids"], batch["attention_mask"])
-        return dual.encode_image(batch["region_feat"], batch["boxes"], batch["region_mask"])
+        return dual.encode_text(inputs) if side == "text" else dual.encode_image(inputs)
     return model.apply({"params": params}, method=fn)
 
 
@@ -36,11 +35,10 @@ def embed_batches(model, params, batches: Iterable[dict], mesh, side: str, index
     show = desc is not None and jax.process_index() == 0
     for batch in tqdm.tqdm(batches, total=total, desc=desc, disable=not show, leave=False,
                            unit="batch"):
-        keep = {k: batch[k] for k in ("input_ids", "attention_mask", "region_feat", "boxes",
-                                      "region_mask", "valid", index_key)}
+        keep = {k: batch[k] for k in (side, "valid", index_key)}
         with jax.set_mesh(mesh):
             global_batch = parallel.global_batch(keep, mesh)
-            out = encode_batch(model, params, global_batch, side)
+            out = encode_batch(model, params, global_batch[side], side)
         vectors.append(parallel.gather_rows(out))
         ids.append(parallel.gather_rows(global_batch[index_key]))
         ids[-1] = np.where(parallel.gather_rows(global_batch["valid"]), ids[-1], -1)

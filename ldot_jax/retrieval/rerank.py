@@ -29,9 +29,10 @@ import numpy as np
 
 from ldot_jax.core import parallel
 from ldot_jax.core.workdir import DIRECTIONS  # the directions of `retrieval.Reranker`
-from ldot_jax.data.batching import bucket_size, prefix_mask
+from ldot_jax.data.batching import bucket_size, collate_regions, collate_text, prefix_mask
 from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.inputs import check_prefix_mask
+from ldot_jax.models.towers import region_fields, text_fields
 
 if TYPE_CHECKING:
     from ldot_jax.data.pipeline import CaptionIndex
@@ -56,36 +57,33 @@ def _check_mask(name: str, mask: np.ndarray) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ImageStore:
-    """The regions of every image of a split, padded to one region count R.
-
-    region_feat f32[N, R, F], boxes f32[N, R, 7], region_mask i32[N, R] (prefix masks; the
-    model ignores what lies past them, `from_records` puts zeros there). Row i is image id i
-    of the split.
+    """The image input of every image of a split, padded to one shape: the cross-encoder's
+    region input {"region_feat": f32[N, R, F], "boxes": f32[N, R, 7], "region_mask":
+    i32[N, R]} (prefix masks; the model ignores what lies past them, `from_records` puts zeros
+    there). Row i is image id i of the split.
     """
 
-    region_feat: np.ndarray
-    boxes: np.ndarray
-    region_mask: np.ndarray
+    image: dict
 
     def __post_init__(self):
-        feat = np.asarray(self.region_feat, np.float32)
-        boxes = np.asarray(self.boxes, np.float32)
-        mask = np.asarray(self.region_mask, np.int32)
+        feat, boxes, mask = region_fields(self.image)
+        feat = np.asarray(feat, np.float32)
+        boxes = np.asarray(boxes, np.float32)
+        mask = np.asarray(mask, np.int32)
         if feat.ndim != 3:
-            raise ValueError(f"ImageStore.region_feat: expected f32[N, R, F], got shape "
+            raise ValueError(f"ImageStore region_feat: expected f32[N, R, F], got shape "
                              f"{feat.shape}")
         if boxes.ndim != 3 or boxes.shape[:2] != feat.shape[:2]:
-            raise ValueError(f"ImageStore.boxes has shape {boxes.shape}, expected "
+            raise ValueError(f"ImageStore boxes has shape {boxes.shape}, expected "
                              f"[{feat.shape[0]}, {feat.shape[1]}, 7] to match region_feat "
                              f"{feat.shape}")
         if mask.shape != feat.shape[:2]:
-            raise ValueError(f"ImageStore.region_mask has shape {mask.shape}, expected "
+            raise ValueError(f"ImageStore region_mask has shape {mask.shape}, expected "
                              f"{feat.shape[:2]} to match region_feat {feat.shape}")
-        _check_mask("ImageStore.region_mask", mask)
-        # Frozen, but the fields must hold the validated NumPy arrays, not what was passed.
-        object.__setattr__(self, "region_feat", feat)
-        object.__setattr__(self, "boxes", boxes)
-        object.__setattr__(self, "region_mask", mask)
+        _check_mask("ImageStore region_mask", mask)
+        # Frozen, but the field must hold the validated NumPy arrays, not what was passed.
+        object.__setattr__(self, "image", {"region_feat": feat, "boxes": boxes,
+                                           "region_mask": mask})
 
     @classmethod
     def from_records(cls, images: Sequence[dict], region_bucket: int | None = None,
@@ -97,49 +95,29 @@ class ImageStore:
         """
         if not len(images):
             raise ValueError("ImageStore.from_records: no images")
-        feats, boxes = [], []
-        for i in range(len(images)):
-            record = images[i]
-            feat = np.asarray(record["region_feat"], np.float32)
-            box = np.asarray(record["boxes"], np.float32)
-            if feat.ndim != 2 or box.ndim != 2 or len(feat) != len(box):
-                raise ValueError(f"image {i}: region_feat {feat.shape} and boxes {box.shape}: "
-                                 f"expected [n, F] and [n, 7] with the same n")
-            if feats and (feat.shape[1], box.shape[1]) != (feats[0].shape[1],
-                                                           boxes[0].shape[1]):
-                raise ValueError(f"image {i}: region_feat {feat.shape} / boxes {box.shape}, "
-                                 f"image 0 has feature dim {feats[0].shape[1]} and box dim "
-                                 f"{boxes[0].shape[1]}")
-            feats.append(feat)
-            boxes.append(box)
-        most = max(len(f) for f in feats)
-        if region_bucket is None:
-            regions = max(1, most)
-        else:
-            regions = int(region_bucket)
-            if regions < 1:
+        records = [images[i] for i in range(len(images))]
+        counts = [len(r["region_feat"]) for r in records]
+        if region_bucket is not None:
+            if int(region_bucket) < 1:
                 raise ValueError(f"region_bucket={region_bucket}: expected ≥ 1")
-            over = [i for i, f in enumerate(feats) if len(f) > regions]
+            over = [i for i, n in enumerate(counts) if n > region_bucket]
             if over:
-                raise ValueError(f"image {over[0]} has {len(feats[over[0]])} regions, more "
-                                 f"than region_bucket={regions}")
-        n = len(feats)
-        out_feat = np.zeros((n, regions, feats[0].shape[1]), np.float32)
-        out_boxes = np.zeros((n, regions, boxes[0].shape[1]), np.float32)
-        out_mask = np.zeros((n, regions), np.int32)
-        for i, (feat, box) in enumerate(zip(feats, boxes)):
-            out_feat[i, :len(feat)] = feat
-            out_boxes[i, :len(box)] = box
-            out_mask[i, :len(feat)] = 1
-        return cls(out_feat, out_boxes, out_mask)
+                raise ValueError(f"image {over[0]} has {counts[over[0]]} regions, more "
+                                 f"than region_bucket={region_bucket}")
+        regions = int(region_bucket) if region_bucket is not None else max(1, max(counts))
+        return cls(collate_regions(records, (regions,)))
 
     def __len__(self) -> int:
-        return self.region_feat.shape[0]
+        return self.image["region_mask"].shape[0]
 
     @property
     def num_regions(self) -> int:
         """R, the region count of every pair batch."""
-        return self.region_feat.shape[1]
+        return self.image["region_mask"].shape[1]
+
+    def rows(self, index: np.ndarray) -> dict:
+        """The image input of images `index` (i64[n]): the store's pytree at those rows."""
+        return {k: v[index] for k, v in self.image.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,11 +276,11 @@ class CrossEncoderReranker:
                              f"max_position_embeddings={max_positions}")
         region = model.config.region
         if images is not None:
-            if images.region_feat.shape[2] != region.feat_dim or (
-                    images.boxes.shape[2] != region.box_dim):
-                raise ValueError(f"images: region_feat {images.region_feat.shape} / boxes "
-                                 f"{images.boxes.shape}, the model expects feat_dim="
-                                 f"{region.feat_dim} and box_dim={region.box_dim}")
+            feat, boxes, _ = region_fields(images.image)
+            if feat.shape[2] != region.feat_dim or boxes.shape[2] != region.box_dim:
+                raise ValueError(f"images: region_feat {feat.shape} / boxes {boxes.shape}, "
+                                 f"the model expects feat_dim={region.feat_dim} and "
+                                 f"box_dim={region.box_dim}")
             if num_regions is not None and num_regions != images.num_regions:
                 raise ValueError(f"num_regions={num_regions} but the image store has "
                                  f"R={images.num_regions}")
@@ -329,14 +307,13 @@ class CrossEncoderReranker:
     def _make_scorer(self):
         model, head = self.model, self.head
 
-        def score(params, input_ids, text_mask, region_feat, boxes, region_mask):
-            """f32[P]: one fixed-shape batch, P pairs (P@data with a mesh)."""
+        def score(params, text, image):
+            """f32[P]: one fixed-shape batch of P pairs, text / image input pytrees
+            (P@data with a mesh)."""
             self._compiles += 1  # runs once per trace, i.e. once per compiled program
             if head == "rank":
-                return model.apply({"params": params}, input_ids, text_mask, region_feat,
-                                   boxes, region_mask, method=model.score)
-            itm = model.apply({"params": params}, input_ids, text_mask, region_feat, boxes,
-                              region_mask).itm_logits
+                return model.apply({"params": params}, text, image, method=model.score)
+            itm = model.apply({"params": params}, text, image).itm_logits
             return itm[:, 1] - itm[:, 0]
         return score
 
@@ -383,13 +360,13 @@ class CrossEncoderReranker:
                              f"num_regions= to CrossEncoderReranker")
         return self.num_regions
 
-    def _conform_regions(self, region_feat, boxes, region_mask, what: str) -> ImageStore:
-        """Regions f32[n, R', F] / [n, R', 7] / i32[n, R'] padded or cropped to the store's R
-        (the crop only drops padding: more than R real regions is an error)."""
+    def _conform_regions(self, image, what: str) -> ImageStore:
+        """A region input (region_feat f32[n, R', F], boxes [n, R', 7], region_mask
+        i32[n, R']) padded or cropped to the store's R (the crop only drops padding: more than
+        R real regions is an error)."""
         regions = self._region_count(what)
-        feat = np.asarray(region_feat, np.float32)
-        boxes = np.asarray(boxes, np.float32)
-        mask = np.asarray(region_mask, np.int32)
+        feat, boxes, mask = (np.asarray(x, t) for x, t in zip(
+            region_fields(image), (np.float32, np.float32, np.int32)))
         region = self.model.config.region
         if feat.ndim != 3 or feat.shape[2] != region.feat_dim:
             raise ValueError(f"{what}: region_feat has shape {feat.shape}, expected "
@@ -414,7 +391,7 @@ class CrossEncoderReranker:
         out_feat[:, :cols] = feat[:, :cols] * keep
         out_boxes[:, :cols] = boxes[:, :cols] * keep
         out_mask[:, :cols] = mask[:, :cols]
-        return ImageStore(out_feat, out_boxes, out_mask)
+        return ImageStore({"region_feat": out_feat, "boxes": out_boxes, "region_mask": out_mask})
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -423,13 +400,14 @@ class CrossEncoderReranker:
         sharding = parallel.batch_sharding(self.mesh)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    def _run(self, ids, text_mask, feat, boxes, region_mask):
-        """One jitted call on a full batch; returns the (not yet fetched) f32[P]."""
+    def _run(self, text: dict, image: dict):
+        """One jitted call on a full batch (text / image input pytrees [P, ...]); returns the
+        (not yet fetched) f32[P]."""
         if self.mesh is None:
-            return self._scorer(self.params, ids, text_mask, feat, boxes, region_mask)
+            return self._scorer(self.params, text, image)
         with jax.set_mesh(self.mesh):
-            batch = [self._put(x) for x in (ids, text_mask, feat, boxes, region_mask)]
-            return self._scorer(self.params, *batch)
+            return self._scorer(self.params, jax.tree.map(self._put, text),
+                                jax.tree.map(self._put, image))
 
     def _fetch(self, y) -> np.ndarray:
         return np.asarray(parallel.gather_rows(y) if self.mesh is not None
@@ -457,9 +435,9 @@ class CrossEncoderReranker:
             t, r = text_rows[take], region_rows[take]
             width = bucket_size(int(lengths[t].max()), self.text_buckets,
                                 "caption length (tokens with [CLS]/[SEP])")
-            pending.append((chosen, self._run(
-                table[t, :width], prefix_mask(lengths[t], width), regions.region_feat[r],
-                regions.boxes[r], regions.region_mask[r])))
+            text_batch = {"input_ids": table[t, :width],
+                          "attention_mask": prefix_mask(lengths[t], width)}
+            pending.append((chosen, self._run(text_batch, regions.rows(r))))
         for chosen, y in pending:  # fetched at the end: dispatch runs ahead of the device
             out[chosen] = self._fetch(y)[:len(chosen)]
         return out
@@ -479,13 +457,11 @@ class CrossEncoderReranker:
         return self._score_rows(text, rows, store, image_ids.astype(np.int64))
 
     def score_text_image(self, input_ids: np.ndarray, lengths: np.ndarray,
-                         region_feat: np.ndarray, boxes: np.ndarray,
-                         region_mask: np.ndarray) -> np.ndarray:
-        """f32[n]: text i (input_ids i32[n, L], lengths i32[n]) against image i (region_feat
-        f32[n, R', F], boxes f32[n, R', 7], region_mask i32[n, R'] prefix masks, padded or
-        cropped to the re-ranker's R)."""
+                         image: dict) -> np.ndarray:
+        """f32[n]: text i (input_ids i32[n, L], lengths i32[n]) against image i (the region
+        input [n, R', ...] with prefix masks, padded or cropped to the re-ranker's R)."""
         text = self._text_table(input_ids, lengths, "score_text_image")
-        regions = self._conform_regions(region_feat, boxes, region_mask, "score_text_image")
+        regions = self._conform_regions(image, "score_text_image")
         if len(regions) != len(text[1]):
             raise ValueError(f"score_text_image: {len(text[1])} texts and {len(regions)} "
                              f"images; expected one image per text")
@@ -512,9 +488,9 @@ class CrossEncoderReranker:
         """The `retrieval.Reranker` protocol: f32[Q, M] new scores (-inf where candidates is
         -1; fused with `scores` when alpha is set).
 
-        text_to_image: queries input_ids / attention_mask i32[Q, L] (prefix masks),
-        candidates i64[Q, M] image ids. image_to_text: queries region_feat f32[Q, R', F],
-        boxes f32[Q, R', 7], region_mask i32[Q, R'], candidates i64[Q, M] caption ids.
+        text_to_image: queries = the text input (input_ids / attention_mask i32[Q, L], prefix
+        masks), candidates i64[Q, M] image ids. image_to_text: queries = the image input
+        [Q, R', ...], candidates i64[Q, M] caption ids.
         """
         if direction not in DIRECTIONS:
             raise ValueError(f"direction={direction!r}: expected one of {DIRECTIONS}")
@@ -531,16 +507,13 @@ class CrossEncoderReranker:
         if direction == "text_to_image":
             store = self._image_store("text_to_image re-ranking")
             self._check_ids(candidates, len(store), "candidates (image ids)", True)
-            for key in ("input_ids", "attention_mask"):
-                if key not in queries:
-                    raise ValueError(f"text_to_image queries: {key!r} is missing (have "
-                                     f"{sorted(queries)})")
-            mask = np.asarray(queries["attention_mask"])
+            input_ids, mask = text_fields(queries)
+            mask = np.asarray(mask)
             if mask.ndim != 2:
                 raise ValueError(f"queries attention_mask: expected i32[Q, L], got shape "
                                  f"{mask.shape}")
             _check_mask("queries attention_mask", mask)
-            text = self._text_table(queries["input_ids"], mask.sum(axis=1), "queries")
+            text = self._text_table(input_ids, mask.sum(axis=1), "queries")
             if len(text[1]) != q:
                 raise ValueError(f"{len(text[1])} text queries but candidates has {q} rows")
             flat = self._score_rows(text, query_rows, store, candidates[valid].astype(np.int64))
@@ -549,12 +522,7 @@ class CrossEncoderReranker:
                 raise ValueError("image_to_text re-ranking scores against stored captions: "
                                  "pass captions=CaptionStore")
             self._check_ids(candidates, len(self.captions), "candidates (caption ids)", True)
-            for key in ("region_feat", "boxes", "region_mask"):
-                if key not in queries:
-                    raise ValueError(f"image_to_text queries: {key!r} is missing (have "
-                                     f"{sorted(queries)})")
-            regions = self._conform_regions(queries["region_feat"], queries["boxes"],
-                                            queries["region_mask"], "queries")
+            regions = self._conform_regions(queries, "queries")
             if len(regions) != q:
                 raise ValueError(f"{len(regions)} image queries but candidates has {q} rows")
             flat = self._score_rows(self._caption_text, candidates[valid].astype(np.int64),
@@ -566,11 +534,10 @@ class CrossEncoderReranker:
     def warmup(self) -> None:
         """Compiles the scorer for every text bucket, so no later call compiles."""
         regions = self._region_count("warmup")
-        region = self.model.config.region
         size = self.pairs_per_batch
+        region = self.model.config.region
+        stub = {"region_feat": np.zeros((regions, region.feat_dim)),
+                "boxes": np.zeros((regions, region.box_dim))}
+        image = collate_regions([stub] * size, (regions,))
         for width in self.text_buckets:
-            y = self._run(np.zeros((size, width), np.int32), np.ones((size, width), np.int32),
-                          np.zeros((size, regions, region.feat_dim), np.float32),
-                          np.zeros((size, regions, region.box_dim), np.float32),
-                          np.ones((size, regions), np.int32))
-            self._fetch(y)
+            self._fetch(self._run(collate_text([[0] * width] * size, (width,)), image))

@@ -4,7 +4,7 @@
     retriever = Retriever.from_dirs(model_dir, index_dir)   # or any model + index directory
     hits = retriever.search_text(["a red circle left of a blue square"], k=5)
     hits.ids, hits.scores, hits.names, hits.timings_ms       # i64[Q, k], f32[Q, k], …
-    hits = retriever.search_image(region_feat, boxes, k=5)   # image → captions
+    hits = retriever.search_image([{"region_feat": f, "boxes": b}], k=5)   # image → captions
 
 Queries are encoded by a jitted tower at fixed shapes (the batch padded to a power of two,
 text to a length bucket, regions to a region bucket), so repeated queries never recompile.
@@ -18,7 +18,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -26,9 +26,10 @@ import numpy as np
 from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import numerics
 from ldot_jax.core import workdir as workdir_lib
-from ldot_jax.data.batching import bucket_size
+from ldot_jax.data import batching
 from ldot_jax.index import backends
 from ldot_jax.index import base as index_base
+from ldot_jax.models import towers
 from ldot_jax.retrieval import encode
 
 # The Reranker protocol's directions; defined once, in core.workdir (this name is kept for
@@ -37,10 +38,9 @@ DIRECTIONS = workdir_lib.DIRECTIONS
 
 
 class Reranker(Protocol):
-    """The slow stage. Called with the direction, the encoded queries (text: input_ids
-    i32[Q, L], attention_mask i32[Q, L]; image: region_feat f32[Q, R, F], boxes f32[Q, R, 7],
-    region_mask i32[Q, R]), candidate ids i64[Q, M] (-1: none) and their dot scores f32[Q, M];
-    returns new scores f32[Q, M] (higher is better)."""
+    """The slow stage. Called with the direction, the queries' input pytree (the text input
+    i32[Q, L] / the image input [Q, R, ...]), candidate ids i64[Q, M] (-1: none) and their dot
+    scores f32[Q, M]; returns new scores f32[Q, M] (higher is better)."""
 
     def __call__(self, direction: str, queries: dict[str, np.ndarray], candidates: np.ndarray,
                  scores: np.ndarray) -> np.ndarray: ...
@@ -163,65 +163,38 @@ class Retriever:
         return vectors
 
     def text_inputs(self, captions: Sequence[str]) -> dict[str, np.ndarray]:
-        """Token inputs of captions, padded: input_ids / attention_mask i32[B, L] (B a power of
-        two ≥ Q, L a text bucket; rows past Q are padding)."""
+        """The text input of captions, padded (B a power of two ≥ Q, L a text bucket; rows
+        past Q are padding)."""
         if isinstance(captions, str) or not len(captions):
             raise ValueError("captions: expected a non-empty list of strings")
         ids = self.tokenizer.encode_batch(list(captions), max(self.text_buckets) - 2, "truncate")
-        length = bucket_size(max(len(x) for x in ids), self.text_buckets,
-                             "caption length (tokens with [CLS]/[SEP])")
-        b = _batch_size(len(ids))
-        input_ids = np.zeros((b, length), np.int32)
-        for row, x in enumerate(ids):
-            input_ids[row, :len(x)] = x
-        mask = (input_ids != 0).astype(np.int32)
-        mask[len(ids):, :2] = 1  # padding rows: a valid [CLS] [SEP]-sized stub
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return batching.collate_text(ids, self.text_buckets, _batch_size(len(ids)),
+                                     stub_rows=True)
 
-    def image_inputs(self, region_feat, boxes, region_mask=None) -> dict[str, np.ndarray]:
-        """Region inputs, padded: region_feat f32[B, R, F], boxes f32[B, R, 7], region_mask
-        i32[B, R]. Takes lists of per-image arrays ([n_i, F], [n_i, 7]) or padded arrays with
-        region_mask."""
-        if isinstance(region_feat, np.ndarray) and region_feat.ndim == 3:
-            mask = (np.ones(region_feat.shape[:2], np.int32) if region_mask is None
-                    else np.asarray(region_mask, np.int32))
-            feats = [np.asarray(f)[m.astype(bool)] for f, m in zip(region_feat, mask)]
-            box_list = [np.asarray(b)[m.astype(bool)] for b, m in zip(boxes, mask)]
-        else:
-            feats, box_list = [np.asarray(f) for f in region_feat], [np.asarray(b) for b in boxes]
-        if not feats or len(feats) != len(box_list):
-            raise ValueError(f"{len(feats)} region sets and {len(box_list)} box sets: expected "
-                             f"the same non-zero number")
-        n = max(len(f) for f in feats)
-        r = bucket_size(n, self.region_buckets, "region count")
-        b = _batch_size(len(feats))
-        feat_dim, box_dim = feats[0].shape[-1], box_list[0].shape[-1]
-        out = {"region_feat": np.zeros((b, r, feat_dim), np.float32),
-               "boxes": np.zeros((b, r, box_dim), np.float32),
-               "region_mask": np.zeros((b, r), np.int32)}
-        out["region_mask"][len(feats):, 0] = 1  # padding rows: one dummy region
-        for row, (f, bx) in enumerate(zip(feats, box_list)):
-            if len(f) != len(bx) or not len(f):
-                raise ValueError(f"image {row}: {len(f)} region features and {len(bx)} boxes")
-            out["region_feat"][row, :len(f)] = f
-            out["boxes"][row, :len(f)] = bx
-            out["region_mask"][row, :len(f)] = 1
-        return out
+    def image_inputs(self, images) -> tuple[dict[str, np.ndarray], int]:
+        """(the image input of `images`, padded as `text_inputs` pads, the number of images).
+        `images`: a list of per-image inputs (regions: {"region_feat": [n, F], "boxes":
+        [n, 7]}) or one batch pytree ({"region_feat": [Q, R, F], "boxes": [Q, R, 7],
+        optional "region_mask": [Q, R]})."""
+        per_image = (batching.split_regions(images) if isinstance(images, Mapping)
+                     else list(images))
+        if not per_image:
+            raise ValueError("images: expected at least one image")
+        batch = batching.collate_regions(per_image, self.region_buckets,
+                                         _batch_size(len(per_image)), stub_rows=True)
+        return batch, len(per_image)
 
     def _encode(self, inputs: dict, side: str, count: int) -> np.ndarray:
-        dummy = ({"region_feat": None, "boxes": None, "region_mask": None} if side == "text"
-                 else {"input_ids": None, "attention_mask": None})
-        out = encode.encode_batch(self.model, self.params, {**dummy, **inputs}, side)
+        out = encode.encode_batch(self.model, self.params, inputs, side)
         return self._finish(np.asarray(jax.device_get(out), np.float32)[:count])
 
     def encode_text(self, captions: Sequence[str]) -> np.ndarray:
         """f32[Q, D]: the text tower's vectors of captions."""
         return self._encode(self.text_inputs(captions), "text", len(captions))
 
-    def encode_image(self, region_feat, boxes, region_mask=None) -> np.ndarray:
+    def encode_image(self, images) -> np.ndarray:
         """f32[Q, D]: the image tower's vectors (see `image_inputs` for the input forms)."""
-        inputs = self.image_inputs(region_feat, boxes, region_mask)
-        count = len(region_feat)
+        inputs, count = self.image_inputs(images)
         return self._encode(inputs, "image", count)
 
     # -- searching ----------------------------------------------------------------------------
@@ -243,7 +216,7 @@ class Retriever:
         ids, scores = hits.ids, hits.scores
         if m:
             m = min(m, ids.shape[1])
-            real = {key: value[:count] for key, value in inputs.items()}
+            real = jax.tree.map(lambda x: x[:count], inputs)
             new = np.asarray(self.reranker(direction, real, ids[:, :m], scores[:, :m]),
                              np.float32)
             if new.shape != (count, m):
@@ -272,25 +245,24 @@ class Retriever:
         return self._search("text_to_image", inputs, len(captions), k, rerank_top,
                             search_options)
 
-    def search_image(self, region_feat, boxes, k: int = 10, region_mask=None,
-                     rerank_top: int | None = None, **search_options) -> Results:
-        """Image → text: the top-k captions of each image (regions as in `image_inputs`)."""
-        inputs = self.image_inputs(region_feat, boxes, region_mask)
-        return self._search("image_to_text", inputs, len(region_feat), k, rerank_top,
-                            search_options)
+    def search_image(self, images, k: int = 10, rerank_top: int | None = None,
+                     **search_options) -> Results:
+        """Image → text: the top-k captions of each image (`images` as in `image_inputs`)."""
+        inputs, count = self.image_inputs(images)
+        return self._search("image_to_text", inputs, count, k, rerank_top, search_options)
 
     def warmup(self) -> None:
         """Compiles the single-query shapes of every bucket (so the first query is fast)."""
         if self.indexes["image"] is not None:
             for length in self.text_buckets:
-                self._encode({"input_ids": np.ones((1, length), np.int32),
-                              "attention_mask": np.ones((1, length), np.int32)}, "text", 1)
+                self._encode(batching.collate_text([[0] * length], (length,)), "text", 1)
         if self.indexes["text"] is not None:
-            config = self.model.config
+            # The image tower's smallest input, padded to each bucket.
+            dummy = towers.image_tower(self.model.config.image_tower).dummy_input(
+                self.model.config)
+            stub = batching.split_regions(jax.tree.map(np.asarray, dummy))
             for r in self.region_buckets:
-                self._encode({"region_feat": np.zeros((1, r, config.region.feat_dim), np.float32),
-                              "boxes": np.zeros((1, r, config.region.box_dim), np.float32),
-                              "region_mask": np.ones((1, r), np.int32)}, "image", 1)
+                self._encode(batching.collate_regions(stub, (r,)), "image", 1)
 
 
 def _tokenizer(tokenizer, model_dir: str):

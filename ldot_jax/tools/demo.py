@@ -52,19 +52,25 @@ def parity_check(workdir: str, fixtures: pathlib.Path = FIXTURES) -> dict[str, f
     cross_dir = convert.convert_checkpoint("uniter_itm", fixtures / "uniter_small_weights.npz",
                                            os.path.join(models, "uniter_itm"), HEADS)
     dual, dual_params = pretrained.load_dual_encoder(dual_dir)
-    text = dual.apply({"params": dual_params}, io["in_txt_input_ids"],
-                      io["in_txt_attention_mask"], method=dual.encode_text)
-    image = dual.apply({"params": dual_params}, io["in_img_feat"], io["in_img_pos_feat"],
-                       io["in_img_attention_mask"][:, 1:], method=dual.encode_image)
+    # The original's inputs as our towers' input pytrees.
+    text = dual.apply({"params": dual_params}, {"input_ids": io["in_txt_input_ids"],
+                                                "attention_mask": io["in_txt_attention_mask"]},
+                      method=dual.encode_text)
+    image = dual.apply({"params": dual_params}, {"region_feat": io["in_img_feat"],
+                                                 "boxes": io["in_img_pos_feat"],
+                                                 "region_mask": io["in_img_attention_mask"][:, 1:]},
+                       method=dual.encode_image)
     scores = np.asarray(text @ image.T)
     _, top_ids = jax.lax.top_k(scores, 4)
     cross, cross_params = pretrained.load_cross_encoder(cross_dir)
     u = dict(np.load(fixtures / "uniter_small_io.npz"))
-    rank = cross.apply({"params": cross_params}, u["in_input_ids"],
-                       prefix_mask(u["in_txt_lens"], u["in_input_ids"].shape[1]),
-                       u["in_img_feat"], u["in_img_pos_feat"],
-                       prefix_mask(u["in_num_bbs"], u["in_img_feat"].shape[1]),
-                       method=cross.score)
+    rank = cross.apply(
+        {"params": cross_params},
+        {"input_ids": u["in_input_ids"],
+         "attention_mask": prefix_mask(u["in_txt_lens"], u["in_input_ids"].shape[1])},
+        {"region_feat": u["in_img_feat"], "boxes": u["in_img_pos_feat"],
+         "region_mask": prefix_mask(u["in_num_bbs"], u["in_img_feat"].shape[1])},
+        method=cross.score)
     return {
         "text vectors": float(np.abs(np.asarray(text) - io["out_txt_pooled"]).max()),
         "image vectors": float(np.abs(np.asarray(image) - io["out_img_pooled"]).max()),

@@ -112,7 +112,7 @@ def _query(args) -> int:
         images = index_build.open_dataset(config).split(split)
         position = _image_position(images, args.image)
         record = images[position]
-        results = retriever.search_image([record["region_feat"]], [record["boxes"]], k=args.k)
+        results = retriever.search_image([record], k=args.k)
         queries = [f"image {position} ({schema.as_str(record['image_id'])})"]
         kind = "caption"
         owners = retriever.catalogs.get("text")
