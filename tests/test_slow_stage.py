@@ -177,13 +177,14 @@ def slow_models():
     b, length, regions = 16, 6, 4
     rng = np.random.default_rng(6)
     lengths = rng.integers(3, length + 1, b)
-    batch = {"input_ids": rng.integers(3, 64, (b, length)).astype(np.int32),
-             "attention_mask": (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
-             "region_feat": rng.normal(size=(b, regions, 8)).astype(np.float32),
-             "boxes": rng.uniform(size=(b, regions, 7)).astype(np.float32),
-             "region_mask": np.ones((b, regions), np.int32),
+    batch = {"text": {"input_ids": rng.integers(3, 64, (b, length)).astype(np.int32),
+                      "attention_mask": (np.arange(length)[None] < lengths[:, None]
+                                         ).astype(np.int32)},
+             "image": {"region_feat": rng.normal(size=(b, regions, 8)).astype(np.float32),
+                       "boxes": rng.uniform(size=(b, regions, 7)).astype(np.float32),
+                       "region_mask": np.ones((b, regions), np.int32)},
              "image_index": _groups(b, 7), "valid": np.arange(b) < 15}
-    batch["input_ids"][:, 0] = 2
+    batch["text"]["input_ids"][:, 0] = 2
     return {"dual": (pretrained.build_model("lightningdot", dual_cfg),
                      _random_params("lightningdot", dual_cfg, 8)),
             "cross": (pretrained.build_model("uniter_itm", cross_cfg),

@@ -150,16 +150,18 @@ def test_accumulation_averages_micro_batches():
 def _random_batch(rng, b=16, length=10, regions=6, feat=32, classes=37):
     labels = np.where(rng.random((b, length)) < 0.3, rng.integers(5, 60, (b, length)), -1)
     labels[:, 0] = -1
+    # The same draws, in the same order, as before the inputs were pytrees.
+    text = {"input_ids": rng.integers(5, 60, (b, length)).astype(np.int32),
+            "attention_mask": (np.arange(length)[None] < rng.integers(4, length + 1, (b, 1))
+                               ).astype(np.int32)}
+    image = {"region_feat": rng.normal(size=(b, regions, feat)).astype(np.float32),
+             "boxes": rng.random((b, regions, 7)).astype(np.float32),
+             "region_mask": np.ones((b, regions), np.int32)}
     return dict(
-        input_ids=rng.integers(5, 60, (b, length)).astype(np.int32),
-        attention_mask=(np.arange(length)[None] < rng.integers(4, length + 1, (b, 1))
-                        ).astype(np.int32),
-        region_feat=rng.normal(size=(b, regions, feat)).astype(np.float32),
-        boxes=rng.random((b, regions, 7)).astype(np.float32),
-        region_mask=np.ones((b, regions), np.int32),
+        text=text, image=image,
         image_index=rng.integers(0, 8, b).astype(np.int32),
         valid=np.arange(b) < b - 2,
-        vmlm_input_ids=rng.integers(5, 60, (b, length)).astype(np.int32),
+        vmlm_text={**text, "input_ids": rng.integers(5, 60, (b, length)).astype(np.int32)},
         vmlm_labels=labels.astype(np.int32),
         region_masked=rng.random((b, regions)) < 0.3,
         soft_labels=np.asarray(jax.nn.softmax(rng.normal(size=(b, regions, classes)))))
@@ -363,7 +365,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
             batch = next(self.inner)
             self.count += 1
             if self.count == 7:
-                batch = {**batch, "region_feat": batch["region_feat"] * np.nan}
+                image = batch["image"]
+                batch = {**batch, "image": {**image, "region_feat": image["region_feat"] * np.nan}}
             return batch
 
         def get_state(self):

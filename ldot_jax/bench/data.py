@@ -36,7 +36,7 @@ def _step_rate(batches, steps: int) -> float:
 
     from ldot_jax.configs import models as presets
     from ldot_jax.training import losses
-    from ldot_jax.models.config import model_config
+    from ldot_jax.checkpoints.kinds import model_config
     from ldot_jax.checkpoints.pretrained import build_model, init_params
 
     preset = presets.get_config("scenes")
@@ -45,24 +45,21 @@ def _step_rate(batches, steps: int) -> float:
     params = init_params(preset.kind, config, jax.random.key(0))
 
     def loss_fn(params, batch):
-        text = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                           method=model.encode_text)
-        image = model.apply({"params": params}, batch["region_feat"], batch["boxes"], batch["region_mask"],
-                            method=model.encode_image)
+        text = model.apply({"params": params}, batch["text"], method=model.encode_text)
+        image = model.apply({"params": params}, batch["image"], method=model.encode_image)
         return losses.reference_contrastive_loss(text, image)
 
     step = jax.jit(jax.value_and_grad(loss_fn))
-    keys = ("input_ids", "attention_mask", "region_feat", "boxes", "region_mask")
-    inputs = [{k: jnp.asarray(b[k]) for k in keys} for b in batches]
+    inputs = [jax.tree.map(jnp.asarray, {k: b[k] for k in ("text", "image")}) for b in batches]
     shapes = {}
     for batch in inputs:  # compile every bucket shape first
-        shape = (batch["input_ids"].shape, batch["region_feat"].shape)
+        shape = tuple(x.shape for x in jax.tree.leaves(batch))
         if shape not in shapes:
             shapes[shape] = jax.block_until_ready(step(params, batch))
     start = time.perf_counter()
     for i in range(steps):
         jax.block_until_ready(step(params, inputs[i % len(inputs)]))
-    return steps * inputs[0]["input_ids"].shape[0] / (time.perf_counter() - start)
+    return steps * len(batches[0]["valid"]) / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
@@ -97,8 +94,8 @@ def main(argv=None) -> int:
         "pipeline_examples_per_s": round(rate, 1),
         "train_step_examples_per_s": round(step_rate, 1),
         "pipeline_over_step": round(rate / step_rate, 2),
-        "bucket_shapes_seen": sorted({(b["input_ids"].shape[1], b["region_feat"].shape[1])
-                                      for b in batches}),
+        "bucket_shapes_seen": sorted({tuple(x.shape[1] for x in (
+            b["text"]["input_ids"], b["image"]["region_feat"])) for b in batches}),
     }
     print(json.dumps(results, indent=2, default=lambda x: np.asarray(x).tolist()))
     if args.output:

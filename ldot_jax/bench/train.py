@@ -43,16 +43,15 @@ def synthetic_batch(rng, batch: int, text_len: int, regions: int, feat_dim: int,
     mask = (np.arange(text_len)[None] < lengths[:, None]).astype(np.int32)
     labels = np.where((rng.random((batch, text_len)) < 0.15) & (mask == 1),
                       rng.integers(5, vocab, (batch, text_len)), -1)
+    ids = lambda: (rng.integers(5, vocab, (batch, text_len)) * mask).astype(np.int32)
     return dict(
-        input_ids=(rng.integers(5, vocab, (batch, text_len)) * mask).astype(np.int32),
-        attention_mask=mask, region_feat=rng.normal(size=(batch, regions, feat_dim)).astype(
-            np.float32),
-        boxes=rng.random((batch, regions, 7)).astype(np.float32),
-        region_mask=np.ones((batch, regions), np.int32),
-        image_index=np.arange(batch, dtype=np.int32), text_index=np.arange(batch,
-                                                                           dtype=np.int32),
-        valid=np.ones(batch, bool), vmlm_input_ids=(rng.integers(5, vocab, (batch, text_len))
-                                                    * mask).astype(np.int32),
+        text={"input_ids": ids(), "attention_mask": mask},
+        image={"region_feat": rng.normal(size=(batch, regions, feat_dim)).astype(np.float32),
+               "boxes": rng.random((batch, regions, 7)).astype(np.float32),
+               "region_mask": np.ones((batch, regions), np.int32)},
+        image_index=np.arange(batch, dtype=np.int32),
+        text_index=np.arange(batch, dtype=np.int32), valid=np.ones(batch, bool),
+        vmlm_text={"input_ids": ids(), "attention_mask": mask},
         vmlm_labels=labels.astype(np.int32), region_masked=rng.random((batch, regions)) < 0.15,
         soft_labels=np.full((batch, regions, classes), 1.0 / classes, np.float32))
 

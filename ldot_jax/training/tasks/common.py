@@ -167,27 +167,23 @@ def embed_pair(model, model_params, batch, rng, deterministic: bool = False):
     `model`, a dual encoder (or the pre-training model holding one)."""
     def both(module):
         dual = module.dual_encoder if isinstance(module, DualEncoderForPretraining) else module
-        text = dual.encode_text(batch["input_ids"], batch["attention_mask"], deterministic)
-        image = dual.encode_image(batch["region_feat"], batch["boxes"], batch["region_mask"],
-                                  deterministic)
-        return text, image
+        return (dual.encode_text(batch["text"], deterministic),
+                dual.encode_image(batch["image"], deterministic))
     return model.apply({"params": model_params}, method=both, rngs={"dropout": rng})
 
 
-TEXT_KEYS = ("input_ids", "attention_mask")
-IMAGE_KEYS = ("region_feat", "boxes", "region_mask")
-
-
-def take(setup: TaskSetup, batch, keys, index):
-    """The batch fields `keys` at global rows index i32[B] (across devices)."""
-    return {k: hard_negatives.gather(setup.mesh, batch[k], index[:, None])[:, 0] for k in keys}
+def take(setup: TaskSetup, batch, side: str, index):
+    """The `side` ("text" / "image") input pytree of the batch at global rows index i32[B]
+    (gathered across devices)."""
+    return jax.tree.map(lambda x: hard_negatives.gather(setup.mesh, x, index[:, None])[:, 0],
+                        batch[side])
 
 
 def cross_outputs(model, params, text, image, rng, deterministic):
-    """The cross-encoder's outputs (itm_logits, rank_score) for B (caption, image) pairs."""
-    return model.apply({"params": params}, text["input_ids"], text["attention_mask"],
-                       image["region_feat"], image["boxes"], image["region_mask"],
-                       deterministic=deterministic, rngs={"dropout": rng})
+    """The cross-encoder's outputs (itm_logits, rank_score) for B (caption, image) pairs
+    (text / image input pytrees)."""
+    return model.apply({"params": params}, text, image, deterministic=deterministic,
+                       rngs={"dropout": rng})
 
 
 def pretraining_model(setup: TaskSetup, task: str) -> DualEncoderForPretraining:

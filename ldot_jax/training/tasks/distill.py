@@ -72,11 +72,9 @@ def _direction_loss(setup: common.TaskSetup, params, batch, direction: str, quer
     teacher = []
     for j in range(cfg.candidates):
         if direction == "t2i":
-            captions = {name: batch[name] for name in common.TEXT_KEYS}
-            images = common.take(setup, batch, common.IMAGE_KEYS, candidates[:, j])
+            captions, images = batch["text"], common.take(setup, batch, "image", candidates[:, j])
         else:
-            captions = common.take(setup, batch, common.TEXT_KEYS, candidates[:, j])
-            images = {name: batch[name] for name in common.IMAGE_KEYS}
+            captions, images = common.take(setup, batch, "text", candidates[:, j]), batch["image"]
         teacher.append(_teacher_scores(setup, params, captions, images))
     teacher = jnp.stack(teacher, axis=1)
     per_row = losses.distillation_loss_per_row(student, teacher, mask, cfg.temperature)

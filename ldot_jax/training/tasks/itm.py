@@ -112,17 +112,16 @@ def loss(params, batch, rng, setup: common.TaskSetup):
                                                  text_key, temperature, k)
     neg_text, text_found = hard_negatives.draw(setup.mesh, image, text, group, valid,
                                                image_key, temperature, k)
-    captions = {name: batch[name] for name in common.TEXT_KEYS}
-    images = {name: batch[name] for name in common.IMAGE_KEYS}
+    captions, images = batch["text"], batch["image"]
     model, weights = setup.model, params["model"]
     positive = common.cross_outputs(model, weights, captions, images, positive_key, False)
     # One fixed-shape pass of B pairs per negative slot (k is small; a Python loop keeps
     # every pass sharded B@data like the batch).
     with_neg_image = [common.cross_outputs(
-        model, weights, captions, common.take(setup, batch, common.IMAGE_KEYS, neg_image[:, j]),
+        model, weights, captions, common.take(setup, batch, "image", neg_image[:, j]),
         dropout[j], False) for j in range(k)]
     with_neg_text = [common.cross_outputs(
-        model, weights, common.take(setup, batch, common.TEXT_KEYS, neg_text[:, j]), images,
+        model, weights, common.take(setup, batch, "text", neg_text[:, j]), images,
         dropout[k + j], False) for j in range(k)]
     logits = jnp.concatenate([positive.itm_logits]
                              + [o.itm_logits for o in with_neg_image + with_neg_text])

@@ -17,10 +17,9 @@ def loss(params, batch, rng, setup: common.TaskSetup):
                          "with region class distributions (scenes has them; convert UNITER "
                          "LMDBs with soft_labels=True)")
     masked = common.masked_regions(batch)
-    logits = model.apply({"params": params["model"]}, batch["input_ids"],
-                         batch["attention_mask"], batch["region_feat"], batch["boxes"],
-                         batch["region_mask"], masked, deterministic=False,
-                         method=DualEncoderForPretraining.mrc_logits, rngs={"dropout": rng})
+    logits = model.apply({"params": params["model"]}, batch["text"], batch["image"], masked,
+                         deterministic=False, method=DualEncoderForPretraining.mrc_logits,
+                         rngs={"dropout": rng})
     if logits.shape[-1] != batch["soft_labels"].shape[-1]:
         raise ValueError(f"mrckl: the model predicts {logits.shape[-1]} classes, the data's "
                          f"soft_labels have {batch['soft_labels'].shape[-1]}")

@@ -12,12 +12,12 @@ def loss(params, batch, rng, setup: common.TaskSetup):
     """MSE over every element of the masked regions of the global batch."""
     model = common.pretraining_model(setup, "mrfr")
     masked = common.masked_regions(batch)
-    prediction = model.apply({"params": params["model"]}, batch["input_ids"],
-                             batch["attention_mask"], batch["region_feat"], batch["boxes"],
-                             batch["region_mask"], masked, deterministic=False,
+    prediction = model.apply({"params": params["model"]}, batch["text"], batch["image"], masked,
+                             deterministic=False,
                              method=DualEncoderForPretraining.mrfr_prediction,
                              rngs={"dropout": rng})
-    value = losses.mrfr_loss(prediction, batch["region_feat"], masked)
+    # The regression target is the region input's own features (MRFR is a region-tower task).
+    value = losses.mrfr_loss(prediction, batch["image"]["region_feat"], masked)
     return value, {"mrfr_loss": value}
 
 

@@ -24,9 +24,8 @@ def loss(params, batch, rng, setup: common.TaskSetup):
     model = common.pretraining_model(setup, "vmlm")
     positions, labels = vmlm_positions(batch["vmlm_labels"])
     labels = jnp.where(batch["valid"][:, None], labels, -1)
-    logits = model.apply({"params": params["model"]}, batch["vmlm_input_ids"],
-                         batch["attention_mask"], batch["region_feat"], batch["boxes"],
-                         batch["region_mask"], positions, deterministic=False,
+    logits = model.apply({"params": params["model"]}, batch["vmlm_text"], batch["image"],
+                         positions, deterministic=False,
                          method=DualEncoderForPretraining.vmlm_logits, rngs={"dropout": rng})
     value = losses.masked_lm_loss(logits, labels)
     accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != -1)) / jnp.maximum(
