@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m ldot_jax.demo --workdir runs/demo
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -42,6 +42,41 @@ def converted(tmp_path_factory):
             for kind, name in sources.items()}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Tests compile the same tiny programs many times (every training run, every device
+    count): one persistent XLA cache for the whole run makes the repeats cheap. It is shared
+    with the subprocesses (the environment) and, under pytest-xdist, with the other workers
+    (the run's common temporary directory)."""
+    import jax
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/popen-gwK → pytest-N: the same for every worker
+    path = base / "jax_cache"
+    path.mkdir(exist_ok=True)
+    saved = {k: os.environ.get(k) for k in CACHE_ENV}
+    os.environ.update({"JAX_COMPILATION_CACHE_DIR": str(path),
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", None)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+CACHE_ENV = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+
+
+def pytest_collection_modifyitems(items):
+    """The longest test (it builds and installs the wheel, then runs the demo in its own
+    process) goes first, so under pytest-xdist it runs beside the others, not after them."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_wheel.py")
+
+
 def flat(batch: dict) -> dict:
     """{"['image']['region_feat']": array, …}: a batch's leaves by their path (batches hold
     one input pytree per side)."""

@@ -288,8 +288,8 @@ def test_uniter_conversion(uniter_files):
     assert isinstance(data.tokenizer, datasets.PretokenizedText)
     assert (data.tokenizer.cls_id, data.tokenizer.sep_id, data.tokenizer.mask_id) == (101, 102,
                                                                                        103)
-    index = pipeline.build_caption_index(data.caption_table("train"), data.tokenizer, None,
-                                         "drop")
+    index = pipeline.tokenize_captions(data.caption_table("train"), data.tokenizer, None,
+                                       "drop")
     assert [t.tolist() for t in index.token_ids] == [[101, 2000, 2001, 2002, 102],
                                                      [101, 2020, 2021, 102], [101, 2010, 102]]
     train = data.split("train")

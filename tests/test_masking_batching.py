@@ -63,15 +63,15 @@ def test_smrm_statistics():
 
 def example(n_tokens, n_regions, image, text, feat_dim=5, classes=3):
     return {"input_ids": [101] + [7] * (n_tokens - 2) + [102],
-            "region_feat": np.full((n_regions, feat_dim), text, np.float32),
-            "boxes": np.ones((n_regions, 7), np.float32),
+            "image": {"region_feat": np.full((n_regions, feat_dim), text, np.float32),
+                      "boxes": np.ones((n_regions, 7), np.float32)},
             "soft_labels": np.ones((n_regions, classes), np.float32) / classes,
             "image_index": image, "text_index": text}
 
 
 def test_collate_pads_to_buckets():
     batch = batching.collate([example(5, 3, 0, 0), example(9, 10, 0, 1), example(4, 1, 2, 2)],
-                             text_buckets=(8, 16, 32), region_buckets=(10, 20), batch_size=4)
+                             text_buckets=(8, 16, 32), image_buckets=(10, 20), batch_size=4)
     text, image = batch["text"], batch["image"]
     assert text["input_ids"].shape == (4, 16) and image["region_feat"].shape == (4, 10, 5)
     assert batch["soft_labels"].shape == (4, 10, 3)

@@ -99,7 +99,7 @@ def test_composer_follows_each_anchor_with_captions_of_its_mined_images():
 def data(tmp_path_factory):
     images = scenes.generate_chunk((3, "train", 0, 30, scenes.ScenesConfig(feat_dim=32), 0))
     tokenizer = Tokenizer.train((c for r in images for c in r["captions"]), 300)
-    index = pipeline.build_caption_index(images, tokenizer, 22, "drop")
+    index = pipeline.tokenize_captions(images, tokenizer, 22, "drop")
     rng = np.random.default_rng(1)
     negatives = np.stack([rng.choice([j for j in range(30) if j != i], 4, replace=False)
                           for i in range(30)])

@@ -28,7 +28,7 @@ def tokenizer(images):
 
 @pytest.fixture(scope="module")
 def index(images, tokenizer):
-    return pipeline.build_caption_index(images, tokenizer, 22, "drop")
+    return pipeline.tokenize_captions(images, tokenizer, 22, "drop")
 
 
 def _config(**kw):
@@ -111,11 +111,11 @@ def test_length_policy_counts_and_logs(images, tokenizer, caplog):
     lengths = [len(p) for p in tokenizer.wordpieces([c for r in images for c in r["captions"]])]
     limit = int(np.median(lengths))
     with caplog.at_level(logging.WARNING):
-        index = pipeline.build_caption_index(images, tokenizer, limit, "drop", "train")
+        index = pipeline.tokenize_captions(images, tokenizer, limit, "drop", "train")
     assert index.skipped == sum(n > limit for n in lengths) > 0
     assert f"{index.skipped} of {len(lengths)} captions skipped" in caplog.text
     assert max(len(t) for t in index.token_ids) <= limit + 2
-    truncated = pipeline.build_caption_index(images, tokenizer, limit, "truncate")
+    truncated = pipeline.tokenize_captions(images, tokenizer, limit, "truncate")
     assert truncated.skipped == 0 and len(truncated) == len(lengths)
 
 
@@ -127,7 +127,7 @@ def test_bad_pipeline_settings(images, index, tokenizer):
     with pytest.raises(ValueError, match="fewer than one batch"):
         pipeline.training_dataset(images, index, tokenizer, _config(batch_size=400))
     with pytest.raises(ValueError, match="no captions in 2 images"):
-        pipeline.build_caption_index([{"captions": []}] * 2, tokenizer, None, "drop")
+        pipeline.tokenize_captions([{"captions": []}] * 2, tokenizer, None, "drop")
 
 
 @pytest.mark.parametrize("processes", [1, 3])
@@ -137,6 +137,7 @@ def test_evaluation_yields_everything_once(images, index, processes):
         batches = list(pipeline.eval_image_batches(images, 8, REGION_BUCKETS, p, processes))
         counts.add(len(batches))
         for batch in batches:
+            assert "text" not in batch  # image-only examples: no dummy caption
             assert batch["image"]["region_feat"].shape[0] == 8
             assert batch["image"]["region_feat"].shape[1] in REGION_BUCKETS
             assert (batch["image_index"][~batch["valid"]] == -1).all()
@@ -152,6 +153,7 @@ def test_evaluation_yields_everything_once(images, index, processes):
                                                              processes))
         counts.add(("captions", len(caption_batches)))
         for batch in caption_batches:
+            assert "image" not in batch  # text-only examples: no dummy region
             assert batch["text"]["input_ids"].shape[0] == 16
             assert batch["text"]["input_ids"].shape[1] in TEXT_BUCKETS
             t = batch["text_index"][batch["valid"]]
@@ -167,11 +169,11 @@ def test_pretokenized_captions(tmp_path):
         cls_id, sep_id = 101, 102
     record = {"captions": [b"a", b"b"], "caption_ids": np.array([7, 8, 9], np.int32),
               "caption_lengths": np.array([2, 1], np.int32)}
-    index = pipeline.build_caption_index([record, record], Special(), 1, "drop")
+    index = pipeline.tokenize_captions([record, record], Special(), 1, "drop")
     assert [t.tolist() for t in index.token_ids] == [[101, 9, 102], [101, 9, 102]]
     assert index.skipped == 2 and index.image.tolist() == [0, 1]
     with pytest.raises(ValueError, match="length policy 'cut'"):  # the tokenizer's policy check
-        pipeline.build_caption_index([record], Special(), 1, "cut")
+        pipeline.tokenize_captions([record], Special(), 1, "cut")
 
 
 def test_a_process_past_the_end_gets_invalid_batches_of_the_same_shape(images):

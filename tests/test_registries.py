@@ -1,12 +1,16 @@
-"""The registries of training tasks and evaluators: typos raise with the valid names, a
-duplicate registration is refused, the trainer names no task and no model kind, the old
-evaluation keys give today's evaluation, and a run with two evaluators writes both metric sets
-(and `train.best_metric` must name one of them)."""
+"""The registries of training tasks, evaluators and image towers: typos raise with the valid
+names, a duplicate registration is refused, the trainer names no task and no model kind, the
+old evaluation keys give today's evaluation, a run with two evaluators writes both metric sets
+(and `train.best_metric` must name one of them), and a new image tower is its module, its
+TowerSpec and its ImageInput."""
 
 import ast
 import pathlib
 import re
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,9 +18,12 @@ from ldot_jax.checkpoints import kinds, pretrained
 from ldot_jax.configs import demo
 from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
-from ldot_jax.data import datasets
+from ldot_jax.data import batching, datasets, pipeline
 from ldot_jax.evaluation import evaluators, recall
-from ldot_jax.retrieval import extract
+from ldot_jax.index.exact import ExactIndex
+from ldot_jax.models import towers
+from ldot_jax.retrieval import encode, extract
+from ldot_jax.retrieval.retriever import Retriever
 from ldot_jax.checkpoints import checkpoint
 from ldot_jax.training import metric_writer, tasks, train
 from ldot_jax.training.tasks import common
@@ -179,8 +186,8 @@ def test_two_evaluators_write_both_metric_sets(data_dir, tmp_path):
     params = parallel.replicate(loaded.params, mesh)
     dataset = datasets.load_for_run(c.data)
     for split in ("val", "test"):
-        captions = extract.eval_caption_index(dataset.caption_table(split), dataset.tokenizer,
-                                              split, c)
+        captions = extract.eval_captions(dataset.caption_table(split), dataset.tokenizer,
+                                         split, c)
         image_vectors, text_vectors, caption_image = extract.embed_split(
             model, params, dataset.split(split), captions, c, mesh)
         expected = recall.retrieval_metrics(text_vectors, image_vectors, caption_image)
@@ -202,3 +209,87 @@ def test_best_metric_must_name_an_evaluators_metric(data_dir, tmp_path):
                                          r"\['ir_r1'"):
         train.train_and_evaluate(c, str(tmp_path / "default"))
     assert not (tmp_path / "default" / workdir_lib.CHECKPOINTS).exists()  # before any step
+
+
+# ---------------------------------------------------------------------------------------------
+# Image towers
+
+
+class _MeanPixels(nn.Module):
+    """A toy image tower over {"pixels": f32[B, H, W, 3]}: mean colour → one state → P."""
+
+    hidden: int
+    project_dim: int
+
+    @nn.compact
+    def __call__(self, image, masked_regions=None, deterministic=True):
+        pixels = image["pixels"]
+        if pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(f"pixels {pixels.shape}: expected [B, H, W, 3]")
+        state = nn.Dense(self.hidden)(pixels.mean((1, 2)))
+        sequence = state[:, None]
+        return towers.TowerOutput(sequence, jnp.ones(sequence.shape[:2], jnp.int32), state,
+                                  nn.Dense(self.project_dim)(state))
+
+
+def _collate_pixels(images, buckets, batch_size=None, stub_rows=False):
+    size = batch_size or len(images)
+    first = np.asarray(images[0]["pixels"])
+    out = np.zeros((size, *first.shape), np.float32)
+    for row, image in enumerate(images):
+        out[row] = image["pixels"]
+    return {"pixels": out}
+
+
+def test_a_new_image_tower_needs_its_module_its_spec_and_its_input(monkeypatch, tmp_path):
+    """The README's "Adding a tower" in three pieces (a module, its TowerSpec, its ImageInput),
+    registered here only: the model builds and saves (shape inference through the spec), the
+    evaluation batches and extraction carry the new input, and the Retriever's image queries
+    encode it, each equal to the tower applied to the stacked pixels directly."""
+    monkeypatch.setitem(towers.IMAGE_TOWERS, "mean_pixels", towers.TowerSpec(
+        build=lambda c: _MeanPixels(c.text.hidden_size, c.project_dim),
+        dummy_input=lambda c: {"pixels": jnp.zeros((1, 4, 4, 3), jnp.float32)},
+        collate="pixels"))
+    monkeypatch.setitem(batching.IMAGE_INPUTS, "pixels", batching.ImageInput(
+        from_record=lambda record: {"pixels": np.asarray(record["pixels"], np.float32)},
+        record_size=lambda record: 1, collate=_collate_pixels,
+        split=lambda batch: [{"pixels": p} for p in np.asarray(batch["pixels"])]))
+    config = demo.get_config("finetune,tiny")
+    config.model.image_tower = "mean_pixels"
+    config.pipeline.region_buckets = (1,)
+    kind, model_config, model = train.model_and_config(config)
+    params = pretrained.init_params(kind, model_config, jax.random.key(0))
+    loaded = pretrained.load_pretrained(
+        pretrained.save_pretrained(tmp_path / "model", kind, model_config, params))
+    assert loaded.config.image_tower == "mean_pixels"
+
+    rng = np.random.default_rng(0)
+    records = [{"pixels": rng.random((4, 4, 3)), "image_id": f"image{i}",
+                "caption_ids": np.array([5 + i, 6], np.int32),
+                "caption_lengths": np.array([1, 1], np.int32)} for i in range(11)]
+
+    class Ids:  # pre-tokenized captions need only [CLS] / [SEP]
+        cls_id, sep_id = 1, 2
+    captions = pipeline.tokenize_captions(records, Ids(), None, "drop")
+    images, texts, owners = extract.embed_split(model, params, records, captions, config,
+                                                parallel.make_mesh())
+    direct = encode.encode_batch(model, params,
+                                 {"pixels": np.stack([r["pixels"] for r in records])}, "image")
+    np.testing.assert_allclose(images, np.asarray(direct), rtol=1e-5, atol=1e-6)
+    assert texts.shape == (22, images.shape[1]) and owners.tolist() == [i // 2 for i in range(22)]
+
+    retriever = Retriever(model, params, tokenizer=None, text_index=ExactIndex(texts.shape[1]).add(texts, np.arange(len(texts))))
+    retriever.warmup()
+    queries = [{"pixels": r["pixels"]} for r in records[:3]]
+    np.testing.assert_allclose(retriever.encode_image(queries), images[:3], rtol=1e-5,
+                               atol=1e-6)
+    hits = retriever.search_image(queries, k=4)
+    expected = np.argsort(-(images[:3] @ texts.T), axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(hits.ids, expected)
+
+
+def test_an_image_input_typo_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown image input 'pixel'.*\['regions'\]"):
+        pipeline.PipelineConfig(image_input="pixel")
+    with pytest.raises(ValueError, match=r"unknown image tower 'vit'.*'uniter_regions'"):
+        towers.image_tower("vit")

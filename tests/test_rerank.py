@@ -22,6 +22,9 @@ REGION_COUNTS = (2, 5, 2, 5, 5, 2)
 CAPTION_LENGTHS = (4, 13) * 6  # caption t belongs to image t // 2
 FEAT_DIM = 32
 
+# Under pytest-xdist the module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_rerank")
+
 
 def _config():
     # The `tiny` preset's sizes.
@@ -84,12 +87,13 @@ def setup():
                 "boxes": rng.uniform(size=(n, 7)).astype(np.float32)} for n in REGION_COUNTS]
     captions = [np.concatenate([[1], rng.integers(3, 64, length - 2), [2]]).astype(np.int32)
                 for length in CAPTION_LENGTHS]
-    index = pipeline.CaptionIndex(image=np.arange(len(captions), dtype=np.int32) // 2,
-                                  token_ids=captions, skipped=0, num_images=len(records))
+    tokenized = pipeline.TokenizedCaptions(image=np.arange(len(captions), dtype=np.int32) // 2,
+                                           token_ids=captions, skipped=0,
+                                           num_images=len(records))
     rank, itm = _reference(model, params, captions, records)
     return dict(model=model, params=params, records=records, captions=captions,
                 images=rerank.ImageStore.from_records(records),
-                caption_store=rerank.CaptionStore.from_index(index), rank=rank, itm=itm)
+                caption_store=rerank.CaptionStore.from_captions(tokenized), rank=rank, itm=itm)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,9 @@ from ldot_jax.retrieval.retriever import Retriever
 from ldot_jax.tools import index_cli as cli
 from ldot_jax.training import train
 
+# Under pytest-xdist the module fixtures are built once, on one worker.
+pytestmark = pytest.mark.xdist_group("test_retrieval")
+
 
 def _model_dir(path, config, seed):
     kind, model_cfg, _ = train.model_and_config(config)

@@ -41,21 +41,6 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Runs recompile the same step functions: a persistent cache makes the repeats cheap
-    (shared with the subprocesses through the environment)."""
-    path = str(tmp_path_factory.mktemp("jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    yield
-    os.environ.pop("JAX_COMPILATION_CACHE_DIR")
-    os.environ.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-    jax.config.update("jax_compilation_cache_dir", None)
-
-
 def tiny_config(data_dir, stage="pretrain", steps=12, **train_overrides):
     c = demo.get_config(f"{stage},tiny")
     c.data.data_dir = data_dir
@@ -233,6 +218,7 @@ def uninterrupted(data_dir, tmp_path_factory):
     return workdir, summary
 
 
+@pytest.mark.xdist_group("uninterrupted_run")  # one run of the fixture
 def test_pretraining_runs_every_task_and_exports(uninterrupted):
     workdir, summary = uninterrupted
     assert summary["step"] == 12 and not summary["preempted"]
@@ -250,6 +236,7 @@ def test_pretraining_runs_every_task_and_exports(uninterrupted):
                  jax.device_get(final_params(workdir, 12)["model"]))
 
 
+@pytest.mark.xdist_group("uninterrupted_run")  # one run of the fixture
 def test_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
     workdir, _ = uninterrupted
     first = train.train_and_evaluate(tiny_config(data_dir, stop_at=6), str(tmp_path))
@@ -263,6 +250,7 @@ def test_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
                  final_params(str(tmp_path), 12), final_params(workdir, 12))
 
 
+@pytest.mark.xdist_group("uninterrupted_run")  # one run of the fixture
 def test_checkpoint_from_8_devices_restores_on_2(uninterrupted):
     workdir, _ = uninterrupted
     c = tiny_config("/unused")

@@ -84,6 +84,9 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("XLA_FLAGS", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env["JAX_PLATFORMS"] = "cpu"
+    # One device, as `make demo` runs; the suite's compile-time flags (conftest.py) are kept.
+    env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     # Before the install the venv must not see the checkout's editable ldot_jax.
     absent = subprocess.run([python, "-c", "import ldot_jax"], capture_output=True, text=True,
                             env=env, cwd=tmp_path)

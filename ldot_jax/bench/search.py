@@ -108,90 +108,115 @@ def _saved_size(index) -> int:
 
 def bench_size(database: np.ndarray, queries: np.ndarray, d_low: int, single: int,
                sweeps: bool = True) -> list[dict]:
-    from ldot_jax.index import ExactIndex, HierarchicalIndex, ScannIndex
+    """The rows of one corpus size: exact search (the ground truth), ScaNN at full and prefix
+    dimension, coarse-to-fine, and FAISS flat / HNSW when installed."""
+    k = min(max(K_RECALL), len(database))
+    rows, truth = _bench_exact(database, queries, k, single)
+    for d in (database.shape[1], d_low):
+        rows += _bench_scann(database, queries, d, k, single, truth, sweeps)
+    rows += _bench_hierarchical(database, queries, d_low, k, single, truth, sweeps)
+    rows += _bench_faiss(database, queries, k, single, truth)
+    return rows
+
+
+def _index_search(index):
+    return lambda q, kk: index.search(q, kk).ids
+
+
+def _bench_exact(database, queries, k: int, single: int) -> tuple[list[dict], np.ndarray]:
+    """(its row, the exact top-k ids i64[Q, k]: the ground truth of the other rows)."""
+    from ldot_jax.index import ExactIndex
     n, dim = database.shape
-    k = min(max(K_RECALL), n)
-    rows = []
-    ids = np.arange(n)
-
-    def run_index(index):
-        return lambda q, kk: index.search(q, kk).ids
-
-    exact = ExactIndex(dim).add(database, ids)
+    exact = ExactIndex(dim).add(database, np.arange(n))
     start = time.perf_counter()
     exact.search(queries[:1], 1)  # the device copy is part of the build
     build = time.perf_counter() - start
-    timing = _timed_search(run_index(exact), queries, k, min(single, 50))
+    timing = _timed_search(_index_search(exact), queries, k, min(single, 50))
     truth = timing["deep_ids"]
-    rows.append(_row(f"exact d={dim}", build, database.nbytes, timing, truth))
+    row = _row(f"exact d={dim}", build, database.nbytes, timing, truth)
     del exact
     gc.collect()
+    return [row], truth
 
-    variants = [("scann", dim, {}), ("scann", d_low, {})]
-    for name, d, over in variants:
-        db = np.ascontiguousarray(database[:, :d])
-        q = np.ascontiguousarray(queries[:, :d])
-        start = time.perf_counter()
-        index = ScannIndex(d, **over).add(db, ids)
-        build = time.perf_counter() - start
-        p = index.scann_params
-        timing = _timed_search(run_index(index), q, k, single)
-        rows.append(_row(f"scann d={d}", build, _saved_size(index), timing, truth,
-                         {"params": {"num_leaves": p.num_leaves,
-                                     "leaves_to_search": p.leaves_to_search,
-                                     "hashing": p.hashing}}))
-        if sweeps and p.num_leaves:
-            for leaves in sorted({max(1, p.leaves_to_search // 2), p.leaves_to_search * 2,
-                                  p.leaves_to_search * 4}):
-                search = lambda qq, kk, _l=leaves, _i=index: _i.search(qq, kk, leaves_to_search=_l).ids
-                t = _timed_search(search, q, k, 0 if leaves != p.leaves_to_search else single)
-                rows.append(_row(f"scann d={d} leaves={leaves}", 0, 0, t, truth,
-                                 {"sweep": "scann", "dim": d}))
-        del index
-        gc.collect()
 
+def _bench_scann(database, queries, d: int, k: int, single: int, truth,
+                 sweeps: bool) -> list[dict]:
+    """ScaNN over the first d dimensions with the default rule (and a leaves sweep)."""
+    from ldot_jax.index import ScannIndex
+    db = np.ascontiguousarray(database[:, :d])
+    q = np.ascontiguousarray(queries[:, :d])
     start = time.perf_counter()
-    hier = HierarchicalIndex(dim, d_low, candidates=100).add(database, ids)
+    index = ScannIndex(d).add(db, np.arange(len(db)))
     build = time.perf_counter() - start
-    timing = _timed_search(run_index(hier), queries, k, single)
+    p = index.scann_params
+    timing = _timed_search(_index_search(index), q, k, single)
+    rows = [_row(f"scann d={d}", build, _saved_size(index), timing, truth,
+                 {"params": {"num_leaves": p.num_leaves, "leaves_to_search": p.leaves_to_search,
+                             "hashing": p.hashing}})]
+    if sweeps and p.num_leaves:
+        for leaves in sorted({max(1, p.leaves_to_search // 2), p.leaves_to_search * 2,
+                              p.leaves_to_search * 4}):
+            search = lambda qq, kk, _l=leaves: index.search(qq, kk, leaves_to_search=_l).ids
+            t = _timed_search(search, q, k, 0 if leaves != p.leaves_to_search else single)
+            rows.append(_row(f"scann d={d} leaves={leaves}", 0, 0, t, truth,
+                             {"sweep": "scann", "dim": d}))
+    del index
+    gc.collect()
+    return rows
+
+
+def _bench_hierarchical(database, queries, d_low: int, k: int, single: int, truth,
+                        sweeps: bool) -> list[dict]:
+    """Coarse-to-fine: ScaNN on the d_low prefix, 100 candidates re-scored (and a sweep)."""
+    from ldot_jax.index import HierarchicalIndex
+    dim = database.shape[1]
+    start = time.perf_counter()
+    hier = HierarchicalIndex(dim, d_low, candidates=100).add(database, np.arange(len(database)))
+    build = time.perf_counter() - start
+    timing = _timed_search(_index_search(hier), queries, k, single)
     p = hier.scann_params
-    rows.append(_row(f"coarse-to-fine {d_low}→{dim} c=100", build, _saved_size(hier), timing,
-                     truth, {"params": {"num_leaves": p.num_leaves,
-                                        "leaves_to_search": p.leaves_to_search,
-                                        "hashing": p.hashing, "candidates": 100}}))
+    rows = [_row(f"coarse-to-fine {d_low}→{dim} c=100", build, _saved_size(hier), timing,
+                 truth, {"params": {"num_leaves": p.num_leaves,
+                                    "leaves_to_search": p.leaves_to_search,
+                                    "hashing": p.hashing, "candidates": 100}})]
     if sweeps:
         for c in (30, 50, 200, 400):
-            search = lambda qq, kk, _c=c, _h=hier: _h.search(qq, kk, candidates=_c).ids
+            search = lambda qq, kk, _c=c: hier.search(qq, kk, candidates=_c).ids
             t = _timed_search(search, queries, k, 0)
             rows.append(_row(f"coarse-to-fine {d_low}→{dim} c={c}", 0, 0, t, truth,
                              {"sweep": "coarse-to-fine"}))
     del hier
     gc.collect()
+    return rows
 
+
+def _bench_faiss(database, queries, k: int, single: int, truth) -> list[dict]:
+    """FAISS flat and HNSW (M 32, efSearch 64 / 128 / 256) when faiss is installed."""
     faiss = _faiss()
-    if faiss is not None:
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
-        start = time.perf_counter()
-        flat = faiss.IndexFlatIP(dim)
-        flat.add(database)
-        build = time.perf_counter() - start
-        timing = _timed_search(lambda q, kk: flat.search(q, kk)[1], queries, k,
-                               min(single, 50))
-        rows.append(_row(f"faiss flat d={dim}", build, database.nbytes, timing, truth))
-        del flat
-        start = time.perf_counter()
-        hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        hnsw.hnsw.efConstruction = 80
-        hnsw.add(database)
-        build = time.perf_counter() - start
-        for ef in (64, 128, 256):
-            hnsw.hnsw.efSearch = ef
-            timing = _timed_search(lambda q, kk: hnsw.search(q, kk)[1], queries, k,
-                                   single if ef == 128 else 0)
-            rows.append(_row(f"faiss hnsw M=32 ef={ef}", build if ef == 64 else 0,
-                             0, timing, truth, {"sweep": "hnsw"}))
-        del hnsw
-        gc.collect()
+    if faiss is None:
+        return []
+    dim = database.shape[1]
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(database)
+    build = time.perf_counter() - start
+    timing = _timed_search(lambda q, kk: flat.search(q, kk)[1], queries, k, min(single, 50))
+    rows = [_row(f"faiss flat d={dim}", build, database.nbytes, timing, truth)]
+    del flat
+    start = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 80
+    hnsw.add(database)
+    build = time.perf_counter() - start
+    for ef in (64, 128, 256):
+        hnsw.hnsw.efSearch = ef
+        timing = _timed_search(lambda q, kk: hnsw.search(q, kk)[1], queries, k,
+                               single if ef == 128 else 0)
+        rows.append(_row(f"faiss hnsw M=32 ef={ef}", build if ef == 64 else 0, 0, timing,
+                         truth, {"sweep": "hnsw"}))
+    del hnsw
+    gc.collect()
     return rows
 
 

@@ -35,121 +35,156 @@ from ldot_jax.configs import models
 
 
 def base_config(preset: str, model_kind: str | None = None) -> ml_collections.ConfigDict:
+    """Every section's defaults (see the module docstring) around model preset `preset`."""
     preset_config = models.get_config(preset)
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model_kind = model_kind or preset_config.kind
     c.model = preset_config.model
+    c.data = _data()
+    c.pipeline = _pipeline()
+    c.tasks = ml_collections.ConfigDict({"cmr": 1})
+    c.loss = _loss()
+    c.optimizer = _optimizer()
+    c.init = _init()
+    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
+    c.train = _train()
+    c.itm = _itm()  # the cross-encoder's training (task itm, model kind uniter_itm)
+    c.distill = _distill()  # distillation from the cross-encoder into the towers
+    c.index = _index()
+    return c
 
-    c.data = ml_collections.ConfigDict()
-    c.data.name = "scenes"  # a registered dataset, or the directory of a prepared one
-    c.data.config = placeholder(str)
-    c.data.data_dir = placeholder(str)
-    c.data.manual_dir = placeholder(str)
-    c.data.vocab = placeholder(str)
-    c.data.overrides = ml_collections.ConfigDict()  # builder config fields, e.g. train_size
-    c.data.train_split = "train"
-    c.data.eval_split = "val"
 
-    c.pipeline = ml_collections.ConfigDict()
-    c.pipeline.batch_size = 128  # global: split over processes and devices
-    c.pipeline.text_buckets = (16, 24, 32, 48, 64)
-    c.pipeline.region_buckets = (16, 36, 64, 100)
-    c.pipeline.max_text_len = 60
-    c.pipeline.length_policy = "drop"
-    c.pipeline.num_threads = 4
-    c.pipeline.prefetch = 4
+def _data() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.name = "scenes"  # a registered dataset, or the directory of a prepared one
+    s.config = placeholder(str)
+    s.data_dir = placeholder(str)
+    s.manual_dir = placeholder(str)
+    s.vocab = placeholder(str)
+    s.overrides = ml_collections.ConfigDict()  # builder config fields, e.g. train_size
+    s.train_split = "train"
+    s.eval_split = "val"
+    return s
+
+
+def _pipeline() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.batch_size = 128  # global: split over processes and devices
+    s.text_buckets = (16, 24, 32, 48, 64)
+    s.region_buckets = (16, 36, 64, 100)
+    s.max_text_len = 60
+    s.length_policy = "drop"
+    s.num_threads = 4
+    s.prefetch = 4
     # Hard negatives mined from an index over the whole training split (python -m
     # ldot_jax.mine): each anchor caption brings captions of mined_per_anchor of its mined
     # images into the batch, where the in-batch samplers (itm, distill) and CMR find them.
-    c.pipeline.mined_negatives = placeholder(str)
-    c.pipeline.mined_per_anchor = 1
+    s.mined_negatives = placeholder(str)
+    s.mined_per_anchor = 1
+    return s
 
-    c.tasks = ml_collections.ConfigDict({"cmr": 1})
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.kind = "softmax"
-    c.loss.negatives = "global"
-    c.loss.same_image_positives = False
-    c.loss.normalize = False
-    c.loss.chunk_size = placeholder(int)
-    c.loss.temperature = placeholder(float)
-    c.loss.learn_temperature = False
-    c.loss.matryoshka_dims = ()
-    c.loss.matryoshka_weights = ()
+def _loss() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.kind = "softmax"
+    s.negatives = "global"
+    s.same_image_positives = False
+    s.normalize = False
+    s.chunk_size = placeholder(int)
+    s.temperature = placeholder(float)
+    s.learn_temperature = False
+    s.matryoshka_dims = ()
+    s.matryoshka_weights = ()
+    return s
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 2e-5
-    c.optimizer.warmup_steps = placeholder(int)
-    c.optimizer.warmup_fraction = 0.1
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.clip_norm = 2.0
-    c.optimizer.accumulation_steps = 1
-    c.optimizer.frozen = ()
 
-    c.init = ml_collections.ConfigDict()
-    c.init.model = placeholder(str)
-    c.init.text = placeholder(str)
-    c.init.image = placeholder(str)
+def _optimizer() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.learning_rate = 2e-5
+    s.warmup_steps = placeholder(int)
+    s.warmup_fraction = 0.1
+    s.b1 = 0.9
+    s.b2 = 0.999
+    s.eps = 1e-8
+    s.weight_decay = 0.0
+    s.clip_norm = 2.0
+    s.accumulation_steps = 1
+    s.frozen = ()
+    return s
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})
 
-    c.train = ml_collections.ConfigDict()
-    c.train.num_steps = placeholder(int)
-    c.train.num_epochs = placeholder(float)
-    c.train.stop_at = placeholder(int)  # end this run early (with a checkpoint)
-    c.train.log_every = 50
-    c.train.eval_every = placeholder(int)
-    c.train.eval_batch_size = 256
-    c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 3
-    c.train.best_metric = "ar"  # an evaluator's metric (with `evals`: "<name>/ar")
-    c.train.best_mode = "max"
-    c.train.async_checkpoints = True
-    c.train.tensorboard = True
-    c.train.progress_bar = True
-    c.train.export = True
+def _init() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.model = placeholder(str)
+    s.text = placeholder(str)
+    s.image = placeholder(str)
+    return s
 
-    # The cross-encoder's training (task itm, model kind uniter_itm; tasks.ItmConfig).
-    c.itm = ml_collections.ConfigDict()
-    c.itm.dual = placeholder(str)  # the dual encoder's model dir that draws hard negatives
-    c.itm.itm_weight = 1.0
-    c.itm.rank_weight = 1.0
-    c.itm.list_weight = 0.0  # listwise softmax over the positive and its negatives (LCE)
-    c.itm.negatives = 1  # hard negatives per positive and direction
-    c.itm.residual_scale = placeholder(float)  # listwise loss on scale · dual + cross score
-    c.itm.margin = 0.2
-    c.itm.sample_temperature = 1.0
-    c.itm.normalize = False  # sample on cosines (towers trained with loss.normalize)
-    c.itm.eval_top = 20  # evaluation: recall after re-ranking the dual encoder's top 20
 
-    # Distillation from the cross-encoder into the towers (task distill; tasks.DistillConfig).
-    c.distill = ml_collections.ConfigDict()
-    c.distill.teacher = placeholder(str)  # the cross-encoder's model dir
-    c.distill.weight = 1.0
-    c.distill.temperature = 1.0
-    c.distill.candidates = 8
-    c.distill.sample_temperature = 1.0
-    c.distill.head = "rank"
+def _train() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.num_steps = placeholder(int)
+    s.num_epochs = placeholder(float)
+    s.stop_at = placeholder(int)  # end this run early (with a checkpoint)
+    s.log_every = 50
+    s.eval_every = placeholder(int)
+    s.eval_batch_size = 256
+    s.checkpoint_every = 1000
+    s.keep_checkpoints = 3
+    s.best_metric = "ar"  # an evaluator's metric (with `evals`: "<name>/ar")
+    s.best_mode = "max"
+    s.async_checkpoints = True
+    s.tensorboard = True
+    s.progress_bar = True
+    s.export = True
+    return s
 
-    c.index = ml_collections.ConfigDict()
-    c.index.split = "test"
-    c.index.backend = "scann"  # scann | hierarchical | exact
-    c.index.sides = ("image", "text")  # image: for text→image search; text: image→text
-    c.index.shard_size = 4096  # rows per extraction shard (the unit of resuming)
-    c.index.d_low = placeholder(int)  # hierarchical: the coarse prefix (a matryoshka dim)
-    c.index.candidates = 100  # hierarchical: coarse results re-scored at full dimension
-    c.index.health_queries = 1000  # queries of the other modality for recall vs exact
+
+def _itm() -> ml_collections.ConfigDict:
+    """tasks.ItmConfig."""
+    s = ml_collections.ConfigDict()
+    s.dual = placeholder(str)  # the dual encoder's model dir that draws hard negatives
+    s.itm_weight = 1.0
+    s.rank_weight = 1.0
+    s.list_weight = 0.0  # listwise softmax over the positive and its negatives (LCE)
+    s.negatives = 1  # hard negatives per positive and direction
+    s.residual_scale = placeholder(float)  # listwise loss on scale · dual + cross score
+    s.margin = 0.2
+    s.sample_temperature = 1.0
+    s.normalize = False  # sample on cosines (towers trained with loss.normalize)
+    s.eval_top = 20  # evaluation: recall after re-ranking the dual encoder's top 20
+    return s
+
+
+def _distill() -> ml_collections.ConfigDict:
+    """tasks.DistillConfig."""
+    s = ml_collections.ConfigDict()
+    s.teacher = placeholder(str)  # the cross-encoder's model dir
+    s.weight = 1.0
+    s.temperature = 1.0
+    s.candidates = 8
+    s.sample_temperature = 1.0
+    s.head = "rank"
+    return s
+
+
+def _index() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.split = "test"
+    s.backend = "scann"  # scann | hierarchical | exact
+    s.sides = ("image", "text")  # image: for text→image search; text: image→text
+    s.shard_size = 4096  # rows per extraction shard (the unit of resuming)
+    s.d_low = placeholder(int)  # hierarchical: the coarse prefix (a matryoshka dim)
+    s.candidates = 100  # hierarchical: coarse results re-scored at full dimension
+    s.health_queries = 1000  # queries of the other modality for recall vs exact
     # ScaNN overrides of the size rule (index/scann_index.scann_params), e.g. num_leaves.
-    c.index.scann = ml_collections.ConfigDict({
+    s.scann = ml_collections.ConfigDict({
         "num_leaves": placeholder(int), "leaves_to_search": placeholder(int),
         "training_sample_size": placeholder(int), "hashing": placeholder(bool),
         "reorder": placeholder(int), "num_threads": placeholder(int)})
-    c.index.exact = ml_collections.ConfigDict({"chunk_size": 16384, "dtype": "float32"})
-    return c
+    s.exact = ml_collections.ConfigDict({"chunk_size": 16384, "dtype": "float32"})
+    return s
 
 
 def parse_arg(arg: str | None, choices: tuple[str, ...], default: str,

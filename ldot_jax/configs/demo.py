@@ -45,14 +45,74 @@ EVAL = {"max_queries": 1000, "max_image_queries": 250, "alpha_split": "val",
         "alpha_queries": 1000}
 EVAL_TINY = {"ms": (10, 20), "alpha_split": "val", "pairs_per_batch": 64}
 
-STAGES = ("pretrain", "finetune", "rerank", "distill", "vldeformer")
+def _pretrain(c) -> None:
+    base.pretraining_recipe(c)
+    c.tasks = {"cmr": 16, "vmlm": 8, "mrfr": 4, "mrckl": 4}
+    c.optimizer.learning_rate = 5e-4
+    c.optimizer.warmup_steps = 30
+    c.train.num_steps = 300
 
 
-def get_config(arg: str = "pretrain"):
-    stage, options = base.parse_arg(arg, STAGES, "pretrain", "ldot_jax/configs/demo.py")
-    cross = stage == "rerank"
-    c = base.base_config("scenes_small_uniter" if cross else "scenes_small",
-                         None if cross else "lightningdot_pretrain")
+def _finetune(c) -> None:
+    c.model_kind = "lightningdot"
+    c.tasks = {"cmr": 1}
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.warmup_steps = 30
+    c.optimizer.warmup_fraction = placeholder(float)
+    c.train.num_steps = 500
+
+
+def _rerank(c) -> None:
+    """UNITER ITM, its trunk initialized from the pre-trained towers (--config.init.model);
+    hard negatives from the fine-tuned towers (--config.itm.dual), on their cosines."""
+    c.tasks = {"itm": 1}
+    c.pipeline.batch_size = 32  # × (1 + 2 · 3 negatives) = 224 cross-encoder pairs a step
+    c.loss.matryoshka_dims = ()
+    c.itm.normalize = True
+    c.itm.sample_temperature = 0.1
+    c.itm.negatives = 3
+    c.itm.list_weight = 1.0
+    c.itm.residual_scale = 1.0 / c.loss.temperature
+    c.itm.eval_top = 20
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.warmup_steps = 30
+    c.optimizer.warmup_fraction = placeholder(float)
+    # The cross-encoder learns grounding late: at 400 steps re-ranking alone is below the
+    # dot stage (val IR R@1 7.2 vs 8.3), at 800 it is well above (12.5).
+    c.train.num_steps = 800
+
+
+def _distill(c, learning_rate: float = 1e-4) -> None:
+    """Thinking Fast and Slow: the towers learn the re-ranker's scores (--config.distill.
+    teacher), starting from the fine-tuned towers (--config.init.model)."""
+    c.model_kind = "lightningdot"
+    c.tasks = {"distill": 1}
+    c.distill.candidates = 4
+    c.distill.sample_temperature = 0.05
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.warmup_steps = 30
+    c.optimizer.warmup_fraction = placeholder(float)
+    c.train.num_steps = 300
+
+
+def _vldeformer(c) -> None:
+    """Distillation with both towers initialized from the re-ranker itself
+    (--config.init.text / init.image)."""
+    _distill(c, learning_rate=3e-4)
+
+
+# Each stage: (model preset, model kind (None: the preset's), what it changes).
+STAGES = {
+    "pretrain": ("scenes_small", "lightningdot_pretrain", _pretrain),
+    "finetune": ("scenes_small", "lightningdot_pretrain", _finetune),
+    "rerank": ("scenes_small_uniter", None, _rerank),
+    "distill": ("scenes_small", "lightningdot_pretrain", _distill),
+    "vldeformer": ("scenes_small", "lightningdot_pretrain", _vldeformer),
+}
+
+
+def _shared(c, cross: bool) -> None:
+    """What every stage of the demo shares."""
     # From scratch at BERT's 0.02 init the pooled vectors of every input agree to a fraction
     # of a percent; 0.1 learns faster. No dropout: at init the inputs' vectors differ less
     # than dropout's noise, and with 0.1 dropout the contrastive loss collapses to ln(B) and
@@ -74,61 +134,28 @@ def get_config(arg: str = "pretrain"):
     c.loss.temperature = 0.05
     # Matryoshka prefixes, so the coarse-to-fine index has a trained 32-d prefix to search.
     c.loss.matryoshka_dims = (32,)
-    if stage == "pretrain":
-        base.pretraining_recipe(c)
-        c.tasks = {"cmr": 16, "vmlm": 8, "mrfr": 4, "mrckl": 4}
-        c.optimizer.learning_rate = 5e-4
-        c.optimizer.warmup_steps = 30
-        c.train.num_steps = 300
-        c.train.checkpoint_every = 300
-    elif stage == "finetune":
-        c.model_kind = "lightningdot"
-        c.tasks = {"cmr": 1}
-        c.optimizer.learning_rate = 3e-4
-        c.optimizer.warmup_steps = 30
-        c.optimizer.warmup_fraction = placeholder(float)
-        c.train.num_steps = 500
-        c.train.checkpoint_every = 500
-    elif stage == "rerank":
-        # UNITER ITM, its trunk initialized from the pre-trained towers (--config.init.model);
-        # hard negatives from the fine-tuned towers (--config.itm.dual), on their cosines.
-        c.tasks = {"itm": 1}
-        c.pipeline.batch_size = 32  # × (1 + 2 · 3 negatives) = 224 cross-encoder pairs a step
-        c.loss.matryoshka_dims = ()
-        c.itm.normalize = True
-        c.itm.sample_temperature = 0.1
-        c.itm.negatives = 3
-        c.itm.list_weight = 1.0
-        c.itm.residual_scale = 1.0 / c.loss.temperature
-        c.itm.eval_top = 20
-        c.optimizer.learning_rate = 3e-4
-        c.optimizer.warmup_steps = 30
-        c.optimizer.warmup_fraction = placeholder(float)
-        # The cross-encoder learns grounding late: at 400 steps re-ranking alone is below the
-        # dot stage (val IR R@1 7.2 vs 8.3), at 800 it is well above (12.5).
-        c.train.num_steps = 800
-        c.train.checkpoint_every = 800
-    else:
-        # Thinking Fast and Slow: the towers learn the re-ranker's scores (--config.distill.
-        # teacher). distill starts from the fine-tuned towers (--config.init.model); vldeformer
-        # initializes both towers from the re-ranker itself (--config.init.text/image).
-        c.model_kind = "lightningdot"
-        c.tasks = {"distill": 1}
-        c.distill.candidates = 4
-        c.distill.sample_temperature = 0.05
-        c.optimizer.learning_rate = 1e-4 if stage == "distill" else 3e-4
-        c.optimizer.warmup_steps = 30
-        c.optimizer.warmup_fraction = placeholder(float)
-        c.train.num_steps = 300
-        c.train.checkpoint_every = 300
-    c.train.eval_every = c.train.num_steps
+
+
+def _tiny(c, cross: bool) -> None:
+    base.tiny(c)
+    # The original's raw dot products (the tests compare runs to float32 rounding, which
+    # a 1 / 0.05 score scale would amplify); the Matryoshka prefix stays for coarse-to-fine.
+    c.loss.normalize, c.loss.temperature = False, placeholder(float)
+    if c.loss.matryoshka_dims:
+        c.loss.matryoshka_dims = (4,)
+    if cross:  # raw dot products are not on the cosine scale
+        c.itm.residual_scale = 1.0
+
+
+def get_config(arg: str = "pretrain"):
+    stage, options = base.parse_arg(arg, tuple(STAGES), "pretrain", "ldot_jax/configs/demo.py")
+    preset, kind, apply_stage = STAGES[stage]
+    cross = stage == "rerank"
+    c = base.base_config(preset, kind)
+    _shared(c, cross)
+    apply_stage(c)
+    # One evaluation and one checkpoint, at the end.
+    c.train.checkpoint_every = c.train.eval_every = c.train.num_steps
     if "tiny" in options:
-        base.tiny(c)
-        # The original's raw dot products (the tests compare runs to float32 rounding, which
-        # a 1 / 0.05 score scale would amplify); the Matryoshka prefix stays for coarse-to-fine.
-        c.loss.normalize, c.loss.temperature = False, placeholder(float)
-        if c.loss.matryoshka_dims:
-            c.loss.matryoshka_dims = (4,)
-        if cross:  # raw dot products are not on the cosine scale
-            c.itm.residual_scale = 1.0
+        _tiny(c, cross)
     return c

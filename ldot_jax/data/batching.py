@@ -1,21 +1,25 @@
 """Padding examples into batches whose shapes come from a small fixed set (length buckets), so
 jitted steps compile once per bucket, never per batch.
 
-An example is a dict with `input_ids` (int list, `[CLS] … [SEP]`), `region_feat` f32[n, F],
-`boxes` f32[n, 7], optional `soft_labels` f32[n, C], and ids `image_index` (int) and
-`text_index` (int). A batch is a dict of NumPy arrays with one pytree per side:
+An example is a dict with `input_ids` (int list, `[CLS] … [SEP]`; absent in image-only
+examples), `image` (the per-image input; regions: {"region_feat": f32[n, F], "boxes":
+f32[n, 7]}; absent in text-only examples), optional `soft_labels` f32[n, C], and ids
+`image_index` (int) and `text_index` (int). A batch is a dict of NumPy arrays with one pytree
+per side:
   text  {"input_ids": i32[B, Lb], "attention_mask": i32[B, Lb]}          (collate_text)
   image {"region_feat": f32[B, Rb, F], "boxes": f32[B, Rb, 7], "region_mask": i32[B, Rb]}
-                                                                        (collate_regions)
+                                                      (the image input's collate: regions)
   (soft_labels f32[B, Rb, C]), image_index i32[B], text_index i32[B], valid bool[B] (False for
   rows that only pad the batch to its fixed size).
 Lb / Rb are the smallest buckets that fit the longest caption / largest region set. The
-collates are the only code above the models that reads the inputs' fields.
+collates are the only code above the models that reads the inputs' fields; the kinds of image
+input (one per image tower input, `models/towers.TowerSpec.collate`) are `IMAGE_INPUTS`.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import dataclasses
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -98,13 +102,56 @@ def split_regions(image: Mapping) -> list[dict]:
     return [{"region_feat": f[m], "boxes": b[m]} for f, b, m in zip(feat, boxes, keep)]
 
 
-# The image input's collate per image tower input (models/towers.py: TowerSpec.collate).
-IMAGE_COLLATES = {"regions": collate_regions}
+def _record_regions(record: Mapping) -> dict:
+    return {"region_feat": np.asarray(record["region_feat"], np.float32),
+            "boxes": np.asarray(record["boxes"], np.float32)}
+
+
+def _record_region_count(record: Mapping) -> int | None:
+    if "num_regions" in record:  # a caption table row
+        return int(record["num_regions"])
+    return len(record["region_feat"]) if "region_feat" in record else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    """One kind of image input: how a dataset record's image becomes the per-image input, how
+    per-image inputs are padded into the batch pytree, and back.
+
+    from_record: a record → the per-image input (regions: {"region_feat", "boxes"}).
+    record_size: a record or caption-table row → the size its input is bucketed by (regions:
+      the region count), None if the row does not say.
+    collate: (per-image inputs, buckets, batch_size, stub_rows) → the batch pytree; rows past
+      the inputs are padding (with stub_rows, a smallest valid input, so no row is empty).
+    split: the batch pytree → the per-image inputs (collate's inverse).
+    """
+
+    from_record: Callable[[Mapping], dict]
+    record_size: Callable[[Mapping], int | None]
+    collate: Callable[..., dict]
+    split: Callable[[Mapping], list[dict]]
+
+
+# Keyed by the image towers' input names (models/towers.py: TowerSpec.collate).
+IMAGE_INPUTS: dict[str, ImageInput] = {
+    "regions": ImageInput(_record_regions, _record_region_count, collate_regions,
+                          split_regions),
+}
+
+
+def image_input(name: str) -> ImageInput:
+    if name not in IMAGE_INPUTS:
+        raise ValueError(f"unknown image input {name!r}; the image inputs are "
+                         f"{list(IMAGE_INPUTS)}")
+    return IMAGE_INPUTS[name]
 
 
 def collate(examples: Sequence[Mapping], text_buckets: Sequence[int],
-            region_buckets: Sequence[int], batch_size: int | None = None) -> dict:
-    """Pads `examples` into one batch (see the module docstring for the layout).
+            image_buckets: Sequence[int], batch_size: int | None = None,
+            image_kind: str = "regions") -> dict:
+    """Pads `examples` into one batch (see the module docstring for the layout); "text" /
+    "image" are present when the examples have them. image_kind: the examples' image input
+    (`IMAGE_INPUTS`); image_buckets its buckets (regions: region counts).
 
     `batch_size` pads the batch with invalid rows up to a fixed size (evaluation's last batch).
     """
@@ -113,13 +160,14 @@ def collate(examples: Sequence[Mapping], text_buckets: Sequence[int],
     size = batch_size or len(examples)
     if len(examples) > size:
         raise ValueError(f"collate: {len(examples)} examples exceed batch_size={size}")
-    batch = {
-        "text": collate_text([e["input_ids"] for e in examples], text_buckets, size),
-        "image": collate_regions(examples, region_buckets, size),
-        "image_index": np.full((size,), -1, np.int32),
-        "text_index": np.full((size,), -1, np.int32),
-        "valid": np.zeros((size,), bool),
-    }
+    batch = {"image_index": np.full((size,), -1, np.int32),
+             "text_index": np.full((size,), -1, np.int32),
+             "valid": np.zeros((size,), bool)}
+    if "input_ids" in examples[0]:
+        batch["text"] = collate_text([e["input_ids"] for e in examples], text_buckets, size)
+    if "image" in examples[0]:
+        batch["image"] = image_input(image_kind).collate([e["image"] for e in examples],
+                                                         image_buckets, size)
     if "soft_labels" in examples[0]:  # MRC-kl's targets, per region
         regions = batch["image"]["region_mask"].shape[1]
         classes = examples[0]["soft_labels"].shape[1]

@@ -70,7 +70,7 @@ class RetrievalDataset:
 
     def caption_table(self, name: str) -> list[dict]:
         """Per image of a split: {"captions": [str], "num_regions": int} (plus "caption_ids" / "caption_lengths"
-        when pre-tokenized), what `pipeline.build_caption_index` needs, without the regions.
+        when pre-tokenized), what `pipeline.tokenize_captions` needs, without the regions.
         Reading a whole split decodes every record, so the table is cached next to the data
         (`captions_<split>.json`; skipped if the directory is read-only)."""
         path = os.path.join(self.directory, f"captions_{name}.json")

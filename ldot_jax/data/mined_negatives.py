@@ -114,7 +114,7 @@ def from_ranked(caption_image: np.ndarray, ranked: np.ndarray, scores: np.ndarra
 class BatchComposer:
     """Global batches of anchors followed by captions of their mined images.
 
-    caption_image i[T]: the image of each training caption (CaptionIndex.image); negatives
+    caption_image i[T]: the image of each training caption (TokenizedCaptions.image); negatives
     i32[N, K]; per_anchor: mined images per anchor. `__call__(anchors i[m], rng)` → caption
     ids i64[m · (1 + per_anchor)]: anchor 0, per_anchor captions of its mined images, anchor
     1, …. A mined image is drawn uniformly among the anchor's K (without replacement when

@@ -1,8 +1,8 @@
 """grain input pipelines (no TensorFlow): training batches of (caption, image) pairs with
 VMLM / SMRM masks, and evaluation batches that hold every image and every caption once.
 
-Training: captions are the examples. The caption index (`CaptionIndex`) tokenizes a split
-once, applying the length policy (skips are counted and logged). Then, with grain:
+Training: captions are the examples. `tokenize_captions` tokenizes a split once
+(`TokenizedCaptions`), applying the length policy (skips are counted and logged). Then, with grain:
   shuffle(seed) → this process's shard → batch + pad to buckets → repeat(epochs) → masks
 Each epoch is a new permutation; processes take disjoint strided shards of it, all of the same
 length, so every process runs the same number of steps. The iterator's state
@@ -60,10 +60,14 @@ class PipelineConfig:
     mask_regions: bool = True
     num_threads: int = 4
     prefetch: int = 4  # batches
+    # The records' image input (data/batching.IMAGE_INPUTS; the image tower's TowerSpec.collate):
+    # region_buckets are its buckets.
+    image_input: str = "regions"
     mined_negatives: str | None = None
     mined_per_anchor: int = 1
 
     def __post_init__(self):
+        batching.image_input(self.image_input)  # an unknown name lists the known ones
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: expected ≥ 1")
         if self.mined_per_anchor < 1:
@@ -78,11 +82,11 @@ class PipelineConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Caption index
+# A split's captions, tokenized
 
 
 @dataclasses.dataclass(frozen=True)
-class CaptionIndex:
+class TokenizedCaptions:
     """Every kept caption of a split: caption t belongs to image `image[t]` (a position in the
     split) and has ids `token_ids[t]` = [CLS] wordpieces [SEP]. `skipped` counts captions the
     length policy dropped."""
@@ -91,30 +95,32 @@ class CaptionIndex:
     token_ids: list[np.ndarray]
     skipped: int
     num_images: int
-    # i32[num_images]: regions per image, so every process can pad a global batch to one
-    # region bucket without reading the other processes' records (None if not known).
-    num_regions: np.ndarray | None = None
+    # i32[num_images]: each image input's bucketed size (regions: the region count), so every
+    # process can pad a global batch to one bucket without reading the other processes'
+    # records (None if not known).
+    image_sizes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image)
 
 
-def build_caption_index(images: Sequence[dict], tokenizer, max_text_len: int | None,
-                        policy: str, split: str = "split") -> CaptionIndex:
+def tokenize_captions(images: Sequence[dict], tokenizer, max_text_len: int | None,
+                      policy: str, split: str = "split",
+                      image_input: str = "regions") -> TokenizedCaptions:
     """Tokenizes every caption once and applies the length policy.
 
     `images`: per image, a record or any dict with its "captions" (and "caption_ids" /
     "caption_lengths" if pre-tokenized), e.g. `RetrievalDataset.caption_table(split)`, which
     is much faster to read than the records.
     """
-    owners, texts, pieces, regions = [], [], [], []
+    record_size = batching.image_input(image_input).record_size
+    owners, texts, pieces, sizes = [], [], [], []
     pretokenized = None
     for i in range(len(images)):
         record = images[i]
-        if "num_regions" in record:
-            regions.append(int(record["num_regions"]))
-        elif "region_feat" in record:
-            regions.append(len(record["region_feat"]))
+        size = record_size(record)
+        if size is not None:
+            sizes.append(size)
         if pretokenized is None:
             pretokenized = "caption_ids" in record
         if pretokenized:
@@ -141,16 +147,16 @@ def build_caption_index(images: Sequence[dict], tokenizer, max_text_len: int | N
                     split, skipped, len(ids), max_text_len, policy)
     if not keep:
         raise ValueError(f"{split}: every caption was dropped by max_text_len={max_text_len}")
-    return CaptionIndex(image=np.asarray(owners, np.int32)[keep],
-                        token_ids=[np.asarray(ids[t], np.int32) for t in keep],
-                        skipped=skipped, num_images=len(images),
-                        num_regions=np.asarray(regions, np.int32)
-                        if len(regions) == len(images) else None)
+    return TokenizedCaptions(image=np.asarray(owners, np.int32)[keep],
+                             token_ids=[np.asarray(ids[t], np.int32) for t in keep],
+                             skipped=skipped, num_images=len(images),
+                             image_sizes=np.asarray(sizes, np.int32)
+                             if len(sizes) == len(images) else None)
 
 
-def _regions(record: dict) -> dict:
-    out = {"region_feat": np.asarray(record["region_feat"], np.float32),
-           "boxes": np.asarray(record["boxes"], np.float32)}
+def _image_example(record: dict, image_input: str) -> dict:
+    """A record's image as an example's fields: its input (and the regions' MRC-kl targets)."""
+    out = {"image": batching.image_input(image_input).from_record(record)}
     if "soft_labels" in record:
         out["soft_labels"] = np.asarray(record["soft_labels"], np.float32)
     return out
@@ -159,16 +165,17 @@ def _regions(record: dict) -> dict:
 class CaptionSource:
     """Random access over (caption, image) examples: the grain source of training."""
 
-    def __init__(self, images: Sequence[dict], index: CaptionIndex):
-        self._images, self._index = images, index
+    def __init__(self, images: Sequence[dict], captions: TokenizedCaptions,
+                 image_input: str = "regions"):
+        self._images, self._captions, self._image_input = images, captions, image_input
 
     def __len__(self) -> int:
-        return len(self._index)
+        return len(self._captions)
 
     def __getitem__(self, t: int) -> dict:
-        image = int(self._index.image[t])
-        return {"input_ids": self._index.token_ids[t], "image_index": image, "text_index": int(t),
-                **_regions(self._images[image])}
+        image = int(self._captions.image[t])
+        return {"input_ids": self._captions.token_ids[t], "image_index": image,
+                "text_index": int(t), **_image_example(self._images[image], self._image_input)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +193,7 @@ def shard_bounds(length: int, process_index: int, process_count: int) -> slice:
     return slice(process_index, usable, process_count)
 
 
-def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
+def training_dataset(images: Sequence[dict], captions: TokenizedCaptions, tokenizer,
                      config: PipelineConfig, process_index: int = 0,
                      process_count: int = 1) -> grain.IterDataset:
     """Batches for training (see the module docstring); iterate with `iter(...)`.
@@ -199,16 +206,16 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
     each followed by n captions of its mined images (`mined_negatives.BatchComposer`, drawn
     from the seed and the batch position, so every process builds the same global batch).
     """
-    usable = _check_shards(index, config, process_index, process_count)
+    usable = _check_shards(captions, config, process_index, process_count)
     composer = None
     if config.mined_negatives:
-        negatives, _ = mined_negatives.read(config.mined_negatives, index.num_images)
-        composer = mined_negatives.BatchComposer(index.image, negatives,
+        negatives, _ = mined_negatives.read(config.mined_negatives, captions.num_images)
+        composer = mined_negatives.BatchComposer(captions.image, negatives,
                                                  config.mined_per_anchor)
         anchors = config.batch_size // (1 + config.mined_per_anchor)
-        usable = len(index) // anchors * anchors
-    ds = grain.MapDataset.range(len(index)).shuffle(seed=config.seed)[:usable]
-    load_rows = _row_loader(images, index, config, process_index, process_count)
+        usable = len(captions) // anchors * anchors
+    ds = grain.MapDataset.range(len(captions)).shuffle(seed=config.seed)[:usable]
+    load_rows = _row_loader(images, captions, config, process_index, process_count)
 
     # Batch, then repeat: a batch never mixes two epochs, each epoch drops its own remainder.
     if composer is None:
@@ -225,7 +232,7 @@ def training_dataset(images: Sequence[dict], index: CaptionIndex, tokenizer,
                                                 prefetch_buffer_size=config.prefetch))
 
 
-def _check_shards(index: CaptionIndex, config: PipelineConfig, process_index: int,
+def _check_shards(captions: TokenizedCaptions, config: PipelineConfig, process_index: int,
                   process_count: int) -> int:
     """The number of shuffled captions the epochs use (whole global batches), after checking
     that the global batch splits over the processes and fits the split."""
@@ -234,38 +241,38 @@ def _check_shards(index: CaptionIndex, config: PipelineConfig, process_index: in
                          f"{process_count} processes")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
-    if process_count > 1 and index.num_regions is None:
-        raise ValueError("multi-process training needs the region count of every image in the "
-                         "caption index (build it from records or a caption table with "
-                         "'num_regions')")
-    usable = shard_bounds(len(index), process_index, process_count).stop
+    if process_count > 1 and captions.image_sizes is None:
+        raise ValueError("multi-process training needs the input size of every image (the "
+                         "region count) in the tokenized captions (build them from records or "
+                         "a caption table with 'num_regions')")
+    usable = shard_bounds(len(captions), process_index, process_count).stop
     if usable < config.batch_size:
-        raise ValueError(f"{len(index)} captions are fewer than one batch of "
+        raise ValueError(f"{len(captions)} captions are fewer than one batch of "
                          f"{config.batch_size} (the global batch)")
     return usable
 
 
-def _row_loader(images: Sequence[dict], index: CaptionIndex, config: PipelineConfig,
+def _row_loader(images: Sequence[dict], captions: TokenizedCaptions, config: PipelineConfig,
                 process_index: int, process_count: int):
     """fn(global batch's caption ids i[B]) → this process's collated rows, padded to the
     buckets of the whole global batch (so every process's arrays have the same shapes)."""
     local_batch = config.batch_size // process_count
-    source = CaptionSource(images, index)
-    lengths = np.asarray([len(t) for t in index.token_ids])
+    source = CaptionSource(images, captions, config.image_input)
+    lengths = np.asarray([len(t) for t in captions.token_ids])
 
-    def load_rows(captions: np.ndarray) -> dict:
-        captions = np.asarray(captions)
-        mine = captions[process_index::process_count]
-        text_len = batching.bucket_size(int(lengths[captions].max()), config.text_buckets,
+    def load_rows(batch: np.ndarray) -> dict:
+        batch = np.asarray(batch)
+        mine = batch[process_index::process_count]
+        text_len = batching.bucket_size(int(lengths[batch].max()), config.text_buckets,
                                         "caption length (tokens with [CLS]/[SEP])")
-        if index.num_regions is not None:
-            most = int(index.num_regions[index.image[captions]].max())
-            region_buckets = (batching.bucket_size(most, config.region_buckets,
-                                                   "region count"),)
+        if captions.image_sizes is not None:
+            most = int(captions.image_sizes[captions.image[batch]].max())
+            image_buckets = (batching.bucket_size(most, config.region_buckets,
+                                                  "image input size (region count)"),)
         else:
-            region_buckets = config.region_buckets
-        return batching.collate([source[int(t)] for t in mine], (text_len,), region_buckets,
-                                local_batch)
+            image_buckets = config.region_buckets
+        return batching.collate([source[int(t)] for t in mine], (text_len,), image_buckets,
+                                local_batch, config.image_input)
     return load_rows
 
 
@@ -295,10 +302,11 @@ def _masker(tokenizer, config: PipelineConfig, process_index: int, process_count
     return add_masks
 
 
-def steps_per_epoch(index: CaptionIndex, config: PipelineConfig, process_count: int = 1) -> int:
+def steps_per_epoch(captions: TokenizedCaptions, config: PipelineConfig,
+                    process_count: int = 1) -> int:
     if config.mined_negatives:  # an epoch is one pass over the anchors
-        return len(index) // (config.batch_size // (1 + config.mined_per_anchor))
-    return len(index) // process_count // (config.batch_size // process_count)
+        return len(captions) // (config.batch_size // (1 + config.mined_per_anchor))
+    return len(captions) // process_count // (config.batch_size // process_count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,40 +325,40 @@ def _plan(n: int, batch_size: int, process_index: int, process_count: int) -> np
     return plan[process_index].reshape(num_batches, batch_size)
 
 
-def _padded(examples: list[dict], rows: int, template, text_buckets, region_buckets):
+def _padded(examples: list[dict], rows: int, template, text_buckets, image_buckets,
+            image_input: str):
     """collate with fixed `rows`; an all-padding batch (a process past the end of the data) is
     built from `template()` and marked invalid."""
     if examples:
-        return batching.collate(examples, text_buckets, region_buckets, rows)
-    batch = batching.collate([template()], text_buckets, region_buckets, rows)
+        return batching.collate(examples, text_buckets, image_buckets, rows, image_input)
+    batch = batching.collate([template()], text_buckets, image_buckets, rows, image_input)
     batch["valid"][:] = False
     batch["image_index"][:] = -1
     batch["text_index"][:] = -1
     return batch
 
 
-def eval_image_batches(images: Sequence[dict], batch_size: int, region_buckets,
-                       process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+def eval_image_batches(images: Sequence[dict], batch_size: int, image_buckets,
+                       process_index: int = 0, process_count: int = 1,
+                       image_input: str = "regions") -> Iterator[dict]:
     """Every image of a split once (across processes), padded to full batches: the image
-    input, image_index i32[B] (-1 for padding), valid bool[B] (and the text input of a dummy
-    caption, ignored)."""
-    def template():
-        return {"input_ids": [0, 0], "image_index": 0, "text_index": -1, **_regions(images[0])}
+    input, image_index i32[B] (-1 for padding), valid bool[B]."""
+    def example(i: int) -> dict:
+        return {"image": batching.image_input(image_input).from_record(images[i]),
+                "image_index": i, "text_index": -1}
     for rows in _plan(len(images), batch_size, process_index, process_count):
-        examples = [{"input_ids": [0, 0], "image_index": int(i), "text_index": -1,
-                     **_regions(images[int(i)])} for i in rows if i >= 0]
-        yield _padded(examples, batch_size, template, (2,), region_buckets)
+        examples = [example(int(i)) for i in rows if i >= 0]
+        yield _padded(examples, batch_size, lambda: example(0), (), image_buckets, image_input)
 
 
-def eval_caption_batches(index: CaptionIndex, batch_size: int, text_buckets,
+def eval_caption_batches(captions: TokenizedCaptions, batch_size: int, text_buckets,
                          process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Every caption of the index once (across processes), padded to full batches: the text
-    input, text_index i32[B], image_index i32[B] (the caption's image: the ground truth),
-    valid bool[B] (and the image input of one dummy region, ignored)."""
-    dummy = {"region_feat": np.zeros((1, 1), np.float32), "boxes": np.zeros((1, 7), np.float32)}
-    def template():
-        return {"input_ids": index.token_ids[0], "image_index": 0, "text_index": 0, **dummy}
-    for rows in _plan(len(index), batch_size, process_index, process_count):
-        examples = [{"input_ids": index.token_ids[t], "image_index": int(index.image[t]),
-                     "text_index": int(t), **dummy} for t in rows if t >= 0]
-        yield _padded(examples, batch_size, template, text_buckets, (1,))
+    """Every caption once (across processes), padded to full batches: the text input,
+    text_index i32[B], image_index i32[B] (the caption's image: the ground truth), valid
+    bool[B]."""
+    def example(t: int) -> dict:
+        return {"input_ids": captions.token_ids[t], "image_index": int(captions.image[t]),
+                "text_index": t}
+    for rows in _plan(len(captions), batch_size, process_index, process_count):
+        examples = [example(int(t)) for t in rows if t >= 0]
+        yield _padded(examples, batch_size, lambda: example(0), text_buckets, (), "regions")

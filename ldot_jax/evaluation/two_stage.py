@@ -78,22 +78,23 @@ def _timed_encode(model, params, batch, side: str, mesh, repeat: int = 5) -> flo
     return 1e3 * (time.perf_counter() - start) / repeat / len(batch["valid"])
 
 
-def prepare_split(dual, images, caption_index, config, mesh, progress: bool = False) -> Split:
+def prepare_split(dual, images, captions, config, mesh, progress: bool = False) -> Split:
     """Embeds every image and caption of a split with the dual encoder (model, params
     replicated on `mesh`) and builds the re-ranker's stores. images: the split's records;
-    caption_index: its captions."""
+    captions: its captions."""
     model, params = dual
     image_vectors, text_vectors, caption_image = extract.embed_split(
-        model, params, images, caption_index, config, mesh, progress)
-    per_process, text_buckets, region_buckets = extract.batch_layout(config)
+        model, params, images, captions, config, mesh, progress)
+    layout = extract.batch_layout(config)
     encode_ms = {
         "image": _timed_encode(model, params, next(iter(pipeline.eval_image_batches(
-            images, per_process, region_buckets))), "image", mesh),
+            images, layout.per_process, layout.image_buckets,
+            image_input=layout.image_input))), "image", mesh),
         "text": _timed_encode(model, params, next(iter(pipeline.eval_caption_batches(
-            caption_index, per_process, text_buckets))), "text", mesh)}
+            captions, layout.per_process, layout.text_buckets))), "text", mesh)}
     return Split(image_vectors, text_vectors, caption_image,
-                 rerank.ImageStore.from_records(images, max(region_buckets)),
-                 rerank.CaptionStore.from_index(caption_index), encode_ms)
+                 rerank.ImageStore.from_records(images, max(layout.image_buckets)),
+                 rerank.CaptionStore.from_captions(captions), encode_ms)
 
 
 def _search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
@@ -244,11 +245,11 @@ def evaluate_split(split: Split, reranker: rerank.CrossEncoderReranker | None,
                               "captions": int(len(split.text_vectors))}, alpha)
 
 
-def rerank_recall(dual, cross, images, caption_index, config, mesh, top: int = 20,
+def rerank_recall(dual, cross, images, captions, config, mesh, top: int = 20,
                   progress: bool = False) -> dict[str, float]:
     """Recall after the cross-encoder (model, params) re-ranks the exact dot-product top `top`
     of the dual encoder (model, params): the cross-encoder's evaluation during training."""
-    split = prepare_split(dual, images, caption_index, config, mesh, progress)
+    split = prepare_split(dual, images, captions, config, mesh, progress)
     reranker = rerank.CrossEncoderReranker(
         cross[0], cross[1], split.images, split.captions, mesh=mesh,
         text_buckets=tuple(config.pipeline.text_buckets))
@@ -265,7 +266,7 @@ def rerank_recall(dual, cross, images, caption_index, config, mesh, top: int = 2
 
 
 def _open_split(config, dataset, split: str):
-    return dataset.split(split), extract.eval_caption_index(
+    return dataset.split(split), extract.eval_captions(
         dataset.caption_table(split), dataset.tokenizer, split, config)
 
 

@@ -292,3 +292,13 @@ def text_tower(name: str) -> TowerSpec:
 
 def image_tower(name: str) -> TowerSpec:
     return _lookup(IMAGE_TOWERS, name, "image tower")
+
+
+def image_input_name(model_config) -> str:
+    """The image input (data/batching.IMAGE_INPUTS) that a model config's image tower reads:
+    a DualEncoderConfig or a run's `config.model` section; a config without an image tower
+    (the cross-encoder) reads regions."""
+    getter = model_config.get if isinstance(model_config, Mapping) or hasattr(
+        model_config, "get") else lambda key, default: getattr(model_config, key, default)
+    name = getter("image_tower", None)
+    return image_tower(name).collate if name else "regions"

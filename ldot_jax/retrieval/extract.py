@@ -18,7 +18,7 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +29,7 @@ from ldot_jax.core import fileutil, parallel
 from ldot_jax.core import numerics
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import pipeline, schema
+from ldot_jax.models import towers
 from ldot_jax.retrieval import encode
 
 log = logging.getLogger(__name__)
@@ -78,59 +79,72 @@ class _Rows:
         return self.records[self.start + i]
 
 
-def eval_caption_index(table: Sequence[dict], tokenizer, split: str,
-                       config) -> pipeline.CaptionIndex:
+def eval_captions(table: Sequence[dict], tokenizer, split: str,
+                  config) -> pipeline.TokenizedCaptions:
     """Every caption of a split (`RetrievalDataset.caption_table`), truncated to the largest
     text bucket: evaluation, extraction and mining keep every caption (as the original's
     evaluation), whatever the training length policy drops."""
-    return pipeline.build_caption_index(table, tokenizer,
-                                        max(config.pipeline.text_buckets) - 2, "truncate", split)
+    return pipeline.tokenize_captions(table, tokenizer, max(config.pipeline.text_buckets) - 2,
+                                      "truncate", split)
 
 
-def batch_layout(config) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """(rows per process, text buckets, region buckets) for embedding with `config`. Several
-    processes must agree on shapes, so they pad to the largest bucket."""
+class BatchLayout(NamedTuple):
+    """How a run's evaluation batches are padded: rows per process, the text buckets, the
+    image input's buckets (regions: region counts) and its kind (data/batching.IMAGE_INPUTS)."""
+
+    per_process: int
+    text_buckets: tuple[int, ...]
+    image_buckets: tuple[int, ...]
+    image_input: str
+
+
+def batch_layout(config) -> BatchLayout:
+    """The evaluation batches of `config`. Several processes must agree on shapes, so they pad
+    to the largest bucket."""
     per_process = config.train.eval_batch_size // jax.process_count()
-    text, regions = tuple(config.pipeline.text_buckets), tuple(config.pipeline.region_buckets)
+    text, images = tuple(config.pipeline.text_buckets), tuple(config.pipeline.region_buckets)
     if jax.process_count() > 1:
-        text, regions = (max(text),), (max(regions),)
-    return per_process, text, regions
+        text, images = (max(text),), (max(images),)
+    return BatchLayout(per_process, text, images, towers.image_input_name(config.model))
 
 
-def embed_split(model, params, images: Sequence[dict], caption_index: pipeline.CaptionIndex,
+def embed_split(model, params, images: Sequence[dict], captions: pipeline.TokenizedCaptions,
                 config, mesh, progress: bool = False) -> tuple[np.ndarray, np.ndarray,
                                                                np.ndarray]:
     """Every image and caption of a split through the towers (params replicated on `mesh`),
     as training's evaluation and the two-stage evaluation need them: (image vectors f32[N, D],
     caption vectors f32[T, D], caption_image i64[T]), L2-normalized when the towers were
     trained with loss.normalize (ranked as their index would)."""
-    per_process, text_buckets, region_buckets = batch_layout(config)
-    image_batches = pipeline.eval_image_batches(images, per_process, region_buckets,
-                                                jax.process_index(), jax.process_count())
+    layout = batch_layout(config)
+    image_batches = pipeline.eval_image_batches(images, layout.per_process, layout.image_buckets,
+                                                jax.process_index(), jax.process_count(),
+                                                layout.image_input)
     image_vectors, image_ids = encode.embed_batches(
         model, params, image_batches, mesh, "image", "image_index",
         desc="embed images" if progress else None)
-    caption_batches = pipeline.eval_caption_batches(caption_index, per_process, text_buckets,
+    caption_batches = pipeline.eval_caption_batches(captions, layout.per_process,
+                                                    layout.text_buckets,
                                                     jax.process_index(), jax.process_count())
     text_vectors, text_ids = encode.embed_batches(
         model, params, caption_batches, mesh, "text", "text_index",
         desc="embed captions" if progress else None)
-    if len(image_ids) != caption_index.num_images or len(text_ids) != len(caption_index):
+    if len(image_ids) != captions.num_images or len(text_ids) != len(captions):
         raise RuntimeError(f"embedding saw {len(image_ids)} images / {len(text_ids)} captions, "
-                           f"expected {caption_index.num_images} / {len(caption_index)}")
+                           f"expected {captions.num_images} / {len(captions)}")
     if config.loss.get("normalize", False):
         image_vectors = numerics.l2_normalize(image_vectors)
         text_vectors = numerics.l2_normalize(text_vectors)
-    return image_vectors, text_vectors, caption_index.image[text_ids].astype(np.int64)
+    return image_vectors, text_vectors, captions.image[text_ids].astype(np.int64)
 
 
 def image_corpus(images: Sequence[dict], split: str, config, names=None) -> Corpus:
     """Every image of a split. names: the image ids (read from the records if not given)."""
-    per_process, _, regions = batch_layout(config)
+    layout = batch_layout(config)
 
     def batches(start, stop):
-        return pipeline.eval_image_batches(_Rows(images, start, stop), per_process, regions,
-                                           jax.process_index(), jax.process_count())
+        return pipeline.eval_image_batches(_Rows(images, start, stop), layout.per_process,
+                                           layout.image_buckets, jax.process_index(),
+                                           jax.process_count(), layout.image_input)
     if names is None:
         names = _LazyNames(images)
     return Corpus("image", split, len(images), names, np.full(len(images), -1, np.int64),
@@ -148,18 +162,18 @@ class _LazyNames:
 def caption_corpus(table: Sequence[dict], tokenizer, split: str, config) -> Corpus:
     """Every caption of a split (`RetrievalDataset.caption_table`), truncated to the largest
     text bucket as in evaluation, in caption-index order."""
-    per_process, text, _ = batch_layout(config)
-    index = eval_caption_index(table, tokenizer, split, config)
+    layout = batch_layout(config)
+    captions = eval_captions(table, tokenizer, split, config)
     texts = [t for row in table for t in schema.caption_texts(row)]
-    if len(texts) != len(index):
-        texts = [f"caption {t}" for t in range(len(index))]  # pre-tokenized without text
+    if len(texts) != len(captions):
+        texts = [f"caption {t}" for t in range(len(captions))]  # pre-tokenized without text
 
     def batches(start, stop):
-        sub = dataclasses.replace(index, image=index.image[start:stop],
-                                  token_ids=index.token_ids[start:stop])
-        return pipeline.eval_caption_batches(sub, per_process, text, jax.process_index(),
-                                             jax.process_count())
-    return Corpus("text", split, len(index), texts, index.image.astype(np.int64), batches,
+        sub = dataclasses.replace(captions, image=captions.image[start:stop],
+                                  token_ids=captions.token_ids[start:stop])
+        return pipeline.eval_caption_batches(sub, layout.per_process, layout.text_buckets,
+                                             jax.process_index(), jax.process_count())
+    return Corpus("text", split, len(captions), texts, captions.image.astype(np.int64), batches,
                   "text_index")
 
 

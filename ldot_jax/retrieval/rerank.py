@@ -1,7 +1,7 @@
 """The slow stage: a jitted UNITER cross-encoder that re-scores the fast stage's candidates.
 
     images = rerank.ImageStore.from_records(dataset.split("test"))        # row i = image i
-    captions = rerank.CaptionStore.from_index(caption_index)               # row t = caption t
+    captions = rerank.CaptionStore.from_captions(captions)               # row t = caption t
     reranker = rerank.CrossEncoderReranker(model, params, images, captions, mesh=mesh)
     reranker.warmup()                                                      # every program, now
     retriever = Retriever.load(workdir, reranker=reranker, rerank_top=20)
@@ -35,7 +35,7 @@ from ldot_jax.models.inputs import check_prefix_mask
 from ldot_jax.models.towers import region_fields, text_fields
 
 if TYPE_CHECKING:
-    from ldot_jax.data.pipeline import CaptionIndex
+    from ldot_jax.data.pipeline import TokenizedCaptions
 
 HEADS = ("rank", "itm")
 ALPHA_GRID = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0,
@@ -153,15 +153,15 @@ class CaptionStore:
         object.__setattr__(self, "image", image.astype(np.int32))
 
     @classmethod
-    def from_index(cls, index: "CaptionIndex") -> "CaptionStore":
-        """From a split's `pipeline.CaptionIndex` (caption t = index.token_ids[t])."""
-        if not len(index):
-            raise ValueError("CaptionStore.from_index: the caption index is empty")
-        lengths = np.asarray([len(t) for t in index.token_ids], np.int32)
+    def from_captions(cls, captions: "TokenizedCaptions") -> "CaptionStore":
+        """From a split's `pipeline.TokenizedCaptions` (caption t = captions.token_ids[t])."""
+        if not len(captions):
+            raise ValueError("CaptionStore.from_captions: no captions")
+        lengths = np.asarray([len(t) for t in captions.token_ids], np.int32)
         ids = np.zeros((len(lengths), max(1, int(lengths.max()))), np.int32)
-        for t, tokens in enumerate(index.token_ids):
+        for t, tokens in enumerate(captions.token_ids):
             ids[t, :len(tokens)] = tokens
-        return cls(ids, lengths, np.asarray(index.image, np.int32))
+        return cls(ids, lengths, np.asarray(captions.image, np.int32))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -32,11 +32,6 @@ from ldot_jax.index import base as index_base
 from ldot_jax.models import towers
 from ldot_jax.retrieval import encode
 
-# The Reranker protocol's directions; defined once, in core.workdir (this name is kept for
-# code that reads retriever.DIRECTIONS).
-DIRECTIONS = workdir_lib.DIRECTIONS
-
-
 class Reranker(Protocol):
     """The slow stage. Called with the direction, the queries' input pytree (the text input
     i32[Q, L] / the image input [Q, R, ...]), candidate ids i64[Q, M] (-1: none) and their dot
@@ -100,6 +95,8 @@ class Retriever:
         self.indexes = {"image": image_index, "text": text_index}
         self.catalogs = catalogs or {}
         self.text_buckets, self.region_buckets = tuple(text_buckets), tuple(region_buckets)
+        # How the image tower's input is padded and split (data/batching.IMAGE_INPUTS).
+        self.image_input = batching.image_input(towers.image_input_name(model.config))
         self.normalize = normalize
         self.reranker, self.rerank_top = reranker, int(rerank_top)
 
@@ -175,12 +172,12 @@ class Retriever:
         """(the image input of `images`, padded as `text_inputs` pads, the number of images).
         `images`: a list of per-image inputs (regions: {"region_feat": [n, F], "boxes":
         [n, 7]}) or one batch pytree ({"region_feat": [Q, R, F], "boxes": [Q, R, 7],
-        optional "region_mask": [Q, R]})."""
-        per_image = (batching.split_regions(images) if isinstance(images, Mapping)
+        optional "region_mask": [Q, R]}); region_buckets are the image input's buckets."""
+        per_image = (self.image_input.split(images) if isinstance(images, Mapping)
                      else list(images))
         if not per_image:
             raise ValueError("images: expected at least one image")
-        batch = batching.collate_regions(per_image, self.region_buckets,
+        batch = self.image_input.collate(per_image, self.region_buckets,
                                          _batch_size(len(per_image)), stub_rows=True)
         return batch, len(per_image)
 
@@ -260,9 +257,9 @@ class Retriever:
             # The image tower's smallest input, padded to each bucket.
             dummy = towers.image_tower(self.model.config.image_tower).dummy_input(
                 self.model.config)
-            stub = batching.split_regions(jax.tree.map(np.asarray, dummy))
-            for r in self.region_buckets:
-                self._encode(batching.collate_regions(stub, (r,)), "image", 1)
+            stub = self.image_input.split(jax.tree.map(np.asarray, dummy))
+            for bucket in self.region_buckets:
+                self._encode(self.image_input.collate(stub, (bucket,)), "image", 1)
 
 
 def _tokenizer(tokenizer, model_dir: str):

@@ -29,12 +29,17 @@ def free_port() -> int:
 
 def process_env(process_id: int, processes: int, devices_per_process: int, port: int,
                 base: dict | None = None) -> dict:
+    """The environment of local process `process_id`: the coordinator, the process count and
+    id, CPU devices_per_process; the caller's other XLA flags are kept."""
     env = dict(os.environ if base is None else base)
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     env.update({parallel.ENV_COORDINATOR: f"localhost:{port}",
                 parallel.ENV_NUM_PROCESSES: str(processes),
                 parallel.ENV_PROCESS_ID: str(process_id),
                 "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"})
+                "XLA_FLAGS": " ".join(
+                    flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])})
     return env
 
 

@@ -62,8 +62,8 @@ def mine_workdir(workdir: str, out: str, split: str = "train", k: int = 20,
     dataset = index_build.open_dataset(config)
     images = dataset.split(split)
     # An image's negatives come from all of its captions.
-    captions = extract.eval_caption_index(dataset.caption_table(split), dataset.tokenizer,
-                                          split, config)
+    captions = extract.eval_captions(dataset.caption_table(split), dataset.tokenizer, split,
+                                     config)
     start = time.perf_counter()
     image_vectors, text_vectors, caption_image = extract.embed_split(
         model, params, images, captions, config, mesh, progress)

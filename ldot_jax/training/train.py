@@ -45,6 +45,7 @@ from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, pipeline
 from ldot_jax.evaluation import evaluators
+from ldot_jax.models import towers
 from ldot_jax.training import optim, tasks
 from ldot_jax.training.metric_writer import MetricWriter
 
@@ -78,6 +79,7 @@ def pipeline_config(config) -> pipeline.PipelineConfig:
         length_policy=c.length_policy, seed=config.seed, num_threads=c.num_threads,
         prefetch=c.prefetch, mined_negatives=c.get("mined_negatives"),
         mined_per_anchor=c.get("mined_per_anchor", 1),
+        image_input=towers.image_input_name(config.model),
         **tasks.pipeline_flags(tuple(config.tasks)))
 
 
@@ -127,11 +129,11 @@ def _check_tokenizer(tokenizer, model_config) -> None:
 
 @dataclasses.dataclass
 class TrainData:
-    """The training iterator (this process's rows), its caption index, the tokenizer and the
-    dataset (the evaluators open their splits from it)."""
+    """The training iterator (this process's rows), its tokenized captions, the tokenizer and
+    the dataset (the evaluators open their splits from it)."""
 
     iterator: Any
-    index: pipeline.CaptionIndex
+    captions: pipeline.TokenizedCaptions
     tokenizer: Any
     dataset: Any = None
 
@@ -142,22 +144,24 @@ def load_data(config) -> TrainData:
     c = config.data
     dataset = datasets.load_for_run(c)
     pcfg = pipeline_config(config)
-    index = pipeline.build_caption_index(dataset.caption_table(c.train_split), dataset.tokenizer,
-                                         pcfg.max_text_len, pcfg.length_policy, c.train_split)
-    iterator = iter(pipeline.training_dataset(dataset.split(c.train_split), index,
+    captions = pipeline.tokenize_captions(dataset.caption_table(c.train_split),
+                                          dataset.tokenizer, pcfg.max_text_len,
+                                          pcfg.length_policy, c.train_split, pcfg.image_input)
+    iterator = iter(pipeline.training_dataset(dataset.split(c.train_split), captions,
                                               dataset.tokenizer, pcfg, jax.process_index(),
                                               jax.process_count()))
-    return TrainData(iterator, index, dataset.tokenizer, dataset)
+    return TrainData(iterator, captions, dataset.tokenizer, dataset)
 
 
-def total_steps(config, index: pipeline.CaptionIndex) -> int:
+def total_steps(config, captions: pipeline.TokenizedCaptions) -> int:
     """Data batches of the run: train.num_steps, or train.num_epochs × steps per epoch."""
     t = config.train
     if t.get("num_steps"):
         return int(t.num_steps)
     if not t.get("num_epochs"):
         raise ValueError("train: set num_steps or num_epochs")
-    per_epoch = pipeline.steps_per_epoch(index, pipeline_config(config), jax.process_count())
+    per_epoch = pipeline.steps_per_epoch(captions, pipeline_config(config),
+                                         jax.process_count())
     return max(1, int(round(t.num_epochs * per_epoch)))
 
 
@@ -324,7 +328,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
     evaluation = evaluators.from_config(config, evaluators.EvalContext(
         model, kind, mesh, config, data.dataset, models))
     evaluators.check_metric(evaluation, t.get("best_metric"), "train.best_metric")
-    steps = total_steps(config, data.index)
+    steps = total_steps(config, data.captions)
     setup = tasks.make_setup(model, mesh, config, names, frozen_modules)
     ckpt = checkpoint.TrainCheckpointer(
         workdir_lib.checkpoints_dir(workdir), keep=t.keep_checkpoints,

@@ -68,13 +68,13 @@ class EvalContext:
     _splits: dict = dataclasses.field(default_factory=dict)
 
     def split(self, name: str):
-        """(images, caption index) of split `name`: every image and every caption once, each
-        caption truncated to the largest text bucket (extract.eval_caption_index); loaded
+        """(images, tokenized captions) of split `name`: every image and every caption once, each
+        caption truncated to the largest text bucket (extract.eval_captions); loaded
         once."""
         if name not in self._splits:
             images = self.dataset.split(name)
-            captions = extract.eval_caption_index(self.dataset.caption_table(name),
-                                                  self.dataset.tokenizer, name, self.config)
+            captions = extract.eval_captions(self.dataset.caption_table(name),
+                                             self.dataset.tokenizer, name, self.config)
             self._splits[name] = (images, captions)
         return self._splits[name]
 
