@@ -218,8 +218,15 @@ def uninterrupted(data_dir, tmp_path_factory):
     return workdir, summary
 
 
-@pytest.mark.xdist_group("uninterrupted_run")  # one run of the fixture
-def test_pretraining_runs_every_task_and_exports(uninterrupted):
+def test_pretraining_exports_resumes_exactly_and_restores_on_2_devices(uninterrupted, data_dir,
+                                                                         tmp_path):
+    """One test over the one uninterrupted run (so that under pytest-xdist it is made once)."""
+    check_pretraining_runs_every_task_and_exports(uninterrupted)
+    check_resume_continues_exactly(uninterrupted, data_dir, tmp_path)
+    check_checkpoint_from_8_devices_restores_on_2(uninterrupted)
+
+
+def check_pretraining_runs_every_task_and_exports(uninterrupted):
     workdir, summary = uninterrupted
     assert summary["step"] == 12 and not summary["preempted"]
     rows = train_rows(workdir)
@@ -236,8 +243,7 @@ def test_pretraining_runs_every_task_and_exports(uninterrupted):
                  jax.device_get(final_params(workdir, 12)["model"]))
 
 
-@pytest.mark.xdist_group("uninterrupted_run")  # one run of the fixture
-def test_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
+def check_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
     workdir, _ = uninterrupted
     first = train.train_and_evaluate(tiny_config(data_dir, stop_at=6), str(tmp_path))
     assert first["step"] == 6 and not first["eval"]
@@ -250,8 +256,7 @@ def test_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
                  final_params(str(tmp_path), 12), final_params(workdir, 12))
 
 
-@pytest.mark.xdist_group("uninterrupted_run")  # one run of the fixture
-def test_checkpoint_from_8_devices_restores_on_2(uninterrupted):
+def check_checkpoint_from_8_devices_restores_on_2(uninterrupted):
     workdir, _ = uninterrupted
     c = tiny_config("/unused")
     kind, model_cfg, _ = train.model_and_config(c)

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ldot_jax.checkpoints import kinds, pretrained, torch_names
+from ldot_jax.core import fileutil, numerics
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ def _to_numpy(key: str, value: Any, path: str) -> np.ndarray:
         value = value.numpy()
     value = np.asarray(value)
     if value.dtype.kind == "f":
+        numerics.check_finite(value, f"{path}: tensor {key!r}")
+        numerics.check_fits(value, np.float32, f"{path}: tensor {key!r}")
         return value.astype(np.float32)  # fp16 / bf16 / fp64 checkpoints → float32 params
     if value.dtype.kind in "iub":
         return value
@@ -243,6 +246,7 @@ def convert_checkpoint(kind: str, input_path: str | os.PathLike, output_dir: str
     """
     if kind not in kinds.KINDS:  # before the file is read
         raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {list(kinds.NAMES)}")
+    fileutil.check_not_inside(output_dir, [input_path])  # replacing the output would delete it
     state = normalize_keys(read_state_dict(input_path, trust_pickle))
     config = infer_config(kind, state, num_heads)
     conversion = state_dict_to_params(kind, state, config)
@@ -250,4 +254,5 @@ def convert_checkpoint(kind: str, input_path: str | os.PathLike, output_dir: str
         log.info("ignored %d key(s) the Flax model does not use: %s", len(conversion.ignored),
                  conversion.ignored)
     metadata = {"source": os.path.abspath(input_path), "ignored_keys": conversion.ignored}
-    return pretrained.save_pretrained(output_dir, kind, config, conversion.params, metadata)
+    return pretrained.save_pretrained(output_dir, kind, config, conversion.params, metadata,
+                                      inputs=[input_path])

@@ -31,6 +31,7 @@ PARAMS_DIR = "params"
 # query path needs besides the model (training exports write it).
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
+FORMAT = "ldot_jax.model"  # the manifest's format (core/fileutil.py)
 
 
 def build_model(kind: str, config) -> nn.Module:
@@ -58,22 +59,34 @@ def init_params(kind: str, config, rng) -> Any:
 
 
 def save_pretrained(directory: str | os.PathLike, kind: str, config, params,
-                    metadata: dict | None = None, tokenizer=None) -> str:
+                    metadata: dict | None = None, tokenizer=None, inputs=()) -> str:
     """Writes a model directory atomically and returns its absolute path.
 
     Params must match `abstract_params(kind, config)` in structure and shapes. tokenizer: a
-    `data.tokenizer.Tokenizer` saved beside the params (`load_tokenizer` reads it).
+    `data.tokenizer.Tokenizer` saved beside the params (`load_tokenizer` reads it). An
+    existing `directory` is replaced only if it is a model directory holding nothing else
+    (fileutil.atomic_directory: a crash at any point leaves the old or the new model); inputs:
+    files the caller read, refused inside `directory`.
     """
     _check_params(kind, config, params, where="params to save")
     body = {"format_version": FORMAT_VERSION, "kind": kind, "model": config_lib.to_dict(config),
             "metadata": metadata or {}}
-    is_model_dir = lambda path: os.path.isfile(os.path.join(path, CONFIG_FILE))
-    with fileutil.atomic_directory(directory, replaceable=is_model_dir) as tmp:
+    with fileutil.atomic_directory(directory, FORMAT, inputs) as tmp:
         checkpoint.save_tree(os.path.join(tmp, PARAMS_DIR), params)
         if tokenizer is not None:
             tokenizer.save(os.path.join(tmp, TOKENIZER_DIR))
         fileutil.atomic_write_text(os.path.join(tmp, CONFIG_FILE), json.dumps(body, indent=1))
-    return os.path.abspath(directory)
+    return fileutil.resolve_output(directory)
+
+
+def verify(directory: str | os.PathLike, full: bool = False) -> None:
+    """Checks a model directory's files against its manifest (sizes; SHA-256 with `full`);
+    `checkpoint.CheckpointError` names a damaged file. Directories written before manifests
+    existed pass unchecked."""
+    try:
+        fileutil.verify(directory, FORMAT, full)
+    except fileutil.IntegrityError as e:
+        raise checkpoint.CheckpointError(f"damaged model directory: {e}") from e
 
 
 def load_tokenizer(directory: str | os.PathLike):
@@ -96,6 +109,7 @@ class Pretrained(NamedTuple):
 def read_config(directory: str | os.PathLike) -> tuple[str, Any, dict]:
     """(kind, config, metadata) of a model directory, without loading params."""
     directory = os.path.abspath(directory)
+    fileutil.recover_for_reading(directory)  # a replacement interrupted by a crash
     if not os.path.isdir(directory):
         raise checkpoint.CheckpointError(f"model directory {directory} does not exist")
     path = os.path.join(directory, CONFIG_FILE)
@@ -130,6 +144,7 @@ def load_pretrained(directory: str | os.PathLike, sharding=None, **numerics) -> 
     stored = checkpoint.tree_metadata(params_path)
     expected = abstract_params(kind, config)
     _compare_trees(expected, stored, where=params_path)
+    verify(directory)  # every file's size against the manifest, before reading the params
     params = checkpoint.restore_tree(params_path, expected, sharding)
     return Pretrained(kind, config, params, metadata)
 

@@ -138,6 +138,9 @@ def _train() -> ml_collections.ConfigDict:
     s.tensorboard = True
     s.progress_bar = True
     s.export = True
+    # Restarting in a workdir with a config that differs outside workdir.MUTABLE_KEYS is an
+    # error unless this is set (the change is then recorded in config_changes.jsonl).
+    s.allow_config_change = False
     return s
 
 

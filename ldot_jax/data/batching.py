@@ -23,6 +23,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ldot_jax.core import numerics
+
 
 def bucket_size(n: int, buckets: Sequence[int], what: str = "length") -> int:
     """The smallest bucket ≥ n; an error naming n and the buckets if none fits."""
@@ -31,6 +33,24 @@ def bucket_size(n: int, buckets: Sequence[int], what: str = "length") -> int:
             return bucket
     raise ValueError(f"{what} {n} exceeds the largest bucket {max(buckets)} (buckets "
                      f"{sorted(buckets)})")
+
+
+# Normalized boxes may overshoot [0, 1] by a rounding error; pixel boxes overshoot by far more.
+BOX_TOLERANCE = 1e-3
+
+
+def check_boxes(boxes, what: str = "boxes") -> None:
+    """ValueError if normalized boxes f[n, 7] (x1, y1, x2, y2, w, h, area) leave [0, 1] by
+    more than BOX_TOLERANCE: such boxes are most likely pixel coordinates."""
+    boxes = np.asarray(boxes)
+    if not boxes.size:
+        return
+    low, high = float(boxes.min()), float(boxes.max())
+    if low < -BOX_TOLERANCE or high > 1 + BOX_TOLERANCE:
+        row = int(np.argwhere((boxes < -BOX_TOLERANCE) | (boxes > 1 + BOX_TOLERANCE))[0, 0])
+        raise ValueError(f"{what} outside [0, 1] (min {low:g}, max {high:g}; row {row}: "
+                         f"{np.round(boxes[row], 3).tolist()}): boxes are normalized by the "
+                         f"image width and height; these look like pixel coordinates")
 
 
 def collate_text(token_ids: Sequence[Sequence[int]], text_buckets: Sequence[int],
@@ -76,6 +96,9 @@ def collate_regions(images: Sequence[Mapping], region_buckets: Sequence[int],
             raise ValueError(f"collate: example {row} has {len(feat)} region features and "
                              f"boxes of shape {boxes.shape}; expected the same non-zero count "
                              f"and [n, {box_dim}]")
+        numerics.check_finite(feat, f"collate: example {row}'s region features (region, dim)")
+        numerics.check_finite(boxes, f"collate: example {row}'s boxes (region, coordinate)")
+        check_boxes(boxes, f"collate: example {row}'s boxes")
         out["region_feat"][row, :len(feat)] = feat
         out["boxes"][row, :len(feat)] = boxes
         out["region_mask"][row, :len(feat)] = 1

@@ -97,6 +97,23 @@ class RetrievalDataset:
         return table
 
 
+def split_digest(dataset: RetrievalDataset, split: str) -> str:
+    """A digest of what a split holds, for caches of its embeddings: the dataset's name, its
+    files (names, sizes, modification times: re-prepared data differs) and the split's caption
+    table (every image's captions and region count). SHA-256 hex."""
+    h = hashlib.sha256(f"{dataset.name}\0{split}\0".encode())
+    for root, dirs, files in os.walk(dataset.directory):
+        dirs.sort()
+        for name in sorted(files):
+            if name.startswith("captions_") or name.startswith("."):  # our caches, temporaries
+                continue
+            st = os.stat(os.path.join(root, name))
+            rel = os.path.relpath(os.path.join(root, name), dataset.directory)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    h.update(json.dumps(dataset.caption_table(split), sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def make_builder(name: str, config=None, data_dir: str | None = None,
                  **overrides) -> tfds.core.DatasetBuilder:
     """The TFDS builder of a registered dataset. `config` is a config name or object;

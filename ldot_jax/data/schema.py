@@ -22,6 +22,9 @@ from typing import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
+from ldot_jax.core import numerics
+from ldot_jax.data import batching
+
 BOX_DIM = 7
 
 
@@ -95,6 +98,11 @@ def check_record(record: Mapping, spec: RecordSpec, source: str) -> dict:
         fail(f"{boxes.shape[0]} boxes for {n} regions")
     if not (np.isfinite(feat).all() and np.isfinite(boxes).all()):
         fail("non-finite region features or boxes")
+    try:
+        numerics.check_fits(feat, np.float16, "region features")  # stored as float16
+        batching.check_boxes(boxes, "boxes")
+    except ValueError as e:
+        fail(str(e))
     out = {"image_id": str(record["image_id"]), "region_feat": feat.astype(np.float16),
            "boxes": boxes, "captions": [str(c) for c in record["captions"]]}
     if spec.num_classes:
@@ -103,6 +111,8 @@ def check_record(record: Mapping, spec: RecordSpec, source: str) -> dict:
         labels = np.asarray(record["soft_labels"])
         if labels.shape != (n, spec.num_classes):
             fail(f"soft labels of shape {labels.shape}, expected ({n}, {spec.num_classes})")
+        if not np.isfinite(labels).all():
+            fail("non-finite soft labels")
         out["soft_labels"] = labels.astype(np.float16)
     if spec.pretokenized:
         ids = record.get("caption_ids")

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ldot_jax.core import numerics
+
 
 KS = (1, 5, 10)
 
@@ -76,6 +78,9 @@ def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.nda
         raise ValueError(f"{len(caption_image)} caption→image ids for {len(text)} captions")
     if len(caption_image) and (caption_image.min() < 0 or caption_image.max() >= len(image)):
         raise ValueError(f"caption→image ids outside [0, {len(image)})")
+    # A NaN vector would rank first (or last) everywhere and give a good-looking recall.
+    numerics.check_finite(text, "text vectors (caption, dim)")
+    numerics.check_finite(image, "image vectors (image, dim)")
     ir = recall_at_k(text_to_image_ranks(text, image, caption_image), ks)
     tr = recall_at_k(image_to_text_ranks(text, image, caption_image), ks)
     out = {f"ir_r{k}": v for k, v in ir.items()}

@@ -28,6 +28,7 @@ import numpy as np
 from ldot_jax.core import fileutil
 
 FORMAT_VERSION = 1
+FORMAT = "ldot_jax.index"  # the manifest's format (core/fileutil.py)
 META_FILE = "index.json"
 IDS_FILE = "ids.npy"
 
@@ -200,7 +201,7 @@ class VectorIndex(abc.ABC):
     def save(self, path: str | os.PathLike) -> str:
         """Writes the index to `path` atomically (a previous index there is replaced only once
         the new one is complete) and returns the absolute path."""
-        with fileutil.atomic_directory(path, replaceable=is_index_dir) as tmp:
+        with fileutil.atomic_directory(path, FORMAT) as tmp:
             np.save(os.path.join(tmp, IDS_FILE), self._ids)
             self._save_files(tmp)
             meta = {"format_version": FORMAT_VERSION, "type": self.type, "dim": self.dim,
@@ -232,10 +233,12 @@ def is_index_dir(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The index.json of an index directory, checked: format version, and every listed file
-    present with its recorded size."""
+def read_metadata(path: str | os.PathLike, full: bool = False) -> dict:
+    """The index.json of an index directory, checked: format version, every listed file
+    present with its recorded size, and the directory's manifest (sizes; hashes with
+    `full`)."""
     path = os.path.abspath(path)
+    fileutil.recover_for_reading(path)  # a replacement interrupted by a crash
     if not os.path.isdir(path):
         raise IndexFormatError(f"index directory {path} does not exist")
     meta_path = os.path.join(path, META_FILE)
@@ -253,10 +256,24 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise IndexFormatError(f"{meta_path}: format_version {meta['format_version']} is not "
                                f"supported (this ldot_jax reads {FORMAT_VERSION})")
     for name, size in meta["files"].items():
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
+        try:
+            fileutil.confined(path, name, meta_path)
+        except fileutil.IntegrityError as e:
+            raise IndexFormatError(str(e)) from e
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
             raise IndexFormatError(f"{path}: file {name} is missing")
-        if os.path.getsize(full) != size:
-            raise IndexFormatError(f"{path}: file {name} has {os.path.getsize(full)} bytes, "
+        if os.path.getsize(file_path) != size:
+            raise IndexFormatError(f"{path}: file {name} has {os.path.getsize(file_path)} bytes, "
                                    f"the index was saved with {size} (partial or modified)")
+    verify(path, full=full)
     return meta
+
+
+def verify(path: str | os.PathLike, full: bool = False) -> None:
+    """Checks an index directory's files against its manifest (sizes; SHA-256 with `full`);
+    IndexFormatError names a damaged file."""
+    try:
+        fileutil.verify(path, FORMAT, full)
+    except fileutil.IntegrityError as e:
+        raise IndexFormatError(f"damaged index: {e}") from e

@@ -135,6 +135,26 @@ class BertConfig:
 ModelConfig = DualEncoderConfig | CrossEncoderConfig | BertConfig
 
 
+def check_vocabulary(tokenizer, model_config, check_cls: bool = True) -> None:
+    """ValueError if a tokenizer's ids do not fit the model: its vocabulary larger than a
+    side's `vocab_size` (ids past the table would be NaN rows), or (check_cls) another [CLS]
+    id than the image tower's. `tokenizer`: anything with vocab_size / cls_id (None: nothing
+    to check)."""
+    if tokenizer is None:
+        return
+    vocab = getattr(tokenizer, "vocab_size", None)
+    sides = ("transformer",) if hasattr(model_config, "transformer") else ("text", "image")
+    for side in sides:
+        size = getattr(model_config, side).vocab_size
+        if vocab is not None and vocab > size:
+            raise ValueError(f"the tokenizer has {vocab} tokens but model.{side}.vocab_size="
+                             f"{size}: ids ≥ {size} have no embedding (another tokenizer?)")
+    cls_id = getattr(tokenizer, "cls_id", None)
+    if check_cls and cls_id is not None and getattr(model_config, "cls_token_id", cls_id) != cls_id:
+        raise ValueError(f"model.cls_token_id={model_config.cls_token_id} but the tokenizer's "
+                         f"[CLS] is {cls_id}")
+
+
 def to_dict(config) -> dict[str, Any]:
     """Nested plain dict of a config (JSON-serializable)."""
     return dataclasses.asdict(config)

@@ -55,11 +55,16 @@ def take_rows(table, ids):
 
     Under a mesh with Explicit axes, a gather of a replicated table by batch-sharded ids is
     ambiguous to JAX unless told the output follows the ids (B@data → [B@data, L, H]).
+    An id ≥ V gives a row of NaN on every path (gather mode "fill", never a clamped, valid-
+    looking row), so the vectors it reaches are NaN and the finiteness checks downstream
+    (extraction, recall, the Retriever) name it; the host-side checks (tokenizer and caption
+    ids against the vocabulary) catch such ids before they get here. Negative ids index from
+    the end, as in NumPy: the host-side checks refuse them.
     """
     spec = jax.typeof(ids).sharding.spec
     if all(axis is None for axis in spec):
-        return jnp.take(table, ids, axis=0)
-    return table.at[ids].get(out_sharding=P(*spec, None))
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+    return table.at[ids].get(mode="fill", fill_value=jnp.nan, out_sharding=P(*spec, None))
 
 
 class Embed(nn.Embed):

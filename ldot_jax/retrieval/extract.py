@@ -14,10 +14,13 @@ model (fingerprint), split size or shard size is an error unless `overwrite`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 from typing import NamedTuple, Sequence
 
 import jax
@@ -62,6 +65,9 @@ class Corpus:
     owners: np.ndarray
     batches: object  # (start, stop) → iterator of batches with ids relative to `start`
     index_key: str
+    # How the items are padded and truncated (vectors depend on the truncation).
+    padding: dict = dataclasses.field(default_factory=dict)
+    content: str | None = None  # a digest of the items where known (captions: their ids)
 
 
 class _Rows:
@@ -108,6 +114,14 @@ def batch_layout(config) -> BatchLayout:
     return BatchLayout(per_process, text, images, towers.image_input_name(config.model))
 
 
+def _padding(config, side: str) -> dict:
+    layout = batch_layout(config)
+    if side == "text":  # captions are truncated to the largest bucket (eval_captions)
+        return {"text_buckets": list(layout.text_buckets),
+                "max_text_len": max(config.pipeline.text_buckets) - 2}
+    return {"image_buckets": list(layout.image_buckets), "image_input": layout.image_input}
+
+
 def embed_split(model, params, images: Sequence[dict], captions: pipeline.TokenizedCaptions,
                 config, mesh, progress: bool = False) -> tuple[np.ndarray, np.ndarray,
                                                                np.ndarray]:
@@ -148,7 +162,7 @@ def image_corpus(images: Sequence[dict], split: str, config, names=None) -> Corp
     if names is None:
         names = _LazyNames(images)
     return Corpus("image", split, len(images), names, np.full(len(images), -1, np.int64),
-                  batches, "image_index")
+                  batches, "image_index", _padding(config, "image"))
 
 
 class _LazyNames:
@@ -173,8 +187,11 @@ def caption_corpus(table: Sequence[dict], tokenizer, split: str, config) -> Corp
                                   token_ids=captions.token_ids[start:stop])
         return pipeline.eval_caption_batches(sub, layout.per_process, layout.text_buckets,
                                              jax.process_index(), jax.process_count())
+    content = hashlib.sha256(np.asarray(captions.image, np.int64).tobytes())
+    for ids in captions.token_ids:
+        content.update(np.asarray(ids, np.int32).tobytes() + b"|")
     return Corpus("text", split, len(captions), texts, captions.image.astype(np.int64), batches,
-                  "text_index")
+                  "text_index", _padding(config, "text"), content.hexdigest())
 
 
 def _shard_path(out_dir: str, shard: int) -> str:
@@ -206,6 +223,16 @@ def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
     """The manifest to use: `manifest`, or the one already in `out_dir` if it describes the
     same extraction (an earlier shard size is kept, so its shards are reused)."""
     path = os.path.join(out_dir, MANIFEST)
+    ours = lambda name: name == MANIFEST or re.fullmatch(r"shard-\d{5}\.npz", name) or (
+        name.startswith(".shard-") and ".tmp-" in name)
+    present = sorted(os.listdir(out_dir))
+    foreign = [n for n in present if not ours(n)]
+    if foreign or (present and not os.path.exists(path)):
+        raise fileutil.OwnershipError(
+            f"refusing to extract into {out_dir}: it holds files an extraction did not write "
+            f"({', '.join((foreign or present)[:8])}" + (", …" if len(foreign or present) > 8
+                                                         else "")
+            + "; choose another output directory)")
     if not os.path.exists(path):
         return manifest
     old = fileutil.read_json(path, "extraction manifest")
@@ -228,11 +255,25 @@ def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
 
 def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
             shard_size: int = 4096, normalize: bool = False, overwrite: bool = False,
-            progress: bool = True) -> Embeddings:
+            progress: bool = True, data_digest: str | None = None) -> Embeddings:
     """Embeds every item of `corpus` with `model`'s tower for `corpus.side` (params: the
     DualEncoder's, or the pre-training model's) into shards under `out_dir`, skipping shards
     already there, and returns all the embeddings. normalize: L2-normalize the vectors (for
-    towers trained with normalized embeddings). Every process calls it; process 0 writes."""
+    towers trained with normalized embeddings). data_digest: what the split holds
+    (`datasets.split_digest`); with the corpus's padding it goes into the manifest, so shards
+    of other data or another padding are never reused. Every process calls it; process 0
+    writes, and holds the directory's lock while it does (a second extraction into it is
+    refused)."""
+    lock = (fileutil.exclusive(out_dir, "extraction") if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _extract(model, params, corpus, out_dir, mesh, fingerprint, shard_size,
+                        normalize, overwrite, progress, data_digest)
+
+
+def _extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
+             shard_size: int, normalize: bool, overwrite: bool, progress: bool,
+             data_digest: str | None) -> Embeddings:
     if corpus.side not in workdir_lib.SIDES:
         raise ValueError(f"side {corpus.side!r}: expected one of {workdir_lib.SIDES}")
     if shard_size < 1:
@@ -240,7 +281,8 @@ def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
     out_dir = os.path.abspath(out_dir)
     manifest = {"side": corpus.side, "split": corpus.split, "count": int(corpus.count),
                 "shard_size": int(shard_size), "fingerprint": fingerprint,
-                "normalized": bool(normalize)}
+                "normalized": bool(normalize), "data": data_digest, "padding": corpus.padding,
+                "content": corpus.content}
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out_dir, exist_ok=True)
@@ -273,6 +315,8 @@ def extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str,
                                               corpus.side, corpus.index_key)
         if len(ids) != stop - start or not np.array_equal(ids, np.arange(stop - start)):
             raise RuntimeError(f"shard {s}: embedded {len(ids)} rows, expected {stop - start}")
+        numerics.check_finite(vectors, f"{corpus.side} vectors of shard {s} (row in the shard, "
+                                       f"dim; rows {start}–{stop} of {corpus.split})")
         if normalize:
             vectors = numerics.l2_normalize(vectors)
         if writer:

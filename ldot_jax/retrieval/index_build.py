@@ -106,6 +106,8 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     normalize = bool(config.loss.get("normalize", False))
     dataset = open_dataset(config)
     corpora = {}
+    from ldot_jax.data import datasets  # (not at module level: see open_dataset)
+    data_digest = datasets.split_digest(dataset, split)
     if "image" in options["sides"] or "text" in options["sides"]:
         corpora["image"] = extract.image_corpus(dataset.split(split), split, config)
         corpora["text"] = extract.caption_corpus(dataset.caption_table(split),
@@ -116,7 +118,8 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     for side, corpus in corpora.items():
         paths[side] = workdir_lib.embeddings_dir(workdir, split, side)
         embeddings[side] = extract.extract(model, params, corpus, paths[side], mesh, fingerprint,
-                                           options["shard_size"], normalize, overwrite, progress)
+                                           options["shard_size"], normalize, overwrite, progress,
+                                           data_digest)
     out_dir = out_dir or workdir_lib.index_dir(workdir, split)
     indexes, reports = {}, {}
     matryoshka = tuple(config.loss.get("matryoshka_dims", ()) or ())

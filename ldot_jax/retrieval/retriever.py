@@ -29,6 +29,7 @@ from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import batching
 from ldot_jax.index import backends
 from ldot_jax.index import base as index_base
+from ldot_jax.models import config as model_config_lib
 from ldot_jax.models import towers
 from ldot_jax.retrieval import encode
 
@@ -91,6 +92,8 @@ class Retriever:
                  text_buckets: Sequence[int] = (16, 24, 32, 48, 64),
                  region_buckets: Sequence[int] = (16, 36, 64, 100), normalize: bool = False,
                  reranker: Reranker | None = None, rerank_top: int = 0):
+        # The tokenizer's ids must all have an embedding row (else they would be NaN rows).
+        model_config_lib.check_vocabulary(tokenizer, model.config, check_cls=False)
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.indexes = {"image": image_index, "text": text_index}
         self.catalogs = catalogs or {}
@@ -183,7 +186,11 @@ class Retriever:
 
     def _encode(self, inputs: dict, side: str, count: int) -> np.ndarray:
         out = encode.encode_batch(self.model, self.params, inputs, side)
-        return self._finish(np.asarray(jax.device_get(out), np.float32)[:count])
+        vectors = np.asarray(jax.device_get(out), np.float32)[:count]
+        # The inputs were checked (ids against the vocabulary, finite features and boxes).
+        numerics.check_finite(vectors, f"the {side} tower's query vectors (query, dim): the "
+                                       f"model's params hold non-finite values")
+        return self._finish(vectors)
 
     def encode_text(self, captions: Sequence[str]) -> np.ndarray:
         """f32[Q, D]: the text tower's vectors of captions."""

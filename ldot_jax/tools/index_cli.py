@@ -3,7 +3,7 @@
   build  --workdir DIR [--split test] [--backend scann|hierarchical|exact] [--sides image,text]
          [--d_low 64] [--candidates 100] [--num_leaves N --leaves_to_search N --reorder N]
          [--shard_size 4096] [--health_queries 1000] [--model DIR] [--overwrite]
-  info   INDEX_DIR                      what an index holds, its parameters and health
+  info   INDEX_DIR                      what an index holds (its files checked), parameters, health
   query  --workdir DIR --text "a red circle" [--text …] [-k 5]     text → image
   query  --workdir DIR --image 12 [-k 5]      image 12 of the split → captions
 Defaults come from the run's config (its `index` section); flags override them.
@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true",
                    help="replace an extraction made with another model or shard size")
     b.add_argument("--no_progress", action="store_true")
-    i = sub.add_parser("info", help="print an index's metadata")
+    i = sub.add_parser("info", help="check every file of an index (SHA-256) and print its "
+                                     "metadata")
     i.add_argument("path")
     q = sub.add_parser("query", help="search from the command line")
     q.add_argument("--workdir", required=True)
@@ -90,7 +91,7 @@ def _build(args) -> int:
 
 def _info(args) -> int:
     from ldot_jax.index.base import read_metadata
-    meta = read_metadata(args.path)
+    meta = read_metadata(args.path, full=True)  # every file's SHA-256 against its manifest
     meta.pop("files")
     print(json.dumps(meta, indent=1))
     return 0

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Mapping
 
+from ldot_jax.core import fileutil
+
 log = logging.getLogger(__name__)
 
 JSONL = "metrics.jsonl"
@@ -26,16 +28,45 @@ def _number(value) -> float | int | str:
     return value if math.isfinite(value) else str(value)
 
 
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites a metrics.jsonl without its rows past `step` (a run resumed from the
+    checkpoint at `step` logs them again); returns how many were dropped. A torn last line (a
+    crash mid-write) is dropped too."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if int(row.get("step", 0)) <= step:
+            keep.append(json.dumps(row) + "\n")
+    if len(keep) != len(lines):
+        fileutil.atomic_write_text(path, "".join(keep))
+    return len(lines) - len(keep)
+
+
 class MetricWriter:
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    """resume_step: the step a resumed run continues from (its later rows are dropped)."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int = 0):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        path = os.path.join(workdir, JSONL)
+        dropped = drop_rows_after(path, resume_step)
+        if dropped:
+            log.info("%s: dropped %d row(s) past step %d (they are logged again)", path,
+                     dropped, resume_step)
         # Line-buffered append: a resumed run continues the same file.
-        self._jsonl = open(os.path.join(workdir, JSONL), "a", buffering=1)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD))

@@ -22,6 +22,7 @@ the next step and returns cleanly (multi-host: at JAX's preemption sync point).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -41,10 +42,11 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from ldot_jax.checkpoints import checkpoint, initialize, kinds, pretrained
-from ldot_jax.core import parallel
+from ldot_jax.core import fileutil, parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, pipeline
 from ldot_jax.evaluation import evaluators
+from ldot_jax.models import config as model_config_lib
 from ldot_jax.models import towers
 from ldot_jax.training import optim, tasks
 from ldot_jax.training.metric_writer import MetricWriter
@@ -110,21 +112,6 @@ def model_and_config(config):
     kind = config.model_kind
     model_config = kinds.model_config(kind, config.model)
     return kind, model_config, pretrained.build_model(kind, model_config)
-
-
-def _check_tokenizer(tokenizer, model_config) -> None:
-    if tokenizer is None:
-        return
-    vocab = getattr(tokenizer, "vocab_size", None)
-    sides = ("transformer",) if hasattr(model_config, "transformer") else ("text", "image")
-    for side in sides:
-        size = getattr(model_config, side).vocab_size
-        if vocab is not None and vocab > size:
-            raise ValueError(f"the tokenizer has {vocab} tokens but model.{side}.vocab_size="
-                             f"{size}")
-    if getattr(model_config, "cls_token_id", tokenizer.cls_id) != tokenizer.cls_id:
-        raise ValueError(f"model.cls_token_id={model_config.cls_token_id} but the tokenizer's "
-                         f"[CLS] is {tokenizer.cls_id}")
 
 
 @dataclasses.dataclass
@@ -317,14 +304,14 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.model)
     parallel.check_global_batch(config.pipeline.batch_size, mesh)
     if jax.process_index() == 0:
-        workdir_lib.save_config(config, workdir)
+        workdir_lib.record_config(config, workdir)
     kind, model_cfg, model = model_and_config(config)
     names, probabilities = tasks.check_mix(dict(config.tasks))
     kinds.check_tasks(kind, names)
     models = evaluators.LoadedModels(mesh)
     frozen_modules, frozen = frozen_models(config, names, models)
     data = load_data(config)
-    _check_tokenizer(data.tokenizer, model_cfg)
+    model_config_lib.check_vocabulary(data.tokenizer, model_cfg)
     evaluation = evaluators.from_config(config, evaluators.EvalContext(
         model, kind, mesh, config, data.dataset, models))
     evaluators.check_metric(evaluation, t.get("best_metric"), "train.best_metric")
@@ -349,7 +336,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
         key=jax.random.wrap_key_data(key), state=state, schedule=schedule, start=start,
         stop_at=stop_at, steps=steps, checkpointer=ckpt, evaluators=evaluation,
         writer=MetricWriter(workdir, enabled=jax.process_index() == 0,
-                            tensorboard=t.get("tensorboard", True)),
+                            tensorboard=t.get("tensorboard", True), resume_step=start),
         preemption=Preemption(), progress=progress)
 
 
@@ -476,6 +463,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoints/ and, at the end of a single-process run, model/ (a model directory for
     `load_dual_encoder`).
     """
+    # One run per workdir: a second `train` on it is refused while this one lives.
+    lock = (fileutil.exclusive(workdir, "run directory") if jax.process_index() == 0
+            else contextlib.nullcontext())
+    with lock:
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run = setup_run(config, workdir)
     try:
         summary = train_loop(run)
