@@ -169,6 +169,22 @@ def uniter_config(name: str, splits: dict, soft_labels: bool = False,
                           num_classes=DETECTOR_CLASSES if soft_labels else 0, pretokenized=True)
 
 
+def _check_ids(examples: list[dict], text_ids: list[str], meta: dict, txt_path: str) -> None:
+    """ValueError naming the text if an input id is negative or past the vocabulary that
+    meta.json's v_range ends (bert-base-cased 28996, -uncased 30522: a txt_db of the other
+    vocabulary is caught by its first id past the end)."""
+    v_range = meta.get("v_range")
+    if not v_range:
+        return
+    vocab = int(v_range[1])
+    for text_id, example in zip(text_ids, examples):
+        ids = np.asarray(example["input_ids"])
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"{txt_path}: text {text_id!r} has token id {bad} outside the "
+                             f"vocabulary [0, {vocab}) of its meta.json (v_range {v_range})")
+
+
 def _records(config: UniterDbConfig, txt_path: str, img_path: str):
     txt_db = TextDb(txt_path)
     img_db = ImageDb(img_path, config.conf_th, config.max_bb, config.min_bb)
@@ -184,6 +200,7 @@ def _records(config: UniterDbConfig, txt_path: str, img_path: str):
                            f"is not in {img_db.db_path}")
         regions = img_db[name]
         examples = [txt_db[t] for t in text_ids]
+        _check_ids(examples, text_ids, config.text_meta, txt_path)
         record = {"image_id": os.path.splitext(name)[0], "region_feat": regions["features"],
                   "boxes": regions["norm_bb"],
                   "captions": [e.get("raw", "") for e in examples],

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import ldot_jax
 from ldot_jax.core import fileutil, parallel
 from ldot_jax.core import workdir as workdir_lib
-from ldot_jax.data import batching, datasets, pipeline, schema
+from ldot_jax.data import batching, datasets, pipeline, schema, uniter_db
 from ldot_jax.evaluation import recall
 from ldot_jax.models import config as model_config
 from ldot_jax.models import layers
@@ -212,3 +212,18 @@ def test_training_into_a_directory_of_other_files_is_refused(tmp_path):
     with pytest.raises(fileutil.OwnershipError, match=r"not a run's \(thesis.tex\)"):
         workdir_lib.record_config(_config(), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["thesis.tex"]
+
+
+def test_a_txt_db_with_ids_past_its_vocabulary_is_refused(tmp_path):
+    import fixture_files as ff
+    rng = np.random.default_rng(0)
+    images = {"im0.npz": ff.regions(rng, 12, classes=7)}
+    ff.write_img_db(str(tmp_path / "img"), images, {"im0.npz": 10})
+    ff.write_txt_db(str(tmp_path / "txt"), [("t0", "im0.npz", [2000, 29500], "uncased ids")])
+    config = uniter_db.uniter_config("bad", {"train": (tmp_path / "txt", tmp_path / "img")},
+                                     feat_dim=ff.FEAT_DIM)
+    builder = datasets.UniterDb(config=config, data_dir=str(tmp_path / "out"),
+                                file_format="array_record")
+    with pytest.raises(ValueError, match=r"text 't0' has token id 29500 outside the vocabulary "
+                                         r"\[0, 28996\)"):
+        datasets.prepare(builder)
