@@ -38,6 +38,7 @@ from ldot_jax.retrieval import encode
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+_LEGACY_TMP = re.compile(r"shard-\d{5}\.npz\.tmp-[0-9a-f]{8}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +224,10 @@ def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
     """The manifest to use: `manifest`, or the one already in `out_dir` if it describes the
     same extraction (an earlier shard size is kept, so its shards are reused)."""
     path = os.path.join(out_dir, MANIFEST)
+    # Its manifest, its shards, and temporaries of shards (older versions named them
+    # shard-NNNNN.npz.tmp-XXXXXXXX; those are removed below).
     ours = lambda name: name == MANIFEST or re.fullmatch(r"shard-\d{5}\.npz", name) or (
-        name.startswith(".shard-") and ".tmp-" in name)
+        name.startswith(".shard-") and ".tmp-" in name) or _LEGACY_TMP.fullmatch(name)
     present = sorted(os.listdir(out_dir))
     foreign = [n for n in present if not ours(n)]
     if foreign or (present and not os.path.exists(path)):
@@ -233,6 +236,9 @@ def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
             f"({', '.join((foreign or present)[:8])}" + (", …" if len(foreign or present) > 8
                                                          else "")
             + "; choose another output directory)")
+    for name in present:
+        if _LEGACY_TMP.fullmatch(name):  # a torn shard of an older version's crash
+            os.remove(os.path.join(out_dir, name))
     if not os.path.exists(path):
         return manifest
     old = fileutil.read_json(path, "extraction manifest")

@@ -234,6 +234,16 @@ def test_an_extraction_refuses_a_directory_with_other_files(tmp_path):
     with pytest.raises(fileutil.OwnershipError, match=r"refusing to extract .*vectors.npy"):
         extract.extract(None, None, Corpus(), str(out), None, "fp", progress=False)
     assert snapshot(tmp_path) == before
+    # An extraction of ours with a torn shard of an older version: accepted, the torn one
+    # removed.
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    manifest = {"side": "image", "split": "test", "count": 3, "shard_size": 8,
+                "fingerprint": "fp", "normalized": False}
+    (ours / extract.MANIFEST).write_text(json.dumps(manifest))
+    (ours / "shard-00000.npz.tmp-0123abcd").write_bytes(b"torn")
+    assert extract._check_manifest(str(ours), dict(manifest), False)["count"] == 3
+    assert sorted(os.listdir(ours)) == [extract.MANIFEST]
 
 
 # ---------------------------------------------------------------------------------------------
