@@ -298,7 +298,6 @@ def image_input_name(model_config) -> str:
     """The image input (data/batching.IMAGE_INPUTS) that a model config's image tower reads:
     a DualEncoderConfig or a run's `config.model` section; a config without an image tower
     (the cross-encoder) reads regions."""
-    getter = model_config.get if isinstance(model_config, Mapping) or hasattr(
-        model_config, "get") else lambda key, default: getattr(model_config, key, default)
-    name = getter("image_tower", None)
+    name = (model_config.get("image_tower") if hasattr(model_config, "get")
+            else getattr(model_config, "image_tower", None))
     return image_tower(name).collate if name else "regions"
