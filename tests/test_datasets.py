@@ -1,6 +1,7 @@
 """Datasets: the scenes builder (generated once, reused, settings guarded) and every reader on
 files written in the users' real formats."""
 
+import json
 import os
 
 import numpy as np
@@ -57,11 +58,13 @@ def test_caption_table_is_cached(scenes_dir):
     assert [row["num_regions"] for row in table] == [
         len(data.split("val")[i]["region_feat"]) for i in range(10)]
     path = os.path.join(data.directory, "captions_val.json")
+    source = json.load(open(path))["source"]  # what the table was read from
+    cached = [{"captions": ["cached"], "num_regions": 3}] * len(table)
     with open(path, "w") as f:  # the second call reads the cache
-        f.write('[{"captions": ["cached"], "num_regions": 3}]')
-    assert data.caption_table("val") == [{"captions": ["cached"], "num_regions": 3}]
+        json.dump({"source": source, "rows": cached}, f)
+    assert data.caption_table("val") == cached
     with open(path, "w") as f:  # a table without region counts (older version) is rebuilt
-        f.write('[{"captions": ["cached"]}]')
+        json.dump({"source": source, "rows": [{"captions": ["cached"]}] * len(table)}, f)
     assert data.caption_table("val") == table
     os.remove(path)
 

@@ -156,6 +156,43 @@ def test_interrupted_extraction_resumes(workdir, built, tmp_path, monkeypatch):
                         progress=False)
 
 
+BUILD = """
+import sys
+from ldot_jax.retrieval import index_build
+index_build.build_from_workdir(sys.argv[1], shard_size=5, progress=False)
+"""
+
+
+def test_an_extraction_killed_in_a_shard_write_resumes_from_its_whole_shards(workdir, built,
+                                                                              tmp_path):
+    """A real SIGKILL while the second image shard is being written: the shard is not there
+    (its temporary is), reading says which shard is missing, and the next build writes only
+    what is missing, removes the temporary and gives the full extraction's vectors."""
+    import shutil
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "tests", "reliability"))
+    import faults
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(os.path.join(workdir, workdir_lib.CONFIG_FILE), run)
+    shutil.copytree(os.path.join(workdir, workdir_lib.MODEL_DIR), run / workdir_lib.MODEL_DIR)
+    faults.kill_at("shard_before_rename#2", [run], tmp_path, BUILD)
+    images = workdir_lib.embeddings_dir(str(run), "test", "image")
+    left = sorted(os.listdir(images))
+    assert left[:2] == [".shard-00001.npz.tmp-" + left[0].split(".tmp-")[1], extract.MANIFEST]
+    assert left[2:] == ["shard-00000.npz"]
+    with pytest.raises(FileNotFoundError, match=r"shard 1 \(rows 5–10\) is missing"):
+        extract.read_embeddings(images)
+    again = index_build.build_from_workdir(str(run), shard_size=5, progress=False)
+    assert sorted(os.listdir(images)) == [extract.MANIFEST] + [
+        f"shard-{s:05d}.npz" for s in range(4)]
+    for side in ("image", "text"):
+        got = extract.read_embeddings(again.embeddings[side])
+        want = extract.read_embeddings(built.embeddings[side])
+        np.testing.assert_allclose(got.vectors, want.vectors, rtol=1e-5, atol=1e-6)
+        assert got.names == want.names
+
+
 def test_index_from_another_model_is_refused(workdir, built, tmp_path):
     config = workdir_lib.load_config(workdir)
     other = _model_dir(tmp_path / "other", config, seed=1)

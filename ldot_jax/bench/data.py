@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from ldot_jax.core import fileutil
+
 
 
 def _pipeline_rate(dataset, steps: int, warmup: int = 3) -> tuple[float, list]:
@@ -100,6 +102,6 @@ def main(argv=None) -> int:
     }
     print(json.dumps(results, indent=2, default=lambda x: np.asarray(x).tolist()))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2, default=lambda x: np.asarray(x).tolist())
+        fileutil.atomic_write_text(args.output, json.dumps(
+            results, indent=2, default=lambda x: np.asarray(x).tolist()))
     return 0

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from ldot_jax.core import fileutil
+
 
 K_RECALL = (1, 10, 100)
 
@@ -310,11 +312,10 @@ def main(argv=None) -> int:
         results["sizes"][str(size)] = {"source": source, "rows": rows}
         del database
         gc.collect()
-        with open(os.path.join(args.out, "search.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        fileutil.atomic_write_text(os.path.join(args.out, "search.json"),
+                                   json.dumps(results, indent=1))
         plot(results, os.path.join(args.out, "search.png"))
-        with open(os.path.join(args.out, "search.md"), "w") as f:
-            f.write(markdown(results))
+        fileutil.atomic_write_text(os.path.join(args.out, "search.md"), markdown(results))
     print(f"wrote {args.out}/search.json, search.md and search.png")
     return 0
 

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from ldot_jax.core import fileutil
+
 
 # Dense peak FLOP/s per device (bf16 tensor cores; fp32 without TF32 for float32).
 PEAKS = {"H100": {"bfloat16": 989e12, "float32": 67e12},
@@ -131,6 +133,5 @@ def main(argv: list[str]) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if ns.json:
-        with open(ns.json, "w") as f:
-            f.write(text + "\n")
+        fileutil.atomic_write_text(ns.json, text + "\n")
     return 0

@@ -29,6 +29,8 @@ import time
 import jax
 import numpy as np
 
+from ldot_jax.core import fileutil
+
 
 REGIONS, TEXT_LEN = 16, 14
 
@@ -174,10 +176,9 @@ def main(argv=None) -> int:
     result = run(ints(args.sizes), ints(args.extrapolate), args.preset, ints(args.ms),
                  args.queries)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "two_stage.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "two_stage.md"), "w") as f:
-        f.write(markdown(result) + "\n")
+    fileutil.atomic_write_text(os.path.join(args.out, "two_stage.json"),
+                               json.dumps(result, indent=1))
+    fileutil.atomic_write_text(os.path.join(args.out, "two_stage.md"), markdown(result) + "\n")
     plot(result, os.path.join(args.out, "two_stage.png"))
     print(markdown(result))
     return 0

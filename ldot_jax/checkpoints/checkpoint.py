@@ -79,7 +79,8 @@ class TrainCheckpointer:
     writes a temporary directory and renames it when complete, so a crash never leaves a
     half-written step that `restore` would pick). Preserved: the latest `keep` steps and, when
     `best_metric` is set, the `keep_best` steps with the best value of that metric among
-    those saved with metrics (e.g. after an evaluation).
+    those saved with metrics (e.g. after an evaluation). `writer=True` (the training run,
+    which holds the run directory's lock) also removes what interrupted saves left.
 
     The state is a pytree of global jax.Arrays; it is restored onto whatever shardings the
     abstract target carries, so a run saved on 8 devices resumes on 2 (or on another mesh).
@@ -89,7 +90,7 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3,
                  best_metric: str | None = None, best_mode: str = "max", keep_best: int = 1,
-                 async_save: bool = True):
+                 async_save: bool = True, writer: bool = False):
         if best_mode not in ("max", "min"):
             raise ValueError(f"checkpoint best_mode={best_mode!r}: expected 'max' or 'min'")
         if keep < 1:
@@ -105,7 +106,11 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
-            best_mode=best_mode, enable_async_checkpointing=async_save, create=True)
+            best_mode=best_mode, enable_async_checkpointing=async_save, create=True,
+            # The run's writer (it holds the run directory's lock) removes the temporary
+            # directories of saves a crash interrupted; a reader must not (a live run owns
+            # its in-flight ones).
+            cleanup_tmp_directories=writer)
         self.directory = os.path.abspath(directory)
         self.best_metric = best_metric
         self.best_mode = best_mode

@@ -23,9 +23,11 @@ is followed: its target is replaced and the link stays. Files are written with `
 `verify(directory)` checks a directory against its manifest: sizes always, SHA-256 with
 `full=True`; file names in a manifest are confined to the directory.
 
-Crash tests: with LDOT_JAX_PAUSE_AT=<point> and LDOT_JAX_PAUSE_FILE=<file> a process creates
-<file> when it reaches <point> and waits there to be killed (the points: `before_manifest`,
-`before_swap`, `between_renames`, `after_swap`, `file_before_rename`).
+Crash tests: with LDOT_JAX_PAUSE_AT=<point> (or <point>#K, its K-th arrival) and
+LDOT_JAX_PAUSE_FILE=<file> a process creates <file> when it reaches <point> and waits there to
+be killed. The points: `before_manifest`, `before_swap`, `between_renames`, `after_swap`
+(directories), `file_before_rename` (files), `shard_before_rename` (extraction shards),
+`dataset_record`, `dataset_prepared` (dataset preparation), `checkpoint_started` (training).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,6 +50,7 @@ from typing import Iterable
 MANIFEST = "ldot_manifest.json"
 MANIFEST_VERSION = 1
 PAUSE_AT, PAUSE_FILE = "LDOT_JAX_PAUSE_AT", "LDOT_JAX_PAUSE_FILE"
+log = logging.getLogger(__name__)
 _HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
 
 
@@ -66,10 +70,18 @@ class IntegrityError(ValueError):
 # Crash points (tests)
 
 
+_REACHED: dict[str, int] = {}
+
+
 def pause_point(name: str) -> None:
-    """Where LDOT_JAX_PAUSE_AT names this point: announce it (create LDOT_JAX_PAUSE_FILE) and
-    wait to be killed. A no-op otherwise."""
-    if os.environ.get(PAUSE_AT) != name:
+    """Where LDOT_JAX_PAUSE_AT names this point (`name`, or `name#K` for its K-th arrival in
+    this process): announce it (create LDOT_JAX_PAUSE_FILE) and wait to be killed. A no-op
+    otherwise."""
+    wanted = os.environ.get(PAUSE_AT)
+    if not wanted or wanted.split("#")[0] != name:
+        return
+    _REACHED[name] = _REACHED.get(name, 0) + 1
+    if "#" in wanted and int(wanted.split("#")[1]) != _REACHED[name]:
         return
     with open(os.environ[PAUSE_FILE], "w") as f:
         f.write(str(os.getpid()))
@@ -137,9 +149,10 @@ def _holder() -> str:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike, what: str = "output"):
+def exclusive(path: str | os.PathLike, what: str = "output", wait: float = 0):
     """Holds the advisory lock of `path` (`.NAME.lock` beside it) for the block; a second
-    writer gets `LockedError` naming the holder. Re-entrant within a process."""
+    writer gets `LockedError` naming the holder, after waiting up to `wait` seconds for it
+    to finish (0: not at all). Re-entrant within a process."""
     import fcntl
     path = os.path.abspath(path)
     if path in _HELD:
@@ -148,6 +161,7 @@ def exclusive(path: str | os.PathLike, what: str = "output"):
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     lock_path = os.path.join(parent, f".{name}.lock")
+    deadline, told = time.monotonic() + wait, False
     while True:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -155,8 +169,14 @@ def exclusive(path: str | os.PathLike, what: str = "output"):
         except BlockingIOError:
             holder = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise LockedError(f"{what} {path} is being written by {holder}; wait for it to "
-                              f"finish (or stop it)") from None
+            if time.monotonic() >= deadline:
+                raise LockedError(f"{what} {path} is being written by {holder}; wait for it "
+                                  f"to finish (or stop it)") from None
+            if not told:
+                log.warning("%s %s is being written by %s: waiting for it", what, path, holder)
+                told = True
+            time.sleep(min(1.0, max(0.01, deadline - time.monotonic())))
+            continue
         try:  # the file may have been unlinked by its previous holder after we opened it
             same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
         except FileNotFoundError:
@@ -463,10 +483,11 @@ def _clean_file_leftovers(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w"):
+def atomic_file(path: str | os.PathLike, mode: str = "w", point: str = "file_before_rename"):
     """Yields a file open on a temporary sibling of `path`; on success it is synced and renamed
     onto `path` (and the directory synced), on any exception removed (`path` is left as it
-    was). Dead writers' temporary siblings of `path` are removed first."""
+    was). Dead writers' temporary siblings of `path` are removed first. `point`: the name of
+    the crash point between the sync and the rename (see `pause_point`)."""
     path = resolve_output(path)
     parent, base = os.path.split(path)
     _clean_file_leftovers(path)
@@ -476,7 +497,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        pause_point("file_before_rename")
+        pause_point(point)
         os.replace(tmp, path)
         fsync_dir(parent)
     finally:

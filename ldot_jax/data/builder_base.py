@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Mapping
 
 import tensorflow_datasets as tfds
 
+from ldot_jax.core import fileutil
 from ldot_jax.data import region_files, schema
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder):
                                  f"{split!r} (first in {seen[image_id]})")
             seen[image_id] = source
             yield count, record
+            fileutil.pause_point("dataset_record")  # crash tests
             count += 1
         if not count:
             raise ValueError(f"{self.name}: split {split!r} is empty")

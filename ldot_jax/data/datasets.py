@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -25,7 +27,7 @@ from ldot_jax.data import builder_base, schema
 from ldot_jax.data.jsonl import Jsonl
 from ldot_jax.data.karpathy import Karpathy
 from ldot_jax.data.multi30k import Multi30k
-from ldot_jax.data.scenes_builder import Scenes, ensure_vocabulary
+from ldot_jax.data.scenes_builder import Scenes, ensure_vocabulary, has_vocabulary
 from ldot_jax.data.tokenizer import Tokenizer
 from ldot_jax.data.uniter_db import UniterDb
 
@@ -72,13 +74,14 @@ class RetrievalDataset:
         """Per image of a split: {"captions": [str], "num_regions": int} (plus "caption_ids" / "caption_lengths"
         when pre-tokenized), what `pipeline.tokenize_captions` needs, without the regions.
         Reading a whole split decodes every record, so the table is cached next to the data
-        (`captions_<split>.json`; skipped if the directory is read-only)."""
+        (`captions_<split>.json`; skipped if the directory is read-only). The cache records
+        the data files it was read from (names, sizes, modification times) and is used only
+        while they are unchanged and it has one row per image; otherwise it is rebuilt."""
         path = os.path.join(self.directory, f"captions_{name}.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                table = json.load(f)
-            if all("num_regions" in row for row in table):  # else: written by an older version
-                return table
+        source = files_signature(self.directory)
+        cached = _read_caption_cache(path, source, len(self.split(name)))
+        if cached is not None:
+            return cached
         images = self.split(name)
         table = []
         for i in tqdm.trange(len(images), desc=f"reading {name} captions", unit="image",
@@ -91,25 +94,52 @@ class RetrievalDataset:
                 row["caption_lengths"] = np.asarray(record["caption_lengths"]).tolist()
             table.append(row)
         try:
-            fileutil.atomic_write_text(path, json.dumps(table))
+            fileutil.atomic_write_text(path, json.dumps({"source": source, "rows": table}))
         except OSError as e:
             log.info("caption table not cached (%s)", e)
         return table
 
 
-def split_digest(dataset: RetrievalDataset, split: str) -> str:
-    """A digest of what a split holds, for caches of its embeddings: the dataset's name, its
-    files (names, sizes, modification times: re-prepared data differs) and the split's caption
-    table (every image's captions and region count). SHA-256 hex."""
-    h = hashlib.sha256(f"{dataset.name}\0{split}\0".encode())
-    for root, dirs, files in os.walk(dataset.directory):
+def files_signature(directory: str) -> str:
+    """SHA-256 hex of a prepared dataset's files (relative names, sizes, modification times;
+    re-prepared data differs), leaving out our caches and hidden temporaries."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(directory):
         dirs.sort()
         for name in sorted(files):
             if name.startswith("captions_") or name.startswith("."):  # our caches, temporaries
                 continue
             st = os.stat(os.path.join(root, name))
-            rel = os.path.relpath(os.path.join(root, name), dataset.directory)
+            rel = os.path.relpath(os.path.join(root, name), directory)
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return h.hexdigest()
+
+
+def _read_caption_cache(path: str, source: str, count: int) -> list[dict] | None:
+    """The cached caption table if it was read from these files and has `count` rows."""
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("%s is unreadable (%s): rebuilding it", path, e)
+        return None
+    if not (isinstance(cached, dict) and cached.get("source") == source
+            and isinstance(cached.get("rows"), list) and len(cached["rows"]) == count
+            and all(isinstance(r, dict) and "num_regions" in r and "captions" in r
+                    for r in cached["rows"])):
+        log.info("%s was read from other data or by an older version: rebuilding it", path)
+        return None
+    return cached["rows"]
+
+
+def split_digest(dataset: RetrievalDataset, split: str) -> str:
+    """A digest of what a split holds, for caches of its embeddings: the dataset's name, its
+    files (`files_signature`) and the split's caption table (every image's captions and
+    region count). SHA-256 hex."""
+    h = hashlib.sha256(f"{dataset.name}\0{split}\0".encode())
+    h.update(files_signature(dataset.directory).encode())
     h.update(json.dumps(dataset.caption_table(split), sort_keys=True).encode())
     return h.hexdigest()
 
@@ -142,15 +172,69 @@ def make_builder(name: str, config=None, data_dir: str | None = None,
                file_format="array_record")
 
 
-def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None) -> None:
+# Another process preparing the same data (a sweep's runs starting together): wait for it.
+PREPARE_WAIT_S = 24 * 3600.0
+
+
+def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None,
+            wait: float = PREPARE_WAIT_S) -> tfds.core.DatasetBuilder:
     """Generates or converts the dataset unless it is already there (then checks that it was
-    made with the same settings)."""
-    if builder.is_prepared():
+    made with the same settings); returns the builder to read it with.
+
+    One process prepares a dataset at a time: others wait for it (up to `wait` seconds, then
+    `fileutil.LockedError` naming it) and reuse what it made. TFDS builds the data in an
+    `incomplete.*` sibling and renames it into place when it is whole, so a kill leaves only
+    that sibling, which the next preparation removes. A version directory that is not a
+    prepared dataset but holds files is refused (`fileutil.OwnershipError`), before any work.
+    """
+    if builder.is_prepared() and not _vocabulary_missing(builder):
         builder_base.check_settings(builder)
+        return builder
+    path = os.fspath(builder.data_path)
+    with fileutil.exclusive(path, "dataset", wait=wait):
+        if not builder.is_prepared():
+            _remove_incomplete(path)
+            _check_not_foreign(path)
+            download_config = tfds.download.DownloadConfig(
+                manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
+            builder.download_and_prepare(download_config=download_config)
+            fileutil.pause_point("dataset_prepared")  # crash tests: data there, no vocabulary
+        # Reopened: another process may have prepared it while this one waited.
+        builder = type(builder)(config=builder.builder_config,
+                                data_dir=os.fspath(builder.data_dir_root),
+                                file_format="array_record")
+        builder_base.check_settings(builder)
+        if isinstance(builder, Scenes):
+            ensure_vocabulary(builder)
+    return builder
+
+
+def _vocabulary_missing(builder) -> bool:
+    """Whether a scenes dataset lacks the vocabulary written after its data (a kill came
+    between the two)."""
+    return isinstance(builder, Scenes) and not has_vocabulary(builder)
+
+
+def _remove_incomplete(path: str) -> None:
+    """Removes what killed preparations of `path` left: TFDS's `incomplete.XXXXXX_<version>`
+    siblings (the caller holds the dataset's lock, so no live preparation owns one)."""
+    parent, version = os.path.split(path)
+    if not os.path.isdir(parent):
         return
-    download_config = tfds.download.DownloadConfig(
-        manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
-    builder.download_and_prepare(download_config=download_config)
+    for name in sorted(os.listdir(parent)):
+        if re.fullmatch(rf"incomplete\.[A-Z0-9]{{6}}_{re.escape(version)}", name):
+            log.warning("removing %s, left by a preparation that did not finish",
+                        os.path.join(parent, name))
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _check_not_foreign(path: str) -> None:
+    present = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if present:
+        raise fileutil.OwnershipError(
+            f"refusing to prepare a dataset into {path}: it is not a prepared dataset "
+            f"(no dataset_info.json) but holds {', '.join(present[:8])}"
+            + (" …" if len(present) > 8 else "") + "; move them away or use another data_dir")
 
 
 def load(name_or_dir: str, *, config=None, data_dir: str | None = None,
@@ -165,10 +249,8 @@ def load(name_or_dir: str, *, config=None, data_dir: str | None = None,
     if os.path.isfile(os.path.join(os.path.expanduser(name_or_dir), "dataset_info.json")):
         builder = tfds.builder_from_directory(os.path.expanduser(name_or_dir))
     else:
-        builder = make_builder(name_or_dir, config, data_dir, **overrides)
-        prepare(builder, manual_dir)
-        if isinstance(builder, Scenes):
-            ensure_vocabulary(builder)
+        builder = prepare(make_builder(name_or_dir, config, data_dir, **overrides),
+                          manual_dir)
     directory = os.fspath(builder.data_dir)
     settings = dict(builder.info.metadata or {}).get("settings", {})
     tokenizer = _tokenizer(vocab, directory, settings.get("text_meta"))

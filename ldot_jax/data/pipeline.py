@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from ldot_jax.data import batching, masking, mined_negatives, schema
-from ldot_jax.data.tokenizer import apply_length_policy
+from ldot_jax.data import tokenizer as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def tokenize_captions(images: Sequence[dict], tokenizer, max_text_len: int | Non
         raise ValueError(f"{split}: no captions in {len(images)} images")
     if pretokenized:
         _check_token_ids(pieces, owners, getattr(tokenizer, "vocab_size", None), split)
-        ids = apply_length_policy(pieces, max_text_len, policy, tokenizer.cls_id,
-                                  tokenizer.sep_id)
+        ids = tokenizer_lib.apply_length_policy(pieces, max_text_len, policy,
+                                                tokenizer.cls_id, tokenizer.sep_id)
     else:
         if tokenizer is None:
             raise ValueError(f"{split}: captions need a tokenizer (load the dataset with "
@@ -158,18 +158,11 @@ def tokenize_captions(images: Sequence[dict], tokenizer, max_text_len: int | Non
 def _check_token_ids(pieces: list, owners: list, vocab_size: int | None, split: str) -> None:
     """ValueError naming the caption, its image and the id if a pre-tokenized id is negative
     or not below the tokenizer's vocabulary size."""
-    if not pieces:
-        return
-    flat = np.concatenate([np.asarray(p).reshape(-1) for p in pieces])
-    high = vocab_size if vocab_size else np.iinfo(np.int32).max
-    if not flat.size or (flat.min() >= 0 and flat.max() < high):
-        return
-    for t, piece in enumerate(pieces):
-        piece = np.asarray(piece)
-        bad = piece[(piece < 0) | (piece >= high)]
-        if bad.size:
-            raise ValueError(f"{split}: caption {t} (image {owners[t]}) has token id "
-                             f"{int(bad[0])} outside the vocabulary [0, {vocab_size})")
+    found = tokenizer_lib.out_of_vocabulary(pieces, vocab_size)
+    if found:
+        t, bad = found
+        raise ValueError(f"{split}: caption {t} (image {owners[t]}) has token id {bad} "
+                         f"outside the vocabulary [0, {vocab_size})")
 
 
 def _image_example(record: dict, image_input: str) -> dict:

@@ -13,7 +13,8 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from ldot_jax.data import workers, scenes
+from ldot_jax.data import scenes, workers
+from ldot_jax.data import tokenizer as tokenizer_lib
 from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
 from ldot_jax.data.tokenizer import Tokenizer
 
@@ -80,11 +81,19 @@ def _generate(config: ScenesBuilderConfig, split: str, size: int) -> Iterator[tu
             yield f"scenes {split} {record['image_id']}", record
 
 
+def has_vocabulary(builder: tfds.core.DatasetBuilder) -> bool:
+    """Whether both files of the saved tokenizer are there (each is written atomically; a
+    kill can come between them)."""
+    directory = os.fspath(builder.data_dir)
+    return all(os.path.isfile(os.path.join(directory, name))
+               for name in (tokenizer_lib.VOCAB_FILE, tokenizer_lib.SETTINGS_FILE))
+
+
 def ensure_vocabulary(builder: tfds.core.DatasetBuilder) -> str:
     """Builds (once) the vocabulary of the train captions (`Tokenizer.from_words`: whole
     words, deterministic); returns its directory."""
     directory = os.fspath(builder.data_dir)
-    if os.path.isfile(os.path.join(directory, "vocab.txt")):
+    if has_vocabulary(builder):
         return directory
     config = builder.builder_config
     settings = config.scenes_config()

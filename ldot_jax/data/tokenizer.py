@@ -13,6 +13,7 @@ import json
 import os
 from typing import Iterable, Sequence
 
+import numpy as np
 from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
@@ -23,6 +24,22 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 POLICIES = ("truncate", "drop")
 VOCAB_FILE = "vocab.txt"
 SETTINGS_FILE = "tokenizer.json"
+
+
+def out_of_vocabulary(sequences: Sequence, vocab_size: int | None) -> tuple[int, int] | None:
+    """(index of the first sequence holding an id that is negative or not below
+    `vocab_size`, that id), or None if every id is in range (vocab_size None: only negative
+    ids count). The one check of pre-tokenized ids against a vocabulary."""
+    high = vocab_size if vocab_size else np.iinfo(np.int64).max
+    arrays = [np.asarray(s).reshape(-1) for s in sequences]
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    if not flat.size or (flat.min() >= 0 and flat.max() < high):  # the usual case: one pass
+        return None
+    for i, ids in enumerate(arrays):
+        bad = ids[(ids < 0) | (ids >= high)]
+        if bad.size:
+            return i, int(bad[0])
+    return None
 
 
 class Tokenizer:

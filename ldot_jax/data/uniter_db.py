@@ -23,6 +23,7 @@ import msgpack
 import numpy as np
 
 from ldot_jax.core import fileutil
+from ldot_jax.data import tokenizer as tokenizer_lib
 from ldot_jax.data.builder_base import RecordsBuilder, RecordsConfig
 
 DETECTOR_CLASSES = 1601
@@ -177,12 +178,11 @@ def _check_ids(examples: list[dict], text_ids: list[str], meta: dict, txt_path: 
     if not v_range:
         return
     vocab = int(v_range[1])
-    for text_id, example in zip(text_ids, examples):
-        ids = np.asarray(example["input_ids"])
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
-            raise ValueError(f"{txt_path}: text {text_id!r} has token id {bad} outside the "
-                             f"vocabulary [0, {vocab}) of its meta.json (v_range {v_range})")
+    found = tokenizer_lib.out_of_vocabulary([e["input_ids"] for e in examples], vocab)
+    if found:
+        i, bad = found
+        raise ValueError(f"{txt_path}: text {text_ids[i]!r} has token id {bad} outside the "
+                         f"vocabulary [0, {vocab}) of its meta.json (v_range {v_range})")
 
 
 def _records(config: UniterDbConfig, txt_path: str, img_path: str):

@@ -216,7 +216,7 @@ def _read_shard(path: str, start: int, stop: int) -> dict | None:
 
 
 def _write_shard(path: str, arrays: dict) -> None:
-    with fileutil.atomic_file(path, "wb") as f:
+    with fileutil.atomic_file(path, "wb", point="shard_before_rename") as f:
         np.savez(f, **arrays)
 
 

@@ -320,7 +320,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
     ckpt = checkpoint.TrainCheckpointer(
         workdir_lib.checkpoints_dir(workdir), keep=t.keep_checkpoints,
         best_metric=t.get("best_metric"), best_mode=t.get("best_mode", "max"),
-        async_save=t.get("async_checkpoints", True))
+        async_save=t.get("async_checkpoints", True), writer=True)
     state, tx, schedule = _initial_state(config, kind, model_cfg, mesh, setup, steps, ckpt,
                                          data)
     start = int(parallel.to_host(state.step))
@@ -425,6 +425,7 @@ def save(run: TrainContext, done: int, evaluated: dict[str, float] | None) -> No
     best = run.config.train.get("best_metric")
     metrics = evaluated if best and evaluated and best in evaluated else None
     run.checkpointer.save(done, run.state, run.data.iterator.get_state(), metrics=metrics)
+    fileutil.pause_point("checkpoint_started")  # crash tests: a save in flight
 
 
 def train_loop(run: TrainContext) -> dict:

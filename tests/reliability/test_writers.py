@@ -8,12 +8,11 @@ after)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -24,7 +23,9 @@ from ldot_jax.index import backends, base
 from ldot_jax.index.exact import ExactIndex
 from ldot_jax.retrieval import extract
 
+import faults
 from conftest import PARITY, SMALL_HEADS
+from faults import snapshot
 
 # Writes index version N to a path; with NO_EXCHANGE the filesystem "cannot" exchange.
 WRITER = textwrap.dedent("""
@@ -39,47 +40,14 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def snapshot(root) -> dict:
-    """{relative path: bytes} of every file under root (small trees only)."""
-    out = {}
-    for directory, _, files in os.walk(root):
-        for name in files:
-            full = os.path.join(directory, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, root)] = f.read()
-    return out
-
-
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", **extra)
-    return env
-
-
-def write_index(path, version, **env):
+def write_index(path, version, **extra):
     done = subprocess.run([sys.executable, "-c", WRITER, str(path), str(version)],
-                          env=_env(**env), capture_output=True, text=True, timeout=300)
+                          env=faults.env(**extra), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def kill_at(point, args, tmp_path, script=WRITER, **env):
-    """Runs the writer until it reaches `point`, then SIGKILLs it. Returns once it is dead."""
-    flag = tmp_path / f"paused-{point}"
-    proc = subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
-                            env=_env(LDOT_JAX_PAUSE_AT=point, LDOT_JAX_PAUSE_FILE=str(flag),
-                                     **env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not flag.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the writer ended before {point}: "
-                                 + proc.stderr.read().decode()[-3000:])
-        assert time.time() < deadline, f"the writer never reached {point}"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    return proc
+def kill_at(point, args, tmp_path, script=WRITER, **extra):
+    faults.kill_at(point, args, tmp_path, script, **extra)
 
 
 def version_of(path) -> int:
@@ -140,24 +108,60 @@ def test_a_kill_during_a_file_write_keeps_the_old_file(tmp_path):
 def test_a_second_writer_is_refused_while_the_first_lives_and_takes_over_after(tmp_path):
     out = tmp_path / "index"
     write_index(out, 1)
-    flag = tmp_path / "paused"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), "2"],
-                            env=_env(LDOT_JAX_PAUSE_AT="before_swap",
-                                     LDOT_JAX_PAUSE_FILE=str(flag)))
+    proc = faults.start_paused("before_swap", [out, 2], tmp_path / "paused", WRITER)
     try:
-        deadline = time.time() + 300
-        while not flag.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.05)
         with pytest.raises(fileutil.LockedError, match=rf"being written by pid {proc.pid}"):
             ExactIndex(4).add(np.zeros((3, 4), np.float32), np.arange(3)).save(out)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        faults.kill(proc)
     assert version_of(out) == 1
     ExactIndex(4).add(np.full((3, 4), 5, np.float32), np.arange(3)).save(out)  # stale lock
     assert version_of(out) == 5
     assert sorted(os.listdir(tmp_path)) == ["index", "paused"]
+
+
+CONVERT = textwrap.dedent("""
+    import os, sys
+    from ldot_jax.core import fileutil
+    if os.environ.get("NO_EXCHANGE"):
+        fileutil._exchange = lambda a, b: False
+    import ldot_jax
+    ldot_jax.convert_checkpoint("lightningdot", sys.argv[1], sys.argv[2],
+                                num_heads=int(sys.argv[3]))
+""")
+
+
+def test_a_kill_at_any_point_leaves_the_old_or_the_new_model_directory(tmp_path):
+    """The model directory's writer at each crash point: the directory loads as the old or
+    the new model (by their weights), and the next conversion cleans up and replaces it."""
+    v1 = PARITY / "ldot_small_weights.npz"
+    v2 = tmp_path / "v2.npz"  # the same model with other weights
+    with np.load(v1) as z:
+        np.savez(v2, **{k: z[k] + 1 if z[k].dtype.kind == "f" else z[k] for k in z.files})
+    root = tmp_path / "root"
+    out = root / "model"
+    ldot_jax.convert_checkpoint("lightningdot", v1, out, num_heads=SMALL_HEADS)
+
+    def weights(path=out):
+        leaves = jax.tree.leaves(pretrained.load_pretrained(path).params)
+        return np.concatenate([np.ravel(x)[:4] for x in leaves])
+    first = weights()
+    ldot_jax.convert_checkpoint("lightningdot", v2, tmp_path / "m2", num_heads=SMALL_HEADS)
+    second = weights(tmp_path / "m2")
+    assert not np.array_equal(first, second)
+    # (point, with the atomic exchange, whether the new copy is in place after a kill there)
+    for point, exchange, new in (("before_manifest", True, False), ("before_swap", True, False),
+                                 ("after_swap", True, True), ("between_renames", False, False)):
+        env = {} if exchange else {"NO_EXCHANGE": "1"}
+        before = weights()
+        source, written = (v2, second) if np.array_equal(before, first) else (v1, first)
+        kill_at(point, [source, out, SMALL_HEADS], tmp_path, script=CONVERT, **env)
+        # The old or the new complete copy (a reader puts an old copy moved aside back).
+        np.testing.assert_array_equal(weights(), written if new else before, err_msg=point)
+    ldot_jax.convert_checkpoint("lightningdot", v1, out, num_heads=SMALL_HEADS)
+    np.testing.assert_array_equal(weights(), first)
+    assert sorted(os.listdir(root)) == ["model"]  # every leftover cleaned up
+    pretrained.verify(out, full=True)
 
 
 # ---------------------------------------------------------------------------------------------
