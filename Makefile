@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,torch,bench]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)

@@ -12,8 +12,8 @@ from ldot_jax.tools import cli
 
 
 def test_every_command_has_a_main():
-    assert set(cli.COMMANDS) == {"train", "convert", "index", "evaluate", "mine", "demo",
-                                 "launch", "bench"}
+    assert set(cli.COMMANDS) == {"train", "convert", "export", "index", "evaluate", "mine",
+                                 "demo", "launch", "bench"}
     for command, module in cli.COMMANDS.items():
         assert callable(importlib.import_module(module).main), command
 

@@ -25,7 +25,7 @@ from ldot_jax.models import towers
 from ldot_jax.retrieval import encode, extract
 from ldot_jax.retrieval.retriever import Retriever
 from ldot_jax.checkpoints import checkpoint
-from ldot_jax.training import metric_writer, tasks, train
+from ldot_jax.training import export, metric_writer, tasks, train
 from ldot_jax.training.tasks import common
 from test_train import tiny_config  # the tiny runs' settings
 
@@ -179,11 +179,14 @@ def test_two_evaluators_write_both_metric_sets(data_dir, tmp_path):
                                       best_metric="val/ar") as ckpt:
         assert ckpt.all_steps() == [2, 4]
         assert rows[ckpt.best_step()]["val/ar"] == max(rows[s]["val/ar"] for s in (2, 4))
-    # Each set is its own split's recall by the exported (final) towers.
+        best = ckpt.best_step()
+    # The export is the best checkpoint by val/ar; each set of the final evaluation is its own
+    # split's recall by the final towers (step 4's checkpoint).
     loaded = pretrained.load_pretrained(f"{workdir}/{workdir_lib.MODEL_DIR}")
+    assert loaded.metadata["step"] == best
     mesh = parallel.make_mesh()
     model = pretrained.build_model(loaded.kind, loaded.config)
-    params = parallel.replicate(loaded.params, mesh)
+    params = parallel.replicate(export.checkpoint_params(workdir, 4), mesh)
     dataset = datasets.load_for_run(c.data)
     for split in ("val", "test"):
         captions = extract.eval_captions(dataset.caption_table(split), dataset.tokenizer,

@@ -26,7 +26,8 @@ from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, mined_negatives
 from ldot_jax.evaluation import evaluators
-from ldot_jax.tools import launch, mine_cli
+from ldot_jax.tools import export_cli, launch, mine_cli
+from ldot_jax.training import export as export_lib
 from ldot_jax.training import metric_writer as metrics, optim, tasks, train
 
 CONFIGS = {"demo": (demo, ["pretrain", "finetune", "rerank", "distill", "vldeformer",
@@ -237,10 +238,29 @@ def check_pretraining_runs_every_task_and_exports(uninterrupted):
     assert glob.glob(os.path.join(workdir, metrics.TENSORBOARD, "events.out.tfevents.*"))
     saved = json.load(open(os.path.join(workdir, workdir_lib.CONFIG_FILE)))
     assert saved["tasks"] == {"cmr": 1, "vmlm": 1, "mrfr": 1, "mrckl": 1}
-    loaded = pretrained.load_pretrained(os.path.join(workdir, workdir_lib.MODEL_DIR))
+    model_dir = os.path.join(workdir, workdir_lib.MODEL_DIR)
+    loaded = pretrained.load_pretrained(model_dir)
     assert loaded.kind == "lightningdot_pretrain"
+    assert loaded.metadata["step"] == 12 and loaded.metadata["exported_by"] == "train"
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params),
                  jax.device_get(final_params(workdir, 12)["model"]))
+    # The run's tokenizer travels with the model: a model directory alone is enough to query.
+    data_dir = workdir_lib.load_config(workdir).data.data_dir
+    [dataset_vocab] = glob.glob(os.path.join(data_dir, "ldot_scenes", "*", "*", "vocab.txt"))
+    for directory in (os.path.join(model_dir, pretrained.TOKENIZER_DIR),
+                      workdir_lib.tokenizer_dir(workdir)):
+        with open(os.path.join(directory, "vocab.txt")) as f, open(dataset_vocab) as want:
+            assert f.read() == want.read()
+    assert pretrained.load_tokenizer(model_dir).encode("a red circle") == (
+        export_lib.run_tokenizer(workdir).encode("a red circle"))
+    # `ldot export` from the checkpoint writes the same model; a step not kept is named.
+    out = os.path.join(os.path.dirname(workdir), "exported-12")
+    assert export_cli.main(["--workdir", workdir, "--step", "12", "--out", out]) == 0
+    again = pretrained.load_pretrained(out)
+    assert again.metadata["exported_by"] == "export" and again.metadata["step"] == 12
+    jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+    with pytest.raises(checkpoint.CheckpointError, match=r"no step 5 .*kept: \[12\]"):
+        export_lib.export(workdir, step=5, out=out)
 
 
 def check_resume_continues_exactly(uninterrupted, data_dir, tmp_path):
@@ -285,6 +305,37 @@ def test_tiny_finetuning_loss_drops(data_dir, tmp_path):
     assert summary["eval"]["ar"] > 0
 
 
+def test_the_export_takes_the_best_checkpoint(data_dir, tmp_path):
+    """Evaluated and checkpointed every 2 steps, best by val AR (which falls after step 2 in
+    this tiny run, so the best is not the last step): training's export, `ldot export --best`
+    and `--step` each write the checkpoint they name."""
+    c = tiny_config(data_dir, "finetune", steps=6, eval_every=2, checkpoint_every=2,
+                    keep_checkpoints=1, best_metric="ar", best_mode="max")
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(c, workdir)
+    scores = {r["step"]: r["ar"] for r in metrics.read_jsonl(workdir) if "ar" in r}
+    assert sorted(scores) == [2, 4, 6]
+    best = max(scores, key=scores.get)
+    assert best != 6, scores  # (else this test would not tell the best from the last)
+    kept = sorted(int(n) for n in os.listdir(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+                  if n.isdigit())
+    assert kept == sorted({best, 6})  # the latest and the best
+    model = pretrained.load_pretrained(os.path.join(workdir, workdir_lib.MODEL_DIR))
+    assert model.metadata["step"] == best
+    np.testing.assert_allclose(model.metadata["best_metric"]["ar"], scores[best], rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, model.params, final_params(workdir, best)["model"])
+    out = str(tmp_path / "best")
+    assert export_cli.main(["--workdir", workdir, "--best", "--out", out]) == 0
+    jax.tree.map(np.testing.assert_array_equal, pretrained.load_pretrained(out).params,
+                 model.params)
+    last = export_lib.export(workdir, out=str(tmp_path / "last"))
+    assert last[1] == 6 and pretrained.load_pretrained(last[0]).metadata["step"] == 6
+    with pytest.raises(ValueError, match="no train.best_metric"):
+        c2 = tiny_config(data_dir, "finetune", steps=6)
+        c2.train.best_metric = ""
+        export_lib.choose_step(export_lib.run_checkpointer(workdir, c2), best=True)
+
+
 def test_two_processes_equal_one_process(data_dir, tmp_path):
     """2 processes × 4 CPU devices (jax.distributed, gloo) against 1 process × 8 devices on the
     same global batches: the same losses and the same updated parameters.
@@ -316,7 +367,13 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
     assert moved > 1e-3
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
                  trained_two, trained_one)
-    assert not os.path.exists(os.path.join(two, workdir_lib.MODEL_DIR))  # export: one process only
+    # A multi-process run exports too (process 0 writes the replicated parameters), and a
+    # single process exports its checkpoints.
+    exported = pretrained.load_pretrained(os.path.join(two, workdir_lib.MODEL_DIR))
+    jax.tree.map(np.testing.assert_array_equal, exported.params, trained_two)
+    path, step = export_lib.export(two, step=6, out=str(tmp_path / "two-6"))
+    jax.tree.map(np.testing.assert_array_equal, pretrained.load_pretrained(path).params,
+                 trained_two)
 
 
 def test_sigterm_saves_and_stops(data_dir, tmp_path):

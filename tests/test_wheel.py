@@ -24,9 +24,10 @@ import zipfile
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # What the wheel is built from (copied: an in-tree build would write build/ and *.egg-info).
 SOURCES = ("ldot_jax", "setup.cfg", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in",
-           "LICENSE")
+           "LICENSE", "NOTICE")
 ARTIFACTS = ("build", "dist")  # what a build in the repository would leave there
-COMMANDS = ("train", "convert", "index", "evaluate", "mine", "demo", "launch", "bench")
+COMMANDS = ("train", "convert", "export", "index", "evaluate", "mine", "demo", "launch",
+            "bench")
 
 
 def _run(args, **kwargs):

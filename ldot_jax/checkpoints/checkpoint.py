@@ -17,9 +17,17 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """An Orbax checkpointer of this process alone (model directories are written by one
+    process and read by each on its own: no barriers with the other processes of a job)."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"ldot_local_{me}"))
+
+
 def save_tree(path: str | os.PathLike, tree: Any) -> None:
     """Writes an array pytree to `path` (which must not exist) and waits for completion."""
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _local_checkpointer() as checkpointer:
         checkpointer.save(os.path.abspath(path), tree)
         checkpointer.wait_until_finished()
 
@@ -33,7 +41,7 @@ def tree_metadata(path: str | os.PathLike) -> Any:
     if not os.path.isdir(path):
         raise CheckpointError(f"no parameter checkpoint at {path}")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _local_checkpointer() as checkpointer:
             metadata = checkpointer.metadata(path)
     except Exception as e:  # Orbax raises several types for partial or foreign directories.
         raise CheckpointError(
@@ -61,7 +69,7 @@ def restore_tree(path: str | os.PathLike, abstract_tree: Any, sharding=None) -> 
         shardings = sharding
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_tree, shardings)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _local_checkpointer() as checkpointer:
         return checkpointer.restore(os.path.abspath(path), target)
 
 
@@ -123,15 +131,19 @@ class TrainCheckpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def best_step(self) -> int | None:
-        """The kept step with the best `best_metric` (None without metrics)."""
+    def metric(self, step: int) -> float | None:
+        """The `best_metric` value saved with `step` (None without one)."""
         if not self.best_metric:
             return None
-        scored = {}
-        for step in self.all_steps():
-            metrics = self._manager.metrics(step)
-            if metrics and self.best_metric in metrics:
-                scored[step] = float(metrics[self.best_metric])
+        metrics = self._manager.metrics(step)
+        if not metrics or self.best_metric not in metrics:
+            return None
+        return float(metrics[self.best_metric])
+
+    def best_step(self) -> int | None:
+        """The kept step with the best `best_metric` (None without metrics)."""
+        scored = {step: self.metric(step) for step in self.all_steps()}
+        scored = {step: value for step, value in scored.items() if value is not None}
         if not scored:
             return None
         pick = max if self.best_mode == "max" else min

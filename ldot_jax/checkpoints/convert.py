@@ -23,9 +23,10 @@ import os
 import re
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 
-from ldot_jax.checkpoints import kinds, pretrained, torch_names
+from ldot_jax.checkpoints import kinds, pretrained, torch_files, torch_names
 from ldot_jax.core import fileutil, numerics
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ log = logging.getLogger(__name__)
 def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """A state_dict as float32 / int NumPy arrays from .npz or a PyTorch .pt/.bin/.pth file.
 
-    PyTorch files are read with `torch.load(weights_only=True)` unless `trust_pickle` (only for
-    files you trust: unpickling can run code).
+    PyTorch files are read without PyTorch by a restricted unpickler (`torch_files`: tensors
+    and plain values only, like `torch.load(weights_only=True)`) unless `trust_pickle` (only
+    for files you trust: unpickling can run code; needs PyTorch).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -55,17 +57,19 @@ def read_state_dict(path: str | os.PathLike, trust_pickle: bool = False) -> dict
 
 
 def _read_torch(path: str, trust_pickle: bool) -> Mapping[str, Any]:
+    """The state_dict of a PyTorch file: read without PyTorch (`torch_files`, tensors and
+    plain values only), or with `torch.load` when the caller trusts the file's pickle."""
+    if not trust_pickle:
+        return unwrap_state_dict(torch_files.load(path), path)
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"reading {path} needs PyTorch: pip install 'ldot_jax[torch]', or "
-                          f"save the state_dict as .npz") from e
+        raise ImportError(f"reading {path} with trust_pickle needs PyTorch: pip install "
+                          f"'ldot_jax[torch]' (without trust_pickle no PyTorch is needed)") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        hint = "" if trust_pickle else (" If you trust this file, retry with --trust_pickle "
-                                        "(it may hold pickled Python objects).")
-        raise ValueError(f"{path}: torch.load failed: {e}.{hint}") from e
+        raise ValueError(f"{path}: torch.load failed: {e}") from e
     return unwrap_state_dict(obj, path)
 
 
@@ -87,6 +91,8 @@ def _to_numpy(key: str, value: Any, path: str) -> np.ndarray:
         value = value.float() if value.is_floating_point() else value
         value = value.numpy()
     value = np.asarray(value)
+    if value.dtype == ml_dtypes.bfloat16:  # torch_files' bf16 tensors
+        value = value.astype(np.float32)
     if value.dtype.kind == "f":
         numerics.check_finite(value, f"{path}: tensor {key!r}")
         numerics.check_fits(value, np.float32, f"{path}: tensor {key!r}")

@@ -3,6 +3,7 @@
     <workdir>/config.json                    the resolved run config (written by training)
     <workdir>/config_changes.jsonl           allowed changes of it by restarts
     <workdir>/checkpoints/<step>/            Orbax training checkpoints
+    <workdir>/tokenizer/                     the tokenizer the run trained with
     <workdir>/model/                         the exported model directory
     <workdir>/embeddings/<split>/<side>/     extraction shards (side: image | text)
     <workdir>/index/<split>/<side>/          saved indexes (image: searched by captions)
@@ -25,6 +26,7 @@ from ldot_jax.core import fileutil
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
 # The two modalities a corpus (and an index) can hold, and which one queries the other.
@@ -47,6 +49,10 @@ def model_dir(workdir: str) -> str:
     return os.path.join(workdir, MODEL_DIR)
 
 
+def tokenizer_dir(workdir: str) -> str:
+    return os.path.join(workdir, TOKENIZER_DIR)
+
+
 def embeddings_dir(workdir: str, split: str, side: str) -> str:
     return os.path.join(workdir, EMBEDDINGS_DIR, split, side)
 
@@ -65,7 +71,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 CHANGES_FILE = "config_changes.jsonl"
 # What a run directory holds (training, extraction, indexes, evaluations write these).
 RUN_ENTRIES = (CONFIG_FILE, CHANGES_FILE, "metrics.jsonl", "tensorboard", CHECKPOINTS,
-               MODEL_DIR, EMBEDDINGS_DIR, INDEX_DIR, "eval", "mined")
+               TOKENIZER_DIR, MODEL_DIR, EMBEDDINGS_DIR, INDEX_DIR, "eval", "mined")
 # What a restart may change without `train.allow_config_change`: when to stop, log, evaluate
 # and save, and how fast the input is read; none changes what the run computes.
 MUTABLE_KEYS = ("train.stop_at", "train.log_every", "train.progress_bar", "train.tensorboard",

@@ -93,7 +93,8 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     model_dir = model_dir or os.path.join(workdir, workdir_lib.MODEL_DIR)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(
-            f"no model at {model_dir}: a finished single-process run exports one; otherwise "
+            f"no model at {model_dir}: a finished run exports one (or `ldot export --workdir "
+            f"{workdir}` from a checkpoint); otherwise "
             f"pass model_dir / --model (a directory written by ldot_jax.save_pretrained)")
     loaded = pretrained.load_pretrained(model_dir)
     if not kinds.get(loaded.kind).is_dual_encoder:

@@ -2,6 +2,7 @@
 
     ldot train    --config=ldot_jax/configs/demo.py:finetune --workdir=runs/ft   training
     ldot convert  --kind lightningdot --input ft.pt --output models/ft            PyTorch → model dir
+    ldot export   --workdir runs/ft [--step N | --best] [--out DIR]               checkpoint → model dir
     ldot index    build|info|query ...                                           indexes
     ldot evaluate --workdir runs/ft --reranker runs/rr/model                     two-stage report
     ldot mine     --workdir runs/ft --out mined.npz                              hard negatives
@@ -23,6 +24,7 @@ import sys
 COMMANDS = {
     "train": "ldot_jax.tools.train_cli",
     "convert": "ldot_jax.tools.convert_cli",
+    "export": "ldot_jax.tools.export_cli",
     "index": "ldot_jax.tools.index_cli",
     "evaluate": "ldot_jax.tools.evaluate_cli",
     "mine": "ldot_jax.tools.mine_cli",

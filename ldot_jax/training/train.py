@@ -48,6 +48,7 @@ from ldot_jax.data import datasets, pipeline
 from ldot_jax.evaluation import evaluators
 from ldot_jax.models import config as model_config_lib
 from ldot_jax.models import towers
+from ldot_jax.training import export as export_lib
 from ldot_jax.training import optim, tasks
 from ldot_jax.training.metric_writer import MetricWriter
 
@@ -312,6 +313,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
     frozen_modules, frozen = frozen_models(config, names, models)
     data = load_data(config)
     model_config_lib.check_vocabulary(data.tokenizer, model_cfg)
+    if jax.process_index() == 0:  # what exports of any checkpoint will carry
+        export_lib.save_run_tokenizer(workdir, data.tokenizer)
     evaluation = evaluators.from_config(config, evaluators.EvalContext(
         model, kind, mesh, config, data.dataset, models))
     evaluators.check_metric(evaluation, t.get("best_metric"), "train.best_metric")
@@ -461,7 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     Returns {"step", "preempted", "train": last logged train metrics, "eval": the latest
     metrics of each evaluator}. Writes <workdir>/config.json, metrics.jsonl, tensorboard/,
-    checkpoints/ and, at the end of a single-process run, model/ (a model directory for
+    checkpoints/, tokenizer/ and, at the end, model/ (the best checkpoint by
+    train.best_metric when one was scored, else the final state; a model directory for
     `load_dual_encoder`).
     """
     # One run per workdir: a second `train` on it is refused while this one lives.
@@ -476,22 +480,32 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     try:
         summary = train_loop(run)
         run.checkpointer.wait()
-        if (jax.process_count() == 1 and summary["step"] == run.steps
-                and config.train.get("export", True)):
-            export_model(run.workdir, run.kind, run.model_config, run.state.params["model"],
-                         run.data.tokenizer)
+        if summary["step"] == run.steps and config.train.get("export", True):
+            export_at_end(run, summary["step"])
     finally:
         run.close()
     return summary
 
 
-def export_model(workdir: str, kind: str, model_cfg, model_params, tokenizer=None) -> str:
-    """Writes <workdir>/model, a model directory (`ldot_jax.load_dual_encoder` reads it)."""
-    path = workdir_lib.model_dir(workdir)
-    host = jax.device_get(parallel.to_host(model_params))
-    return pretrained.save_pretrained(path, kind, model_cfg, host,
-                                      metadata={"source": workdir, "exported_by": "train"},
-                                      tokenizer=tokenizer)
+def export_at_end(run: TrainContext, step: int) -> str | None:
+    """Writes <workdir>/model: the best checkpoint by train.best_metric when one was scored,
+    else the final state. Every process calls it (restoring the best state is collective);
+    process 0 writes."""
+    best = run.checkpointer.best_step()
+    params, score = run.state.params["model"], None
+    if best is not None and best != step:
+        state, _ = run.checkpointer.restore(_abstract(run.state), best)
+        params, step = state.params["model"], best
+    if best is not None:
+        score = {run.checkpointer.best_metric: run.checkpointer.metric(best)}
+    host = parallel.to_host(params)  # replicated: every process holds them
+    path = None
+    if jax.process_index() == 0:
+        path = export_lib.write(run.workdir, run.kind, run.model_config, host, step,
+                                run.data.tokenizer, exported_by="train", score=score)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("ldot_jax: model exported")
+    return path
 
 
 def summary_json(summary: Mapping) -> str:
