@@ -207,8 +207,13 @@ def state_dict_to_params(kind: str, state: Mapping[str, np.ndarray], config) -> 
     if mismatched:
         problems.append("shape mismatch: " + "; ".join(mismatched))
     if problems:
+        hint = ""
+        if kind == "uniter_itm" and "feat_regress.weight" in state:
+            hint = (". This is a UNITER pre-training checkpoint (UniterForPretraining, e.g. "
+                    "uniter-base.pt): convert it with --kind uniter_pretrain; a re-ranker "
+                    "initializes from that directory (--config.init.model=DIR)")
         raise ValueError(f"{kind} checkpoint does not match the model "
-                         f"({pretrained.describe(config)}): " + " | ".join(problems))
+                         f"({pretrained.describe(config)}): " + " | ".join(problems) + hint)
     return Conversion(kind, config, params, sorted(ignored))
 
 

@@ -11,10 +11,13 @@ directories written by `ldot convert` (or by training):
   model   lightningdot(_pretrain)  into a uniter_itm re-ranker: word embeddings from the text
                                    tower, region embeddings and layers from the image tower
   model   uniter_itm               a uniter_itm re-ranker (a converted UNITER checkpoint)
+  model   uniter_pretrain          a uniter_itm re-ranker: trunk, pooler, ITM head (rank_output
+                                   keeps its initialization)
   text    bert                     text_tower/bert          (LightningDOT: bert-base-cased)
   text    lightningdot(_pretrain)  text_tower
-  text    uniter_itm               text_tower/bert embeddings + encoder (VLDeformer)
-  image   uniter_itm               image_tower/uniter       (LightningDOT: UNITER-base)
+  text    uniter_itm / _pretrain   text_tower/bert embeddings + encoder (VLDeformer)
+  image   uniter_pretrain          image_tower/uniter       (LightningDOT: uniter-base.pt)
+  image   uniter_itm               image_tower/uniter
   image   bert                     image_tower/uniter embeddings + encoder
   image   lightningdot(_pretrain)  image_tower
 

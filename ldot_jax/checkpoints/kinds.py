@@ -20,7 +20,7 @@ from ldot_jax.models import config as config_lib
 from ldot_jax.models.config import BertConfig, CrossEncoderConfig, DualEncoderConfig
 from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.dual_encoder import DualEncoder
-from ldot_jax.models.pretraining import DualEncoderForPretraining
+from ldot_jax.models.pretraining import CrossEncoderForPretraining, DualEncoderForPretraining
 from ldot_jax.models import towers
 from ldot_jax.models.towers import BertTrunk
 
@@ -135,6 +135,21 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
                   "text": lambda p: {"bert": {k: p["uniter"][k] for k in ("embeddings",
                                                                           "encoder")}}},
               summary="UNITER ITM, the cross-encoder re-ranker (itm)"),
+    ModelKind("uniter_pretrain", CrossEncoderConfig, CrossEncoderForPretraining,
+              lambda c: (towers.dummy_text(), towers.dummy_regions(c.region),
+                         jnp.ones((1, 1), jnp.int32)),
+              Converter(torch_names.uniter_pretrain_rules, torch_names.uniter_pretrain_prefix,
+                        "uniter.", torch_names.infer_uniter_pretrain),
+              tasks=(), dual_encoder=None,
+              warm_starts={
+                  # the re-ranker: trunk, pooler and ITM head (rank_output starts fresh)
+                  "cross": lambda p: {k: p[k] for k in ("uniter", "pooler", "itm_output")},
+                  # LightningDOT's image tower, as the paper initializes it
+                  "image": lambda p: {"uniter": p["uniter"]},
+                  "text": lambda p: {"bert": {k: p["uniter"][k] for k in ("embeddings",
+                                                                          "encoder")}}},
+              summary="UNITER pre-training (uniter-base.pt): trunk + ITM / MLM / MRFR / MRC "
+                      "heads; initializes the re-ranker and the towers"),
     ModelKind("bert", BertConfig, lambda c: BertTrunk(c.transformer),
               lambda c: towers.text_fields(towers.dummy_text()),
               Converter(torch_names.bert_rules, torch_names.bert_trunk_prefix, "bert.",

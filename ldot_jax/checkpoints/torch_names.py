@@ -221,6 +221,19 @@ def uniter_itm_rules(trunk_prefix: str = "uniter.") -> KindSpec:
                     (_POSITION_IDS,))
 
 
+def uniter_pretrain_rules(trunk_prefix: str = "uniter.") -> KindSpec:
+    """UNITER's released pre-training checkpoints (`UniterForPretraining`: uniter-base.pt,
+    uniter-large.pt): the trunk with its pooler, the ITM head and the MLM / MRFR / MRC heads
+    (the same names as LightningDOT's), with UNITER's two ties."""
+    return KindSpec(
+        _prefixed(UNITER_TRUNK, trunk_prefix, "uniter/")
+        + _prefixed(ITM_HEADS[:1], trunk_prefix, "") + ITM_HEADS[1:2] + PRETRAIN_HEADS,
+        (_POSITION_IDS,),
+        tied={"cls.predictions.decoder.weight": f"{trunk_prefix}embeddings.word_embeddings.weight",
+              "feat_regress.weight": f"{trunk_prefix}img_embeddings.img_linear.weight"},
+        aliases={"cls.predictions.decoder.bias": "cls.predictions.bias"})
+
+
 def bert_rules(trunk_prefix: str = "bert.") -> KindSpec:
     """`trunk_prefix`: "bert." (BertModel inside a pre-training model) or ""."""
     return KindSpec(_prefixed(BERT_TRUNK, trunk_prefix, ""),
@@ -238,6 +251,13 @@ def uniter_trunk_prefix(state: Mapping[str, Any]) -> str:
             return prefix
     raise ValueError("uniter_itm checkpoint: no 'uniter.embeddings.*' or 'bert.embeddings.*' "
                      "keys found")
+
+
+def uniter_pretrain_prefix(state: Mapping[str, Any]) -> str:
+    if not any(k.startswith("uniter.embeddings.") for k in state):
+        raise ValueError("uniter_pretrain checkpoint: no 'uniter.embeddings.*' keys found (a "
+                         "UniterForPretraining state_dict, e.g. uniter-base.pt)")
+    return "uniter."
 
 
 def bert_trunk_prefix(state: Mapping[str, Any]) -> str:
@@ -267,6 +287,13 @@ def infer_uniter_itm(state, num_heads: int | None = None) -> CrossEncoderConfig:
     return CrossEncoderConfig(
         transformer=infer_transformer(state, prefix, num_heads, "cross-encoder"),
         region=_infer_region(state, prefix, None))
+
+
+def infer_uniter_pretrain(state, num_heads: int | None = None) -> CrossEncoderConfig:
+    prefix = uniter_pretrain_prefix(state)
+    return CrossEncoderConfig(
+        transformer=infer_transformer(state, prefix, num_heads, "UNITER"),
+        region=_infer_region(state, prefix, "region_classifier.net.3.weight"))
 
 
 def infer_bert(state, num_heads: int | None = None) -> BertConfig:

@@ -74,13 +74,16 @@ class RegionEmbeddings(nn.Module):
         self.dropout = Dropout(c.hidden_dropout)
 
     def __call__(self, region_feat, boxes, type_embedding, masked_regions=None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, zero_masked: bool = True):
         """region_feat: f[B, R, F]; boxes: f[B, R, 7]; type_embedding: [B, R, H];
-        masked_regions: [B, R] or None → [B, R, H]."""
+        masked_regions: [B, R] or None → [B, R, H]. zero_masked: masked regions' features
+        become the mask row (the original's pre-training collate zeroes them and its model
+        adds the row); False adds the row to the given features (the original model alone)."""
         if masked_regions is not None:
             mask_row = self.mask_embedding[1].astype(region_feat.dtype)
-            region_feat = jnp.where(masked_regions[..., None].astype(bool), mask_row,
-                                    region_feat)
+            masked = masked_regions[..., None].astype(bool)
+            region_feat = (jnp.where(masked, mask_row, region_feat) if zero_masked
+                           else region_feat + jnp.where(masked, mask_row, 0))
         image = self.img_layer_norm(self.img_linear(region_feat))
         position = self.pos_layer_norm(self.pos_linear(boxes))
         hidden = self.layer_norm(image + position + type_embedding)
@@ -127,9 +130,11 @@ class UniterTrunk(nn.Module):
         self.encoder = TransformerEncoder(self.config)
 
     def __call__(self, input_ids, text_mask, region_feat, boxes, region_mask,
-                 masked_regions=None, pack: bool = False, deterministic: bool = True):
+                 masked_regions=None, pack: bool = False, deterministic: bool = True,
+                 zero_masked: bool = True):
         """input_ids: i32[B, L]; text_mask: [B, L]; region_feat: f[B, R, F]; boxes: f[B, R, 7];
-        region_mask: [B, R]; masked_regions: [B, R] or None.
+        region_mask: [B, R]; masked_regions: [B, R] or None (zero_masked: see
+        RegionEmbeddings).
 
         Returns (states [B, L + R, H], mask bool[B, L + R]), in packed order if `pack`.
         """
@@ -140,7 +145,7 @@ class UniterTrunk(nn.Module):
         types = self.embeddings.type_embedding(jnp.ones_like(region_mask, dtype=jnp.int32))
         regions = self.region_embeddings(region_feat.astype(self.config.compute_dtype),
                                          boxes.astype(self.config.compute_dtype), types,
-                                         masked_regions, deterministic)
+                                         masked_regions, deterministic, zero_masked)
         hidden = jnp.concatenate([text, regions], axis=1)
         mask = jnp.concatenate([text_mask, region_mask], axis=1).astype(bool)
         if pack:
