@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ldot_jax.bench.two_stage import GeneratedRecords
 from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import parallel
 from ldot_jax.data import pipeline
@@ -302,3 +303,64 @@ def test_bad_input_is_refused_by_name(setup, reranker):
     with pytest.raises(ValueError, match="direction='sideways'"):
         reranker("sideways", {}, np.zeros((1, 1), np.int64), np.zeros((1, 1)))
     assert reranker.compiles == len(BUCKETS)
+
+
+def test_the_record_store_scores_like_the_in_memory_store(setup, reranker):
+    lazy = rerank.RecordImageStore(setup["records"], 5, cache_images=2)
+    assert (len(lazy), lazy.num_regions, lazy.feat_dim) == (6, 5, FEAT_DIM)
+    index = np.array([3, 0, 3, 5, 1])
+    for key, value in setup["images"].rows(index).items():
+        np.testing.assert_array_equal(lazy.rows(index)[key], value, err_msg=key)
+    other = rerank.CrossEncoderReranker(setup["model"], setup["params"], lazy,
+                                        setup["caption_store"], pairs_per_batch=8,
+                                        text_buckets=BUCKETS)
+    candidates = _permutations(len(setup["captions"]), len(setup["records"]), seed=3)
+    queries = _text_queries(setup["captions"], range(len(setup["captions"])))
+    np.testing.assert_allclose(
+        other("text_to_image", queries, candidates, np.zeros(candidates.shape)),
+        reranker("text_to_image", queries, candidates, np.zeros(candidates.shape)), atol=1e-6)
+
+
+def test_the_record_store_memory_is_bounded_by_its_cache_not_the_corpus():
+    """50,000 images, 64 cached: after reading 5,000 candidates the store holds at most 64
+    decoded images (their bytes, exactly), the same as over a 1,000-image corpus."""
+    per_image = 5 * (FEAT_DIM + 7) * 4  # the most an image can hold (f32)
+    resident = {}
+    for n in (1_000, 50_000):
+        source = GeneratedRecords(n, 5, FEAT_DIM)
+        store = rerank.RecordImageStore(source, 5, cache_images=64)
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            store.rows(rng.integers(0, n, 250))
+        assert store.resident_bytes <= 64 * per_image
+        assert len(store._cache) == 64
+        resident[n] = store.resident_bytes
+        assert source.reads <= 1 + 20 * 250  # each row read once at most per miss
+    assert max(resident.values()) <= 64 * per_image
+    # A hit is not read again; the least recently used image leaves first.
+    source = GeneratedRecords(100, 5, FEAT_DIM)
+    store = rerank.RecordImageStore(source, 5, cache_images=3)
+    store.rows([1, 2, 3])
+    reads = source.reads
+    store.rows([3, 2, 1])
+    assert source.reads == reads
+    store.rows([4])  # 3 is the least recently used of {3, 2, 1}: it leaves
+    assert sorted(store._cache) == [1, 2, 4]
+
+
+def test_the_record_store_names_bad_images():
+    records = [{"region_feat": np.ones((2, FEAT_DIM), np.float32),
+                "boxes": np.full((2, 7), 0.5, np.float32)} for _ in range(4)]
+    records[1] = dict(records[1], region_feat=np.full((2, FEAT_DIM), np.nan, np.float32))
+    records[2] = {"region_feat": np.ones((9, FEAT_DIM), np.float32),
+                  "boxes": np.full((9, 7), 0.5, np.float32)}
+    records[3] = dict(records[3], boxes=np.full((2, 7), 300.0, np.float32))
+    store = rerank.RecordImageStore(records, 5)
+    with pytest.raises(ValueError, match=r"image 1: .*non-finite"):
+        store.rows([0, 1])
+    with pytest.raises(ValueError, match=r"image 2 has 9 regions, more than region_bucket=5"):
+        store.rows([2])
+    with pytest.raises(ValueError, match=r"image 3: .*pixel coordinates"):
+        store.rows([3])
+    with pytest.raises(IndexError, match=r"image id 4 is outside \[0, 4\)"):
+        store.rows([4])

@@ -1,12 +1,13 @@
 """Two-stage speed benchmark: per-query cost of dot product + re-ranking against scoring all
 pairs with the cross-encoder, as the corpus grows.
 
-    ldot bench two_stage [--sizes 1000,10000] [--extrapolate 100000,1000000]
+    ldot bench two_stage [--sizes 1000,10000,100000] [--extrapolate 1000000]
         [--preset scenes_small] [--ms 10,20,50,100] [--queries 256] [--out runs/bench/two_stage]
 
 For caption queries (text → image) over a corpus of N images with the `--preset` towers and
-its re-ranker (random weights: timing does not depend on them; 16 regions per image, captions
-in the 16-token bucket, float32), it times on this machine, batched, after warm-up:
+its re-ranker (random weights: timing does not depend on them; up to 16 regions per image read
+on demand from a generated record source through `rerank.RecordImageStore`, captions in the
+16-token bucket, float32), it times on this machine, batched, after warm-up:
   encode     the text tower on a batch of queries (ms per query);
   search     ScaNN over N image vectors (the size rule of index/scann_index.py; ms per query);
   re-rank M  the fixed-shape jitted cross-encoder on each query's M candidates;
@@ -15,7 +16,9 @@ in the 16-token bucket, float32), it times on this machine, batched, after warm-
 Speed-up = all-pairs ms / (encode + search + re-rank M) ms. Sizes in `--extrapolate` are not
 run: all pairs = N × the largest measured size's ms per pair, search = the largest measured
 search time × (N / measured N) (an upper bound: ScaNN's tree search grows like √N), encode
-and re-rank unchanged; they are labeled as extrapolated. Writes two_stage.{json,md,png}.
+and re-rank unchanged; they are labeled as extrapolated. Each measured size also reports the
+process's peak RSS so far, the re-ranker store's resident bytes and the index vectors' size.
+Writes two_stage.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 
 import jax
@@ -72,10 +76,10 @@ def run(sizes, extrapolate, preset: str, ms, queries: int) -> dict:
     encode_ms = _ms(lambda: jax.block_until_ready(encode(dual_params, text))) / queries
     rows, largest = [], None
     for n in sizes:
-        feat = rng.normal(size=(n, REGIONS, cfg.region.feat_dim)).astype(np.float32)
-        boxes = rng.uniform(size=(n, REGIONS, 7)).astype(np.float32)
-        images = rerank.ImageStore({"region_feat": feat, "boxes": boxes,
-                                    "region_mask": np.ones((n, REGIONS), np.int32)})
+        # The corpus's regions are read on demand (as from a dataset's ArrayRecord source):
+        # memory does not grow with N.
+        images = rerank.RecordImageStore(GeneratedRecords(n, REGIONS, cfg.region.feat_dim),
+                                         REGIONS)
         reranker = rerank.CrossEncoderReranker(cross, cross_params, images, mesh=mesh,
                                                text_buckets=(16,))
         reranker.warmup()
@@ -96,6 +100,10 @@ def run(sizes, extrapolate, preset: str, ms, queries: int) -> dict:
         largest = {"n": n, "search_ms": search_ms, "pair_ms": pair_ms, "rerank_ms": rerank_ms}
         rows.append(_row(n, encode_ms, search_ms, rerank_ms, pair_ms * n, False,
                          f"{every.size:,} pairs timed"))
+        rows[-1]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows[-1]["store_mb"] = images.resident_bytes / 2**20
+        rows[-1]["index_mb"] = vectors.nbytes / 2**20
+        del index, vectors, images
         print(_line(rows[-1]), flush=True)
     for n in extrapolate:
         scale = n / largest["n"]
@@ -107,6 +115,27 @@ def run(sizes, extrapolate, preset: str, ms, queries: int) -> dict:
                f"jax {jax.__version__} {jax.default_backend()}")
     return {"preset": preset, "queries": queries, "regions": REGIONS, "text_len": TEXT_LEN,
             "devices": len(jax.devices()), "machine": machine, "rows": rows}
+
+
+class GeneratedRecords:
+    """A random-access source of `n` synthetic region records, each made from its index when
+    read (like a dataset's ArrayRecord source, nothing of the corpus is held in memory):
+    1 … `regions` regions of `feat_dim` float16 features, boxes in [0, 1]. Counts its reads."""
+
+    def __init__(self, n: int, regions: int, feat_dim: int):
+        self.n, self.regions, self.feat_dim, self.reads = n, regions, feat_dim, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(f"record {i} of {self.n}")
+        self.reads += 1
+        rng = np.random.default_rng(i)
+        count = 1 + i % self.regions
+        return {"region_feat": rng.normal(size=(count, self.feat_dim)).astype(np.float16),
+                "boxes": rng.uniform(size=(count, 7)).astype(np.float32)}
 
 
 def _row(n, encode_ms, search_ms, rerank_ms, all_pairs_ms, extrapolated, note):
@@ -136,6 +165,12 @@ def markdown(result: dict) -> str:
                      + f" | {r['all_pairs_ms']:,.1f} | {r['dot_speedup']:,.0f}× | "
                      + " | ".join(f"{r['speedup'][m]:,.0f}×" for m in ms)
                      + f" | {r['note']} |")
+    measured = [r for r in result["rows"] if "peak_rss_mb" in r]
+    if measured:
+        lines += ["", "| images | peak RSS MB | re-ranker store MB | index vectors MB |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['images']:,} | {r['peak_rss_mb']:,.0f} | {r['store_mb']:.1f} | "
+                  f"{r['index_mb']:.1f} |" for r in measured]
     return "\n".join(lines)
 
 
@@ -165,8 +200,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ldot bench two_stage",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1000,10000")
-    parser.add_argument("--extrapolate", default="100000,1000000")
+    parser.add_argument("--sizes", default="1000,10000,100000")
+    parser.add_argument("--extrapolate", default="1000000")
     parser.add_argument("--preset", default="scenes_small")
     parser.add_argument("--ms", default="10,20,50,100")
     parser.add_argument("--queries", type=int, default=256)

@@ -62,7 +62,7 @@ class Split:
     image_vectors: np.ndarray
     text_vectors: np.ndarray
     caption_image: np.ndarray
-    images: rerank.ImageStore
+    images: rerank.RecordImageStore  # read on demand: memory does not grow with the split
     captions: rerank.CaptionStore
     encode_ms: dict[str, float]  # per query, batched: {"text", "image"}
 
@@ -93,7 +93,7 @@ def prepare_split(dual, images, captions, config, mesh, progress: bool = False) 
         "text": _timed_encode(model, params, next(iter(pipeline.eval_caption_batches(
             captions, layout.per_process, layout.text_buckets))), "text", mesh)}
     return Split(image_vectors, text_vectors, caption_image,
-                 rerank.ImageStore.from_records(images, max(layout.image_buckets)),
+                 rerank.RecordImageStore(images, max(layout.image_buckets)),
                  rerank.CaptionStore.from_captions(captions), encode_ms)
 
 

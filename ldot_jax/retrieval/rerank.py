@@ -21,6 +21,7 @@ validation data.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import TYPE_CHECKING, Sequence
 
@@ -115,9 +116,105 @@ class ImageStore:
         """R, the region count of every pair batch."""
         return self.image["region_mask"].shape[1]
 
+    @property
+    def feat_dim(self) -> int:
+        return self.image["region_feat"].shape[2]
+
+    @property
+    def box_dim(self) -> int:
+        return self.image["boxes"].shape[2]
+
+    @property
+    def resident_bytes(self) -> int:
+        """The bytes the store holds: every image, padded (it grows with the corpus)."""
+        return sum(v.nbytes for v in self.image.values())
+
     def rows(self, index: np.ndarray) -> dict:
         """The image input of images `index` (i64[n]): the store's pytree at those rows."""
         return {k: v[index] for k, v in self.image.items()}
+
+
+class RecordImageStore:
+    """The image input of a split's images read on demand from its records, for corpora
+    whose regions do not fit in memory (COCO's 123k images at 100 regions are ~100 GB as
+    padded float32): `records` is any random-access sequence of records (the dataset's
+    ArrayRecord source, `dataset.split(name)`), and `rows(index)` reads, checks and pads only
+    the images asked for. At most `cache_images` images stay decoded (least recently used
+    leave first), so memory is bounded by the cache, not the corpus. The same interface as
+    `ImageStore` (len, num_regions, feat_dim, box_dim, rows, resident_bytes); row i is
+    record i. Thread-unsafe (one re-ranker per store)."""
+
+    def __init__(self, records: Sequence[dict], region_bucket: int, cache_images: int = 1024):
+        if not len(records):
+            raise ValueError("RecordImageStore: no images")
+        if int(region_bucket) < 1 or int(cache_images) < 1:
+            raise ValueError(f"RecordImageStore: region_bucket={region_bucket} and "
+                             f"cache_images={cache_images} must be ≥ 1")
+        self._records, self._regions = records, int(region_bucket)
+        self._capacity = int(cache_images)
+        self._cache: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = (
+            collections.OrderedDict())
+        self._bytes = 0
+        feat, boxes = self._image(0)
+        self._feat_dim, self._box_dim = feat.shape[1], boxes.shape[1]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def num_regions(self) -> int:
+        return self._regions
+
+    @property
+    def feat_dim(self) -> int:
+        return self._feat_dim
+
+    @property
+    def box_dim(self) -> int:
+        return self._box_dim
+
+    @property
+    def resident_bytes(self) -> int:
+        """The bytes of the decoded images the cache holds now (≤ cache_images images)."""
+        return self._bytes
+
+    def _image(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(region_feat f32[n, F], boxes f32[n, 7]) of image i, checked, from the cache."""
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        if not 0 <= i < len(self._records):
+            raise IndexError(f"RecordImageStore: image id {i} is outside [0, "
+                             f"{len(self._records)})")
+        record = self._records[i]
+        count = len(record["region_feat"])
+        if count > self._regions:
+            raise ValueError(f"RecordImageStore: image {i} has {count} regions, more than "
+                             f"region_bucket={self._regions}")
+        try:
+            padded = collate_regions([record], (self._regions,))
+        except ValueError as e:
+            raise ValueError(f"RecordImageStore: image {i}: {e}") from e
+        entry = (padded["region_feat"][0, :count].copy(), padded["boxes"][0, :count].copy())
+        self._cache[i] = entry
+        self._bytes += entry[0].nbytes + entry[1].nbytes
+        while len(self._cache) > self._capacity:
+            _, (feat, boxes) = self._cache.popitem(last=False)
+            self._bytes -= feat.nbytes + boxes.nbytes
+        return entry
+
+    def rows(self, index: np.ndarray) -> dict:
+        """The image input of images `index` (i64[n]), padded to num_regions."""
+        index = np.asarray(index, np.int64).reshape(-1)
+        out = {"region_feat": np.zeros((len(index), self._regions, self._feat_dim), np.float32),
+               "boxes": np.zeros((len(index), self._regions, self._box_dim), np.float32),
+               "region_mask": np.zeros((len(index), self._regions), np.int32)}
+        for row, i in enumerate(index):
+            feat, boxes = self._image(int(i))
+            out["region_feat"][row, :len(feat)] = feat
+            out["boxes"][row, :len(feat)] = boxes
+            out["region_mask"][row, :len(feat)] = 1
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,7 +351,8 @@ class CrossEncoderReranker:
     alpha: None (re-ranker score alone) or the weight of the dot score in the fused score.
     """
 
-    def __init__(self, model: CrossEncoder, params, images: ImageStore | None = None,
+    def __init__(self, model: CrossEncoder, params,
+                 images: ImageStore | RecordImageStore | None = None,
                  captions: CaptionStore | None = None, mesh=None, pairs_per_batch: int = 256,
                  text_buckets: Sequence[int] = (16, 24, 32, 48, 64), head: str = "rank",
                  alpha: float | None = None, num_regions: int | None = None):
@@ -276,11 +374,10 @@ class CrossEncoderReranker:
                              f"max_position_embeddings={max_positions}")
         region = model.config.region
         if images is not None:
-            feat, boxes, _ = region_fields(images.image)
-            if feat.shape[2] != region.feat_dim or boxes.shape[2] != region.box_dim:
-                raise ValueError(f"images: region_feat {feat.shape} / boxes {boxes.shape}, "
-                                 f"the model expects feat_dim={region.feat_dim} and "
-                                 f"box_dim={region.box_dim}")
+            if images.feat_dim != region.feat_dim or images.box_dim != region.box_dim:
+                raise ValueError(f"images: feat_dim {images.feat_dim} / box_dim "
+                                 f"{images.box_dim}, the model expects feat_dim="
+                                 f"{region.feat_dim} and box_dim={region.box_dim}")
             if num_regions is not None and num_regions != images.num_regions:
                 raise ValueError(f"num_regions={num_regions} but the image store has "
                                  f"R={images.num_regions}")
