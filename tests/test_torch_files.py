@@ -118,3 +118,51 @@ def test_a_file_that_is_no_checkpoint_is_named(tmp_path):
         z.writestr("readme.txt", "a zip, but no data.pkl")
     with pytest.raises(ValueError, match=r"other.pt: not a PyTorch checkpoint archive"):
         torch_files.load(tmp_path / "other.pt")
+
+
+def _unicode(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def test_a_pickle_cannot_rewrite_the_readers_functions(tmp_path):
+    # GLOBAL torch._utils._rebuild_parameter, then BUILD with a state: on a plain function
+    # this would set its attributes (e.g. __defaults__) for the rest of the process.
+    body = (b"\x80\x02ctorch._utils\n_rebuild_parameter\n}" + _unicode("__defaults__")
+            + b"K\x01\x85sb.")
+    _zip_bytes(tmp_path / "build.pt", body)
+    with pytest.raises(torch_files.UnsafeCheckpointError, match="sets the state"):
+        torch_files.load(tmp_path / "build.pt")
+    assert torch_files._rebuild_parameter.__defaults__ is None
+
+
+def test_an_expanded_view_is_refused_not_allocated(tmp_path):
+    # One stored float viewed as 10^9 elements through stride 0 (a few hundred bytes of file).
+    storage = (b"(" + _unicode("storage") + b"ctorch\nFloatStorage\n" + _unicode("0")
+               + _unicode("cpu") + b"K\x01tQ")
+    size, stride = b"(J" + (10**9).to_bytes(4, "little") + b"t", b"(K\x00t"
+    body = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(" + storage + b"K\x00" + size
+            + stride + b"\x89ccollections\nOrderedDict\n)Rt" + b"R.")
+    _zip_bytes(tmp_path / "expanded.pt", body, {"archive/data/0": b"\0\0\x80?"})
+    with pytest.raises(ValueError, match=r"expanded.pt: .*more elements than its storage"):
+        torch_files.load(tmp_path / "expanded.pt")
+
+
+def test_a_storage_cut_short_inside_a_valid_archive_is_named(tmp_path):
+    source = os.path.join(FORMATS, "zip.pt")
+    path = tmp_path / "short.pt"
+    with zipfile.ZipFile(source) as z, zipfile.ZipFile(path, "w") as out:
+        storages = sorted(n for n in z.namelist() if "/data/" in n)
+        for name in z.namelist():
+            data = z.read(name)
+            out.writestr(name, data[:4] if name == storages[0] else data)
+    assert zipfile.is_zipfile(path)
+    with pytest.raises(ValueError, match=r"short.pt: .*more elements than its storage \(1\): a truncated"):
+        torch_files.load(path)
+
+
+def _zip_bytes(path, body: bytes, extra=None):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", body)
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)

@@ -49,10 +49,16 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *_unused) ->
     """torch._utils._rebuild_tensor_v2: a view of `storage` (1-d, element dtype) with `size`,
     `stride` (in elements) and `offset`, copied into a contiguous array."""
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-    if any(s < 0 for s in size) or any(s < 0 for s in stride):
-        raise ValueError(f"tensor of size {size} and stride {stride}: negative entries")
+    if len(size) != len(stride) or any(s < 0 for s in size) or any(s < 0 for s in stride):
+        raise ValueError(f"tensor of size {size} and stride {stride}: not a valid layout")
     if size and min(size) == 0:
         return np.zeros(size, storage.dtype)
+    if int(np.prod(size, dtype=np.int64)) > len(storage):
+        # An expanded (stride-0) view: a state_dict holds none, and copying it out could
+        # allocate without bound from a few bytes of file.
+        raise ValueError(f"tensor of size {size} and stride {stride} has more elements than "
+                         f"its storage ({len(storage)}): a truncated storage, or an expanded "
+                         f"view (not read)")
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     if offset < 0 or last >= len(storage):
         raise ValueError(f"tensor of size {size}, stride {stride} at offset {offset} reads past "
@@ -71,14 +77,34 @@ def _rebuild_from_type_v2(function, _new_type, args, _state):
     return function(*args)
 
 
+class _Callable:
+    """What a pickle gets for an allowed function: callable, and nothing else. A function
+    object itself would let the pickle's BUILD opcode rewrite its __dict__ / __defaults__ (the
+    reader's own state for the rest of the process); this has no attributes to set."""
+
+    __slots__ = ("_function",)
+
+    def __init__(self, function):
+        object.__setattr__(self, "_function", function)
+
+    def __call__(self, *args):
+        return self._function(*args)
+
+    def __setattr__(self, name, value):
+        raise UnsafeCheckpointError(f"the pickle sets attribute {name!r} of a function")
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError("the pickle sets the state of a function")
+
+
 # (module, name) → what the restricted unpickler gives for it.
 _ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): lambda *args: _legacy_rebuild(*args),
-    ("torch._utils", "_rebuild_tensor"): lambda *args: _legacy_rebuild(*args),
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch.nn.parameter", "Parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_tensor_v2"): _Callable(lambda *args: _legacy_rebuild(*args)),
+    ("torch._utils", "_rebuild_tensor"): _Callable(lambda *args: _legacy_rebuild(*args)),
+    ("torch._utils", "_rebuild_parameter"): _Callable(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _Callable(_rebuild_parameter),
+    ("torch._tensor", "_rebuild_from_type_v2"): _Callable(_rebuild_from_type_v2),
+    ("torch.nn.parameter", "Parameter"): _Callable(_rebuild_parameter),
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice, ("builtins", "complex"): complex,
@@ -228,16 +254,18 @@ def _legacy_rebuild(storage, *args):
 def load(path: str | os.PathLike) -> Any:
     """The object `torch.save` wrote to `path` (a state_dict, or a dict holding one), tensors
     as NumPy arrays. Raises UnsafeCheckpointError for anything but tensors and plain values,
-    ValueError for files that are not PyTorch checkpoints or are truncated."""
+    ValueError (naming the file) for files that are not PyTorch checkpoints, are damaged or
+    truncated."""
     path = os.fspath(path)
-    if zipfile.is_zipfile(path):
-        try:
-            return _read_zip(path)
-        except (zipfile.BadZipFile, EOFError, struct.error) as e:
-            raise ValueError(f"{path}: damaged PyTorch checkpoint archive ({e})") from e
+    reader = _read_zip if zipfile.is_zipfile(path) else _read_legacy
     try:
-        return _read_legacy(path)
+        return reader(path)
     except UnsafeCheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, struct.error, IndexError) as e:
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, struct.error, IndexError,
+            KeyError, TypeError, AttributeError, ValueError, OverflowError, MemoryError) as e:
+        message = str(e)
+        if path not in message:
+            what = "PyTorch checkpoint archive" if reader is _read_zip else "PyTorch checkpoint"
+            message = f"{path}: not a readable {what} ({type(e).__name__}: {message})"
+        raise ValueError(message) from e

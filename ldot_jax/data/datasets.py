@@ -195,9 +195,13 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None,
         if not builder.is_prepared():
             _remove_incomplete(path)
             _check_not_foreign(path)
+            if os.path.isdir(path):  # empty: TFDS would take it for prepared data and reuse it
+                os.rmdir(path)
             download_config = tfds.download.DownloadConfig(
                 manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
             builder.download_and_prepare(download_config=download_config)
+            if not builder.is_prepared():
+                raise RuntimeError(f"preparing {path} ended without a prepared dataset there")
             fileutil.pause_point("dataset_prepared")  # crash tests: data there, no vocabulary
         # Reopened: another process may have prepared it while this one waited.
         builder = type(builder)(config=builder.builder_config,
@@ -217,7 +221,9 @@ def _vocabulary_missing(builder) -> bool:
 
 def _remove_incomplete(path: str) -> None:
     """Removes what killed preparations of `path` left: TFDS's `incomplete.XXXXXX_<version>`
-    siblings (the caller holds the dataset's lock, so no live preparation owns one)."""
+    siblings. The caller holds the dataset's lock, so no live preparation by ldot_jax owns
+    one; a `tfds build` of the same data_dir run beside it (which takes no lock) is not
+    protected."""
     parent, version = os.path.split(path)
     if not os.path.isdir(parent):
         return

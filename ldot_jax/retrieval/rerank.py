@@ -196,6 +196,10 @@ class RecordImageStore:
         except ValueError as e:
             raise ValueError(f"RecordImageStore: image {i}: {e}") from e
         entry = (padded["region_feat"][0, :count].copy(), padded["boxes"][0, :count].copy())
+        if i and (entry[0].shape[1], entry[1].shape[1]) != (self._feat_dim, self._box_dim):
+            raise ValueError(f"RecordImageStore: image {i} has region features of dim "
+                             f"{entry[0].shape[1]} and boxes of dim {entry[1].shape[1]}; "
+                             f"image 0 has {self._feat_dim} and {self._box_dim}")
         self._cache[i] = entry
         self._bytes += entry[0].nbytes + entry[1].nbytes
         while len(self._cache) > self._capacity:

@@ -499,12 +499,19 @@ def export_at_end(run: TrainContext, step: int) -> str | None:
     if best is not None:
         score = {run.checkpointer.best_metric: run.checkpointer.metric(best)}
     host = parallel.to_host(params)  # replicated: every process holds them
-    path = None
+    path, error = None, None
     if jax.process_index() == 0:
-        path = export_lib.write(run.workdir, run.kind, run.model_config, host, step,
-                                run.data.tokenizer, exported_by="train", score=score)
+        try:
+            path = export_lib.write(run.workdir, run.kind, run.model_config, host, step,
+                                    run.data.tokenizer, exported_by="train", score=score)
+        except Exception as e:  # every process learns of it below, instead of waiting forever
+            error = e
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("ldot_jax: model exported")
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and np.any(failed):
+            raise RuntimeError("process 0 could not export the model directory (see its log)")
+    if error is not None:
+        raise error
     return path
 
 

@@ -5,6 +5,9 @@ is refused before any work; caption caches of other data or damaged ones are reb
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +89,31 @@ def test_a_second_preparation_waits_for_the_first_or_is_refused_naming_it(tmp_pa
     finally:
         faults.kill(proc)
     same_data(load(data), reference)  # the dead holder's lock is taken over
+
+
+def test_a_second_preparation_waits_and_takes_over_from_a_holder_that_dies(tmp_path,
+                                                                          reference):
+    data = tmp_path / "data"
+    holder = faults.start_paused("dataset_record#5", [data], tmp_path / "paused", PREPARE,
+                                 **ONE_WORKER)
+    waiter = subprocess.Popen([sys.executable, "-c", PREPARE, str(data)], env=faults.env(
+        **ONE_WORKER), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)
+        assert waiter.poll() is None  # waiting for the lock, not failing
+    finally:
+        faults.kill(holder)  # the kernel releases its lock: the waiter goes on
+    out, err = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0, err[-3000:]
+    assert "is being written by pid" in err  # it said whom it waited for
+    same_data(load(data), reference)
+    parent = os.path.dirname(version_dir(data))
+    assert sorted(os.listdir(parent)) == [os.path.basename(version_dir(data))]
+
+
+def test_an_empty_version_directory_is_prepared_not_taken_for_data(tmp_path, reference):
+    os.makedirs(version_dir(tmp_path / "data"))
+    same_data(load(tmp_path / "data"), reference)
 
 
 def test_a_version_directory_of_other_files_is_refused_before_any_work(tmp_path):

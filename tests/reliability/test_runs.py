@@ -53,7 +53,7 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_logs_each_st
         resumed_from = reader.latest_step()
     assert resumed_from in (4, 6)
     # What an interrupted save leaves (Orbax writes a temporary directory, renamed when whole).
-    torn = ckpts / "8.orbax-checkpoint-tmp-1733000000000000"
+    torn = ckpts / "8.orbax-checkpoint-tmp"  # the name this Orbax gives an unfinished save
     (torn / checkpoint.STATE).mkdir(parents=True)
     (torn / checkpoint.STATE / "garbage").write_bytes(b"\0" * 100)
 
@@ -70,5 +70,6 @@ def test_a_run_killed_while_saving_a_checkpoint_resumes_exactly_and_logs_each_st
     assert not glob.glob(str(ckpts / "*tmp*"))  # the torn save was removed
     with checkpoint.TrainCheckpointer(ckpts) as reader:
         assert reader.latest_step() == STEPS
-    assert not [n for n in os.listdir(run) if n.startswith(".")]  # no lock or temporary left
+    assert not [n for n in os.listdir(run) if n.startswith(".")]  # no temporary left
+    assert not (tmp_path / ".run.lock").exists()  # the run directory's lock, beside it
     assert json.load(open(run / workdir_lib.CONFIG_FILE))["train"]["num_steps"] == STEPS
