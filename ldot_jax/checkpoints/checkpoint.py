@@ -10,6 +10,7 @@ import os
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -17,12 +18,40 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+def _local_options() -> ocp.options.MultiprocessingOptions:
+    me = jax.process_index()
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                              barrier_sync_key_prefix=f"ldot_local_{me}")
+
+
 def _local_checkpointer() -> ocp.StandardCheckpointer:
     """An Orbax checkpointer of this process alone (model directories are written by one
     process and read by each on its own: no barriers with the other processes of a job)."""
-    me = jax.process_index()
-    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
-        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"ldot_local_{me}"))
+    return ocp.StandardCheckpointer(multiprocessing_options=_local_options())
+
+
+def restore_subtree_to_host(path: str | os.PathLike, keys: tuple[str, ...]) -> Any:
+    """The subtree at `keys` (e.g. ("params", "model")) of the array pytree saved at `path`,
+    as NumPy arrays on this host: only those arrays are read (Orbax's partial restore), no
+    device memory is used, and no other process takes part."""
+    path = os.path.abspath(path)
+    subtree = tree_metadata(path)
+    for key in keys:
+        if not isinstance(subtree, Mapping) or key not in subtree:
+            raise CheckpointError(f"{path} holds no {'/'.join(keys)}")
+        subtree = subtree[key]
+    item = subtree
+    for key in reversed(keys):
+        item = {key: item}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    options = _local_options()
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                          multiprocessing_options=options) as checkpointer:
+        out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    for key in keys:
+        out = out[key]
+    return out
 
 
 def save_tree(path: str | os.PathLike, tree: Any) -> None:

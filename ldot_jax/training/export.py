@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
-
 from ldot_jax.checkpoints import checkpoint, kinds, pretrained
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data.tokenizer import VOCAB_FILE, Tokenizer
@@ -60,10 +58,10 @@ def choose_step(ckpt: checkpoint.TrainCheckpointer, step: int | None = None,
 
 
 def checkpoint_params(workdir: str, step: int):
-    """The model parameters (NumPy pytree) of checkpoint `step`, restored on this process."""
+    """The model parameters (NumPy pytree) of checkpoint `step`, read on this process alone:
+    only the parameters (not the optimizer state), into host memory."""
     path = os.path.join(workdir_lib.checkpoints_dir(workdir), str(step), checkpoint.STATE)
-    state = checkpoint.restore_tree(path, checkpoint.tree_metadata(path))
-    return jax.device_get(state["params"]["model"])
+    return checkpoint.restore_subtree_to_host(path, ("params", "model"))
 
 
 def write(workdir: str, kind: str, model_cfg, params, step: int, tokenizer=None,

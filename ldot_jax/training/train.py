@@ -489,19 +489,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
 
 def export_at_end(run: TrainContext, step: int) -> str | None:
     """Writes <workdir>/model: the best checkpoint by train.best_metric when one was scored,
-    else the final state. Every process calls it (restoring the best state is collective);
-    process 0 writes."""
+    else the final state. Every process calls it; process 0 writes (reading a best checkpoint's
+    parameters from disk on its own), and a failure there is raised on every process."""
     best = run.checkpointer.best_step()
-    params, score = run.state.params["model"], None
-    if best is not None and best != step:
-        state, _ = run.checkpointer.restore(_abstract(run.state), best)
-        params, step = state.params["model"], best
-    if best is not None:
-        score = {run.checkpointer.best_metric: run.checkpointer.metric(best)}
-    host = parallel.to_host(params)  # replicated: every process holds them
+    score = None if best is None else {
+        run.checkpointer.best_metric: run.checkpointer.metric(best)}
+    use_best = best is not None and best != step
+    # The final state's params are replicated: every process holds them (collective-free).
+    host = None if use_best else parallel.to_host(run.state.params["model"])
     path, error = None, None
     if jax.process_index() == 0:
         try:
+            if use_best:  # only its parameters, from disk, into host memory
+                host, step = export_lib.checkpoint_params(run.workdir, best), best
             path = export_lib.write(run.workdir, run.kind, run.model_config, host, step,
                                     run.data.tokenizer, exported_by="train", score=score)
         except Exception as e:  # every process learns of it below, instead of waiting forever
