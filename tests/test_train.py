@@ -376,6 +376,25 @@ def test_two_processes_equal_one_process(data_dir, tmp_path):
                  trained_two)
 
 
+def test_two_processes_export_the_best_checkpoint(data_dir, tmp_path):
+    """A 2-process run evaluated every 2 steps exports its best checkpoint (process 0 reads
+    its parameters alone), with the same scores as the one-process run of the same config."""
+    two = str(tmp_path / "two")
+    args = ["--config=ldot_jax/configs/demo.py:finetune,tiny", f"--workdir={two}",
+            f"--config.data.data_dir={data_dir}", "--config.train.num_steps=6",
+            "--config.train.log_every=1", "--config.train.tensorboard=False",
+            "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
+            "--config.train.keep_checkpoints=1"]
+    assert launch.run_local(2, args, devices_per_process=4, timeout=600, cwd=ROOT) == [0, 0]
+    scores = {r["step"]: r["ar"] for r in metrics.read_jsonl(two) if "ar" in r}
+    best = max(scores, key=scores.get)
+    assert sorted(scores) == [2, 4, 6] and best != 6, scores
+    model = pretrained.load_pretrained(os.path.join(two, workdir_lib.MODEL_DIR))
+    assert model.metadata["step"] == best
+    jax.tree.map(np.testing.assert_array_equal, model.params,
+                 export_lib.checkpoint_params(two, best))
+
+
 def test_sigterm_saves_and_stops(data_dir, tmp_path):
     workdir = str(tmp_path)
     cmd = [sys.executable, "-m", "ldot_jax.main", "--config=ldot_jax/configs/demo.py:finetune,tiny",
