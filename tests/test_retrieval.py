@@ -22,6 +22,8 @@ from ldot_jax.retrieval.retriever import Retriever
 from ldot_jax.tools import index_cli as cli
 from ldot_jax.training import train
 
+import faults
+
 # Under pytest-xdist the module fixtures are built once, on one worker.
 pytestmark = pytest.mark.xdist_group("test_retrieval")
 
@@ -169,9 +171,6 @@ def test_an_extraction_killed_in_a_shard_write_resumes_from_its_whole_shards(wor
     (its temporary is), reading says which shard is missing, and the next build writes only
     what is missing, removes the temporary and gives the full extraction's vectors."""
     import shutil
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "tests", "reliability"))
-    import faults
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(os.path.join(workdir, workdir_lib.CONFIG_FILE), run)

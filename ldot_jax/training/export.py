@@ -104,7 +104,7 @@ def export(workdir: str, step: int | None = None, best: bool = False, out: str |
                                          f"nothing to export")
     with run_checkpointer(workdir, config) as ckpt:
         chosen = choose_step(ckpt, step, best)
-        score = _score(ckpt, chosen)
+        score = score_of(ckpt, chosen)
     tokenizer = tokenizer if tokenizer is not None else run_tokenizer(workdir)
     if tokenizer is None:
         log.warning("%s saved no tokenizer (older run, or pre-tokenized data): the model "
@@ -113,7 +113,9 @@ def export(workdir: str, step: int | None = None, best: bool = False, out: str |
     return write(workdir, kind, model_cfg, params, chosen, tokenizer, out, score=score), chosen
 
 
-def _score(ckpt: checkpoint.TrainCheckpointer, step: int) -> dict | None:
+def score_of(ckpt: checkpoint.TrainCheckpointer, step: int) -> dict | None:
+    """{best_metric: its value saved with `step`} for a model directory's metadata, or None
+    (no best_metric, or the step was saved without it)."""
     if not ckpt.best_metric:
         return None
     value = ckpt.metric(step)

@@ -492,18 +492,16 @@ def export_at_end(run: TrainContext, step: int) -> str | None:
     else the final state. Every process calls it; process 0 writes (reading a best checkpoint's
     parameters from disk on its own), and a failure there is raised on every process."""
     best = run.checkpointer.best_step()
-    score = None if best is None else {
-        run.checkpointer.best_metric: run.checkpointer.metric(best)}
-    use_best = best is not None and best != step
-    # The final state's params are replicated: every process holds them (collective-free).
-    host = None if use_best else parallel.to_host(run.state.params["model"])
     path, error = None, None
     if jax.process_index() == 0:
         try:
-            if use_best:  # only its parameters, from disk, into host memory
+            if best is not None and best != step:  # its parameters only, from disk, to host
                 host, step = export_lib.checkpoint_params(run.workdir, best), best
+            else:  # the final state's params are replicated: this process holds them
+                host = parallel.to_host(run.state.params["model"])
             path = export_lib.write(run.workdir, run.kind, run.model_config, host, step,
-                                    run.data.tokenizer, exported_by="train", score=score)
+                                    run.data.tokenizer, exported_by="train",
+                                    score=export_lib.score_of(run.checkpointer, step))
         except Exception as e:  # every process learns of it below, instead of waiting forever
             error = e
     if jax.process_count() > 1:
