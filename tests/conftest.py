@@ -88,3 +88,11 @@ def flat(batch: dict) -> dict:
     import jax
     return {jax.tree_util.keystr(path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]}
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A local GCS emulator for the session (tests/gcs.py); tests take fresh prefixes."""
+    import gcs
+    with gcs.emulator() as url:
+        yield url

@@ -1,7 +1,9 @@
 """The only module that touches Orbax.
 
 Array pytrees are saved with Orbax's StandardCheckpointer (OCDBT/Zarr under the hood) and
-restored onto explicit shardings, so a tree saved on one mesh restores onto another.
+restored onto explicit shardings, so a tree saved on one mesh restores onto another. Paths may
+be local or gs:// (Orbax writes object stores through epath and TensorStore, and commits a
+step there with its own marker file instead of a rename).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from ldot_jax.core import paths
 
 
 class CheckpointError(ValueError):
@@ -34,7 +38,7 @@ def restore_subtree_to_host(path: str | os.PathLike, keys: tuple[str, ...]) -> A
     """The subtree at `keys` (e.g. ("params", "model")) of the array pytree saved at `path`,
     as NumPy arrays on this host: only those arrays are read (Orbax's partial restore), no
     device memory is used, and no other process takes part."""
-    path = os.path.abspath(path)
+    path = paths.absolute(path)
     subtree = tree_metadata(path)
     for key in keys:
         if not isinstance(subtree, Mapping) or key not in subtree:
@@ -57,7 +61,7 @@ def restore_subtree_to_host(path: str | os.PathLike, keys: tuple[str, ...]) -> A
 def save_tree(path: str | os.PathLike, tree: Any) -> None:
     """Writes an array pytree to `path` (which must not exist) and waits for completion."""
     with _local_checkpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(path), tree)
+        checkpointer.save(paths.absolute(path), tree)
         checkpointer.wait_until_finished()
 
 
@@ -66,8 +70,8 @@ def tree_metadata(path: str | os.PathLike) -> Any:
 
     Raises CheckpointError if `path` is missing or not a complete Orbax checkpoint.
     """
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = paths.absolute(path)
+    if not paths.is_dir(path):
         raise CheckpointError(f"no parameter checkpoint at {path}")
     try:
         with _local_checkpointer() as checkpointer:
@@ -99,7 +103,7 @@ def restore_tree(path: str | os.PathLike, abstract_tree: Any, sharding=None) -> 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_tree, shardings)
     with _local_checkpointer() as checkpointer:
-        return checkpointer.restore(os.path.abspath(path), target)
+        return checkpointer.restore(paths.absolute(path), target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +122,9 @@ class TrainCheckpointer:
     `best_metric` is set, the `keep_best` steps with the best value of that metric among
     those saved with metrics (e.g. after an evaluation). `writer=True` (the training run,
     which holds the run directory's lock) also removes what interrupted saves left.
+    `use_ocdbt=False` stores each array on its own (Zarr without Orbax's OCDBT database), for
+    object stores without conditional writes, which OCDBT's manifest commits rely on
+    (train.checkpoint_format="zarr").
 
     The state is a pytree of global jax.Arrays; it is restored onto whatever shardings the
     abstract target carries, so a run saved on 8 devices resumes on 2 (or on another mesh).
@@ -127,7 +134,7 @@ class TrainCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3,
                  best_metric: str | None = None, best_mode: str = "max", keep_best: int = 1,
-                 async_save: bool = True, writer: bool = False):
+                 async_save: bool = True, writer: bool = False, use_ocdbt: bool = True):
         if best_mode not in ("max", "min"):
             raise ValueError(f"checkpoint best_mode={best_mode!r}: expected 'max' or 'min'")
         if keep < 1:
@@ -148,11 +155,21 @@ class TrainCheckpointer:
             # directories of saves a crash interrupted; a reader must not (a live run owns
             # its in-flight ones).
             cleanup_tmp_directories=writer)
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
         self.best_metric = best_metric
         self.best_mode = best_mode
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=(STATE, DATA))
+        if use_ocdbt:
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=(STATE, DATA))
+        else:  # one TensorStore array per leaf (restores read either format)
+            registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+            state = ocp.StandardCheckpointHandler(use_ocdbt=False)
+            registry.add(STATE, ocp.args.StandardSave, state)
+            registry.add(STATE, ocp.args.StandardRestore, state)
+            registry.add(DATA, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+            registry.add(DATA, ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  handler_registry=registry)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

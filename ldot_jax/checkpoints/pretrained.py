@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from ldot_jax.checkpoints import checkpoint, kinds
-from ldot_jax.core import fileutil
+from ldot_jax.core import fileutil, paths
 from ldot_jax.models import config as config_lib
 from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.dual_encoder import DualEncoder
@@ -89,10 +89,22 @@ def verify(directory: str | os.PathLike, full: bool = False) -> None:
         raise checkpoint.CheckpointError(f"damaged model directory: {e}") from e
 
 
+def readable(directory: str | os.PathLike) -> str:
+    """The local directory to read model directory `directory` from: itself, or for a gs://
+    one a copy in the cache, checked against its manifest (fileutil.local_directory)."""
+    try:
+        return fileutil.local_directory(directory, FORMAT if paths.is_remote(directory)
+                                        else None)
+    except FileNotFoundError:
+        raise checkpoint.CheckpointError(f"model directory {directory} does not exist") from None
+    except fileutil.IntegrityError as e:
+        raise checkpoint.CheckpointError(f"not a usable model directory: {e}") from e
+
+
 def load_tokenizer(directory: str | os.PathLike):
     """The Tokenizer saved in a model directory, or None when it holds none (converted
     checkpoints: pass the vocabulary the original was trained with)."""
-    path = os.path.join(directory, TOKENIZER_DIR)
+    path = os.path.join(readable(directory), TOKENIZER_DIR)
     if not os.path.isdir(path):
         return None
     from ldot_jax.data.tokenizer import Tokenizer
@@ -108,8 +120,7 @@ class Pretrained(NamedTuple):
 
 def read_config(directory: str | os.PathLike) -> tuple[str, Any, dict]:
     """(kind, config, metadata) of a model directory, without loading params."""
-    directory = os.path.abspath(directory)
-    fileutil.recover_for_reading(directory)  # a replacement interrupted by a crash
+    directory = readable(directory)  # also finishes a replacement a crash interrupted
     if not os.path.isdir(directory):
         raise checkpoint.CheckpointError(f"model directory {directory} does not exist")
     path = os.path.join(directory, CONFIG_FILE)
@@ -137,10 +148,11 @@ def load_pretrained(directory: str | os.PathLike, sharding=None, **numerics) -> 
     """Loads a model directory. `numerics` (see `config.NUMERICS`: dtype, attention_impl,
     remat, dropout rates) override the saved config's compute settings; parameters keep their
     stored dtype."""
+    directory = readable(directory)
     kind, config, metadata = read_config(directory)
     if numerics:
         config = config_lib.replace_numerics(config, **numerics)
-    params_path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    params_path = os.path.join(directory, PARAMS_DIR)
     stored = checkpoint.tree_metadata(params_path)
     expected = abstract_params(kind, config)
     _compare_trees(expected, stored, where=params_path)

@@ -8,6 +8,7 @@
     <workdir>/embeddings/<split>/<side>/     extraction shards (side: image | text)
     <workdir>/index/<split>/<side>/          saved indexes (image: searched by captions)
 
+A workdir may be local or on an object store (`gs://bucket/run`, core/paths.py).
 Everything that reads or writes a run directory (training, extraction, the index build, the
 Retriever, the evaluations, mining) takes these names from here, so the serving and
 evaluation paths never import the trainer.
@@ -16,12 +17,11 @@ evaluation paths never import the trainer.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import ml_collections
 
-from ldot_jax.core import fileutil
+from ldot_jax.core import fileutil, paths
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -38,33 +38,33 @@ DIRECTIONS = ("text_to_image", "image_to_text")
 
 
 def config_path(workdir: str) -> str:
-    return os.path.join(workdir, CONFIG_FILE)
+    return paths.join(workdir, CONFIG_FILE)
 
 
 def checkpoints_dir(workdir: str) -> str:
-    return os.path.join(workdir, CHECKPOINTS)
+    return paths.join(workdir, CHECKPOINTS)
 
 
 def model_dir(workdir: str) -> str:
-    return os.path.join(workdir, MODEL_DIR)
+    return paths.join(workdir, MODEL_DIR)
 
 
 def tokenizer_dir(workdir: str) -> str:
-    return os.path.join(workdir, TOKENIZER_DIR)
+    return paths.join(workdir, TOKENIZER_DIR)
 
 
 def embeddings_dir(workdir: str, split: str, side: str) -> str:
-    return os.path.join(workdir, EMBEDDINGS_DIR, split, side)
+    return paths.join(workdir, EMBEDDINGS_DIR, split, side)
 
 
 def index_dir(workdir: str, split: str) -> str:
     """The directory holding a split's indexes (one subdirectory per side)."""
-    return os.path.join(workdir, INDEX_DIR, split)
+    return paths.join(workdir, INDEX_DIR, split)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes <workdir>/config.json atomically (call on one process)."""
-    os.makedirs(workdir, exist_ok=True)
+    paths.make_dirs(workdir)
     fileutil.atomic_write_text(config_path(workdir), config.to_json(indent=1))
 
 
@@ -119,15 +119,16 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     process."""
     path = config_path(workdir)
     new = json.loads(config.to_json())
-    if not os.path.isfile(path) and os.path.isdir(workdir):
-        foreign = sorted(n for n in os.listdir(workdir)
+    exists = paths.is_file(path)
+    if not exists and paths.is_dir(workdir):
+        foreign = sorted(n for n in paths.list_dir(workdir)
                          if n not in RUN_ENTRIES and not n.startswith("."))
         if foreign:
             raise fileutil.OwnershipError(
                 f"workdir {workdir} holds files that are not a run's "
                 f"({', '.join(foreign[:8])}{', …' if len(foreign) > 8 else ''}) and no "
                 f"{CONFIG_FILE}: choose a new or empty directory")
-    if os.path.isfile(path):
+    if exists:
         changes = config_changes(fileutil.read_json(path, "run config"), new)
         fixed = {k: v for k, v in changes.items() if not _mutable(k)}
         if fixed and not config.get("train", {}).get("allow_config_change", False):
@@ -141,10 +142,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: str) -> None:
             return
         row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}}
-        with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fileutil.append_text(paths.join(workdir, CHANGES_FILE), json.dumps(row) + "\n")
     save_config(config, workdir)
 
 

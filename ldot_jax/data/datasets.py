@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from ldot_jax.core import fileutil
+from ldot_jax.core import fileutil, paths
 from ldot_jax.data import builder_base, schema
 from ldot_jax.data.jsonl import Jsonl
 from ldot_jax.data.karpathy import Karpathy
@@ -102,7 +102,12 @@ class RetrievalDataset:
 
 def files_signature(directory: str) -> str:
     """SHA-256 hex of a prepared dataset's files (relative names, sizes, modification times;
-    re-prepared data differs), leaving out our caches and hidden temporaries."""
+    re-prepared data differs), leaving out our caches and hidden temporaries. A local copy of
+    a dataset on an object store (`load` with a gs:// data_dir) has the files' SHA-256 in its
+    manifest: those are used, so every copy of the same data has the same signature."""
+    manifest = fileutil.read_manifest(directory)
+    if manifest is not None:
+        return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
     h = hashlib.sha256()
     for root, dirs, files in os.walk(directory):
         dirs.sort()
@@ -254,6 +259,8 @@ def load(name_or_dir: str, *, config=None, data_dir: str | None = None,
     """
     if os.path.isfile(os.path.join(os.path.expanduser(name_or_dir), "dataset_info.json")):
         builder = tfds.builder_from_directory(os.path.expanduser(name_or_dir))
+    elif data_dir and paths.is_remote(data_dir):
+        builder = _remote_builder(name_or_dir, config, data_dir, manual_dir, overrides)
     else:
         builder = prepare(make_builder(name_or_dir, config, data_dir, **overrides),
                           manual_dir)
@@ -266,10 +273,44 @@ def load(name_or_dir: str, *, config=None, data_dir: str | None = None,
                             splits={str(k): v for k, v in sources.items()}, tokenizer=tokenizer)
 
 
+FORMAT = "ldot_jax.dataset"  # a prepared dataset's manifest on an object store
+
+
+def _remote_builder(name: str, config, data_dir: str, manual_dir, overrides):
+    """A builder reading dataset `name` kept under gs:// `data_dir` (same layout as locally:
+    <data_dir>/<name>/<config>/<version>/): TFDS writes and reads ArrayRecord files, which
+    must be local, so the data is prepared in the local cache, uploaded as one directory
+    (fileutil.atomic_directory: committed by its manifest) and read from a checked local copy
+    of it (fileutil.local_directory). The upload holds the directory's lock (a lease), so of
+    several hosts starting together one prepares and the others wait and copy."""
+    data_dir = paths.absolute(data_dir)
+    root = paths.cache_dir("datasets", hashlib.sha256(data_dir.encode()).hexdigest()[:16])
+    builder = make_builder(name, config, root, **overrides)
+    relative = os.path.relpath(os.fspath(builder.data_path), root)
+    remote = paths.join(data_dir, *relative.split(os.sep))
+    with fileutil.exclusive(remote, "dataset", wait=PREPARE_WAIT_S):
+        if fileutil.read_manifest(remote) is None:
+            log.info("preparing %s locally (in %s) to upload it", remote, root)
+            prepared = os.fspath(prepare(builder, manual_dir).data_path)
+            with fileutil.atomic_directory(remote, FORMAT) as tmp:
+                # Links, not copies: the staging directory is in the same cache.
+                shutil.copytree(prepared, tmp, dirs_exist_ok=True, copy_function=_link,
+                                ignore=shutil.ignore_patterns("captions_*", ".*"))
+            log.info("uploaded %s", remote)
+    return tfds.builder_from_directory(fileutil.local_directory(remote, FORMAT))
+
+
+def _link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def _tokenizer(vocab, directory, text_meta):
     if vocab is not None:
         vocab = os.path.expanduser(vocab)
-        tokenizer = (Tokenizer.load(vocab) if os.path.isdir(vocab)
+        tokenizer = (Tokenizer.load(vocab) if paths.is_dir(vocab)
                      else Tokenizer.from_vocab_file(vocab))
         if text_meta:
             theirs = {k: text_meta[k] for k in ("CLS", "SEP", "MASK")}

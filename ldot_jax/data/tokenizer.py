@@ -18,7 +18,7 @@ from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.normalizers import BertNormalizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
-from ldot_jax.core import fileutil
+from ldot_jax.core import fileutil, paths
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 POLICIES = ("truncate", "drop")
@@ -76,9 +76,9 @@ class Tokenizer:
         multilingual-uncased), cased otherwise (bert-base-cased, multilingual-cased).
         """
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not paths.is_file(path):
             raise FileNotFoundError(f"vocabulary file {path} does not exist")
-        with open(path, encoding="utf-8") as f:
+        with paths.open_file(path) as f:
             tokens = [line.rstrip("\n") for line in f]
         vocab = {}
         for i, token in enumerate(tokens):
@@ -94,12 +94,11 @@ class Tokenizer:
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
         """From a directory written by `save` (vocab.txt + tokenizer.json settings)."""
         directory = os.fspath(directory)
-        settings_path = os.path.join(directory, SETTINGS_FILE)
+        settings_path = paths.join(directory, SETTINGS_FILE)
         settings = {}
-        if os.path.isfile(settings_path):
-            with open(settings_path) as f:
-                settings = json.load(f)
-        return cls.from_vocab_file(os.path.join(directory, VOCAB_FILE),
+        if paths.is_file(settings_path):
+            settings = json.loads(paths.read_text(settings_path))
+        return cls.from_vocab_file(paths.join(directory, VOCAB_FILE),
                                    settings.get("lowercase"), settings.get("strip_accents"))
 
     @classmethod
@@ -148,12 +147,12 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes vocab.txt (ids = line numbers) and tokenizer.json (casing) atomically."""
-        os.makedirs(directory, exist_ok=True)
+        paths.make_dirs(directory)
         tokens = sorted(self._vocab, key=self._vocab.get)
-        fileutil.atomic_write_text(os.path.join(directory, VOCAB_FILE),
+        fileutil.atomic_write_text(paths.join(directory, VOCAB_FILE),
                                    "".join(t + "\n" for t in tokens))
         fileutil.atomic_write_text(
-            os.path.join(directory, SETTINGS_FILE),
+            paths.join(directory, SETTINGS_FILE),
             json.dumps({"lowercase": self.lowercase, "strip_accents": self.strip_accents}))
 
     def wordpieces(self, texts: Sequence[str]) -> list[list[int]]:

@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 
-from ldot_jax.core import fileutil
+from ldot_jax.core import fileutil, paths
 from ldot_jax.evaluation import recall
 
 log = logging.getLogger(__name__)
@@ -114,12 +113,12 @@ def plot(report: Report, path: str) -> str | None:
 
 def write(report: Report, out_dir: str) -> dict[str, str]:
     """report.json, report.md and recall_latency.png in out_dir (each written atomically)."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"json": os.path.join(out_dir, "report.json"),
-             "md": os.path.join(out_dir, "report.md")}
-    fileutil.atomic_write_text(paths["json"], report.to_json())
-    fileutil.atomic_write_text(paths["md"], table(report) + "\n")
-    picture = plot(report, os.path.join(out_dir, "recall_latency.png"))
+    paths.make_dirs(out_dir)
+    written = {"json": paths.join(out_dir, "report.json"),
+               "md": paths.join(out_dir, "report.md")}
+    fileutil.atomic_write_text(written["json"], report.to_json())
+    fileutil.atomic_write_text(written["md"], table(report) + "\n")
+    picture = plot(report, paths.join(out_dir, "recall_latency.png"))
     if picture:
-        paths["png"] = picture
-    return paths
+        written["png"] = picture
+    return written

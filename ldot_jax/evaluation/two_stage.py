@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Sequence
 
@@ -30,13 +29,14 @@ import numpy as np
 import tqdm
 
 from ldot_jax.checkpoints import pretrained
-from ldot_jax.core import parallel
+from ldot_jax.core import parallel, paths
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import pipeline
 from ldot_jax.data.batching import prefix_mask
 from ldot_jax.evaluation import ranked_lists, recall
 from ldot_jax.evaluation import report as report_lib
 from ldot_jax.index import backends
+from ldot_jax.index import base as index_base
 from ldot_jax.index import health
 from ldot_jax.index.base import VectorIndex
 from ldot_jax.index.exact import ExactIndex
@@ -281,8 +281,8 @@ def _indexes(workdir: str, split: Split, split_name: str, config, fingerprint: s
     vectors = {"image": split.image_vectors, "text": split.text_vectors}
     dot, coarse = {}, {}
     for side, v in vectors.items():
-        saved = os.path.join(workdir_lib.index_dir(workdir, split_name), side)
-        if backend == options["backend"] and os.path.isfile(os.path.join(saved, "index.json")):
+        saved = paths.join(workdir_lib.index_dir(workdir, split_name), side)
+        if backend == options["backend"] and index_base.is_index_dir(saved):
             dot[side] = backends.load_index(saved, fingerprint)
             log.info("dot stage (%s): the saved index %s", side, saved)
         else:
@@ -349,7 +349,7 @@ def evaluate_workdir(workdir: str, reranker_dir: str | None = None, split: str =
     `alpha_queries` captions at M = min(ms)); backend: the dot stage's index (default: the
     run's index.backend).
     """
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)
     config = workdir_lib.load_config(workdir)
     mesh = parallel.make_mesh()
     dual, fingerprint = _load_dual(workdir, mesh)
@@ -369,6 +369,6 @@ def evaluate_workdir(workdir: str, reranker_dir: str | None = None, split: str =
     report = evaluate_split(data, reranker, dot, coarse, ms, max_queries, max_image_queries,
                             alpha, progress)
     report = dataclasses.replace(report, alpha_choice=alpha_choice)
-    paths = report_lib.write(report, out_dir or os.path.join(workdir, "eval", split)) \
+    written = report_lib.write(report, out_dir or paths.join(workdir, "eval", split)) \
         if jax.process_index() == 0 else {}
-    return report, paths
+    return report, written

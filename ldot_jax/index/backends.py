@@ -117,6 +117,7 @@ def load_index(path: str | os.PathLike, fingerprint: str | None = None,
     different one, a FingerprintMismatchError names both, unless `force` (e.g. a model
     re-exported with identical weights but another config layout).
     """
+    path = base.readable(path)  # a gs:// index: its local copy
     meta = base.read_metadata(path)
     if meta["type"] not in BACKENDS:
         raise base.IndexFormatError(f"{path}: unknown index type {meta['type']!r}; known: "

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ldot_jax.core import fileutil
+from ldot_jax.core import fileutil, paths
 
 FORMAT_VERSION = 1
 FORMAT = "ldot_jax.index"  # the manifest's format (core/fileutil.py)
@@ -198,18 +198,21 @@ class VectorIndex(abc.ABC):
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> str:
+    def save(self, path: str | os.PathLike, extras: dict[str, str] | None = None) -> str:
         """Writes the index to `path` atomically (a previous index there is replaced only once
-        the new one is complete) and returns the absolute path."""
+        the new one is complete) and returns the absolute path. extras: {file name: text}
+        saved with it (e.g. the catalog names.json), under its manifest."""
         with fileutil.atomic_directory(path, FORMAT) as tmp:
             np.save(os.path.join(tmp, IDS_FILE), self._ids)
             self._save_files(tmp)
+            for name, text in (extras or {}).items():
+                fileutil.atomic_write_text(fileutil.confined(tmp, name, "index extras"), text)
             meta = {"format_version": FORMAT_VERSION, "type": self.type, "dim": self.dim,
                     "count": len(self), "params": self.params(), "info": self.info,
                     "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": _sizes(tmp)}
             fileutil.atomic_write_text(os.path.join(tmp, META_FILE),
                                        json.dumps(meta, indent=1, default=_json_default))
-        return os.path.abspath(path)
+        return paths.absolute(path)
 
 
 def _json_default(x):
@@ -230,15 +233,31 @@ def _sizes(directory: str) -> dict[str, int]:
 
 
 def is_index_dir(path: str | os.PathLike) -> bool:
+    if paths.is_remote(path):  # its files are in the generation its manifest names
+        try:
+            manifest = fileutil.read_manifest(path)
+        except fileutil.IntegrityError:
+            return False
+        return manifest is not None and manifest["format"] == FORMAT
     return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def readable(path: str | os.PathLike) -> str:
+    """The local directory to read index directory `path` from: itself, or for a gs:// one a
+    copy in the cache, checked against its manifest (fileutil.local_directory)."""
+    try:
+        return fileutil.local_directory(path, FORMAT if paths.is_remote(path) else None)
+    except FileNotFoundError:
+        raise IndexFormatError(f"index directory {path} does not exist") from None
+    except fileutil.IntegrityError as e:
+        raise IndexFormatError(f"not a usable index: {e}") from e
 
 
 def read_metadata(path: str | os.PathLike, full: bool = False) -> dict:
     """The index.json of an index directory, checked: format version, every listed file
     present with its recorded size, and the directory's manifest (sizes; hashes with
     `full`)."""
-    path = os.path.abspath(path)
-    fileutil.recover_for_reading(path)  # a replacement interrupted by a crash
+    path = readable(path)  # also finishes a replacement a crash interrupted
     if not os.path.isdir(path):
         raise IndexFormatError(f"index directory {path} does not exist")
     meta_path = os.path.join(path, META_FILE)

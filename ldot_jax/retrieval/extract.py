@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 from typing import NamedTuple, Sequence
 
@@ -28,7 +27,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from ldot_jax.core import fileutil, parallel
+from ldot_jax.core import fileutil, parallel, paths
 from ldot_jax.core import numerics
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import pipeline, schema
@@ -196,13 +195,13 @@ def caption_corpus(table: Sequence[dict], tokenizer, split: str, config) -> Corp
 
 
 def _shard_path(out_dir: str, shard: int) -> str:
-    return os.path.join(out_dir, f"shard-{shard:05d}.npz")
+    return paths.join(out_dir, f"shard-{shard:05d}.npz")
 
 
 def _read_shard(path: str, start: int, stop: int) -> dict | None:
     """A shard's arrays if it is whole and holds rows [start, stop); None otherwise."""
     try:
-        with np.load(path) as z:
+        with paths.open_file(path, "rb") as f, np.load(f) as z:
             shard = {k: z[k] for k in ("vectors", "ids", "names", "owners")}
     except Exception as e:  # a torn or foreign file: recompute it
         log.warning("%s is unreadable (%s): recomputing it", path, e)
@@ -223,14 +222,15 @@ def _write_shard(path: str, arrays: dict) -> None:
 def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
     """The manifest to use: `manifest`, or the one already in `out_dir` if it describes the
     same extraction (an earlier shard size is kept, so its shards are reused)."""
-    path = os.path.join(out_dir, MANIFEST)
+    path = paths.join(out_dir, MANIFEST)
     # Its manifest, its shards, and temporaries of shards (older versions named them
     # shard-NNNNN.npz.tmp-XXXXXXXX; those are removed below).
     ours = lambda name: name == MANIFEST or re.fullmatch(r"shard-\d{5}\.npz", name) or (
         name.startswith(".shard-") and ".tmp-" in name) or _LEGACY_TMP.fullmatch(name)
-    present = sorted(os.listdir(out_dir))
+    present = paths.list_dir(out_dir)
     foreign = [n for n in present if not ours(n)]
-    if foreign or (present and not os.path.exists(path)):
+    manifested = paths.is_file(path)
+    if foreign or (present and not manifested):
         raise fileutil.OwnershipError(
             f"refusing to extract into {out_dir}: it holds files an extraction did not write "
             f"({', '.join((foreign or present)[:8])}" + (", …" if len(foreign or present) > 8
@@ -238,8 +238,8 @@ def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
             + "; choose another output directory)")
     for name in present:
         if _LEGACY_TMP.fullmatch(name):  # a torn shard of an older version's crash
-            os.remove(os.path.join(out_dir, name))
-    if not os.path.exists(path):
+            paths.remove(paths.join(out_dir, name))
+    if not manifested:
         return manifest
     old = fileutil.read_json(path, "extraction manifest")
     differs = {k: (old.get(k), v) for k, v in manifest.items()
@@ -253,9 +253,9 @@ def _check_manifest(out_dir: str, manifest: dict, overwrite: bool) -> dict:
                          + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in
                                      differs.items())
                          + " (use another output directory, or overwrite=True / --overwrite)")
-    for name in os.listdir(out_dir):
+    for name in paths.list_dir(out_dir):
         if name.startswith("shard-") or name == MANIFEST:
-            os.remove(os.path.join(out_dir, name))
+            paths.remove(paths.join(out_dir, name))
     return manifest
 
 
@@ -284,16 +284,16 @@ def _extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str
         raise ValueError(f"side {corpus.side!r}: expected one of {workdir_lib.SIDES}")
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size}: expected ≥ 1")
-    out_dir = os.path.abspath(out_dir)
+    out_dir = paths.absolute(out_dir)
     manifest = {"side": corpus.side, "split": corpus.split, "count": int(corpus.count),
                 "shard_size": int(shard_size), "fingerprint": fingerprint,
                 "normalized": bool(normalize), "data": data_digest, "padding": corpus.padding,
                 "content": corpus.content}
     writer = jax.process_index() == 0
     if writer:
-        os.makedirs(out_dir, exist_ok=True)
+        paths.make_dirs(out_dir)
         manifest = _check_manifest(out_dir, manifest, overwrite)
-        fileutil.atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
+        fileutil.atomic_write_text(paths.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
     shard_size = int(manifest["shard_size"])
     if jax.process_count() > 1:  # every process must use process 0's shard size
         shard_size = int(multihost_utils.broadcast_one_to_all(np.int32(shard_size)))
@@ -304,7 +304,7 @@ def _extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str
     if writer:
         for s, (start, stop) in enumerate(bounds):
             path = _shard_path(out_dir, s)
-            done[s] = os.path.isfile(path) and _read_shard(path, start, stop) is not None
+            done[s] = paths.is_file(path) and _read_shard(path, start, stop) is not None
     if jax.process_count() > 1:  # every process must embed the same shards
         done = np.asarray(multihost_utils.broadcast_one_to_all(done))
     if done.any():
@@ -340,8 +340,8 @@ def _extract(model, params, corpus: Corpus, out_dir: str, mesh, fingerprint: str
 def read_embeddings(out_dir: str, fingerprint: str | None = None) -> Embeddings:
     """Every shard of a finished extraction, concatenated; an error names a missing or
     partial shard, or a fingerprint other than `fingerprint`."""
-    out_dir = os.path.abspath(out_dir)
-    manifest = fileutil.read_json(os.path.join(out_dir, MANIFEST), "extraction manifest")
+    out_dir = paths.absolute(out_dir)
+    manifest = fileutil.read_json(paths.join(out_dir, MANIFEST), "extraction manifest")
     if fingerprint is not None and manifest["fingerprint"] != fingerprint:
         raise ValueError(f"{out_dir} was extracted with model {manifest['fingerprint']}, not "
                          f"{fingerprint}")
@@ -350,7 +350,7 @@ def read_embeddings(out_dir: str, fingerprint: str | None = None) -> Embeddings:
     for s in range(-(-count // size)):
         start, stop = s * size, min((s + 1) * size, count)
         path = _shard_path(out_dir, s)
-        shard = _read_shard(path, start, stop) if os.path.isfile(path) else None
+        shard = _read_shard(path, start, stop) if paths.is_file(path) else None
         if shard is None:
             raise FileNotFoundError(f"{out_dir}: shard {s} (rows {start}–{stop}) is missing or "
                                     f"partial: run the extraction again to finish it")

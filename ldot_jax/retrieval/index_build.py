@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Mapping, Sequence
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from ldot_jax.checkpoints import kinds
 from ldot_jax.checkpoints import pretrained
-from ldot_jax.core import fileutil, parallel
+from ldot_jax.core import parallel, paths
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.index import backends
 from ldot_jax.index import base, health
@@ -86,12 +85,12 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     health_queries, scann={...}); model_dir: default <workdir>/model; out_dir: default
     <workdir>/index/<split>.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)
     config = workdir_lib.load_config(workdir)
     options = backends.index_options(config, **overrides)
     split = options["split"]
-    model_dir = model_dir or os.path.join(workdir, workdir_lib.MODEL_DIR)
-    if not os.path.isdir(model_dir):
+    model_dir = model_dir or workdir_lib.model_dir(workdir)
+    if not paths.is_dir(model_dir):
         raise FileNotFoundError(
             f"no model at {model_dir}: a finished run exports one (or `ldot export --workdir "
             f"{workdir}` from a checkpoint); otherwise "
@@ -114,13 +113,13 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
         corpora["text"] = extract.caption_corpus(dataset.caption_table(split),
                                                  dataset.tokenizer, split, config)
     params = loaded.params
-    embeddings, paths = {}, {}
+    embeddings, extracted = {}, {}
     # Both modalities are extracted: an index of one side is checked with queries of the other.
     for side, corpus in corpora.items():
-        paths[side] = workdir_lib.embeddings_dir(workdir, split, side)
-        embeddings[side] = extract.extract(model, params, corpus, paths[side], mesh, fingerprint,
-                                           options["shard_size"], normalize, overwrite, progress,
-                                           data_digest)
+        extracted[side] = workdir_lib.embeddings_dir(workdir, split, side)
+        embeddings[side] = extract.extract(model, params, corpus, extracted[side], mesh,
+                                           fingerprint, options["shard_size"], normalize,
+                                           overwrite, progress, data_digest)
     out_dir = out_dir or workdir_lib.index_dir(workdir, split)
     indexes, reports = {}, {}
     matryoshka = tuple(config.loss.get("matryoshka_dims", ()) or ())
@@ -131,20 +130,19 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
                             matryoshka)
         index.info["names"] = "names.json"
         if jax.process_index() == 0:
-            indexes[side] = index.save(os.path.join(out_dir, side))
-            _write_names(indexes[side], embeddings[side])
+            indexes[side] = index.save(paths.join(out_dir, side),
+                                       {"names.json": _catalog(embeddings[side])})
         reports[side] = index.info.get("health", {})
         log.info("%s index of %d %ss built in %.2f s; recall vs exact (%s queries): %s",
                  options["backend"], len(index), side, index.info["build_time_s"], other,
                  {k: v for k, v in reports[side].items() if k.startswith("recall")})
-    return BuiltIndexes(paths, indexes, reports)
+    return BuiltIndexes(extracted, indexes, reports)
 
 
-def _write_names(index_dir: str, embeddings: extract.Embeddings) -> None:
-    """names.json beside the index: {"names": [...], "owners": [...]} by id (for display and
-    for mapping a caption to its image). Not part of the index manifest: it is a catalog."""
+def _catalog(embeddings: extract.Embeddings) -> str:
+    """names.json, saved with the index: {"ids", "names", "owners"} by id (for display and for
+    mapping a caption to its image)."""
     order = np.argsort(embeddings.ids)
-    body = {"ids": embeddings.ids[order].tolist(),
-            "names": [embeddings.names[i] for i in order],
-            "owners": embeddings.owners[order].tolist()}
-    fileutil.atomic_write_text(os.path.join(index_dir, "names.json"), json.dumps(body))
+    return json.dumps({"ids": embeddings.ids[order].tolist(),
+                       "names": [embeddings.names[i] for i in order],
+                       "owners": embeddings.owners[order].tolist()})

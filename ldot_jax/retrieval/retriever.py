@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from ldot_jax.checkpoints import pretrained
-from ldot_jax.core import numerics
+from ldot_jax.core import numerics, paths
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import batching
 from ldot_jax.index import backends
@@ -67,6 +67,8 @@ class Catalog:
 
     @classmethod
     def read(cls, index_dir: str) -> "Catalog":
+        """From an index directory (saved with the index; local, or the local copy of a
+        gs:// one: `index.base.readable`)."""
         path = os.path.join(index_dir, "names.json")
         if not os.path.isfile(path):
             return cls()
@@ -120,11 +122,12 @@ class Retriever:
             side = index_base.read_metadata(index_dir).get("info", {}).get("side") or "image"
             sides = {side: index_dir}
         else:
-            sides = {side: os.path.join(index_dir, side) for side in workdir_lib.SIDES}
+            sides = {side: paths.join(index_dir, side) for side in workdir_lib.SIDES}
         for side, path in sides.items():
-            if os.path.isdir(path):
-                indexes[side] = backends.load_index(path, fingerprint, force)
-                catalogs[side] = Catalog.read(path)
+            if paths.is_dir(path):
+                local = index_base.readable(path)  # a gs:// index: its checked local copy
+                indexes[side] = backends.load_index(local, fingerprint, force)
+                catalogs[side] = Catalog.read(local)
         if not indexes:
             raise index_base.IndexFormatError(
                 f"no index under {index_dir}: build one with `ldot index build`")
@@ -141,7 +144,7 @@ class Retriever:
         <workdir>/index/<split> (or index_dir), with the run's query shapes and
         normalization. An index built from another model is an error unless `force`.
         kwargs: reranker, rerank_top."""
-        workdir = os.path.abspath(workdir)
+        workdir = paths.absolute(workdir)
         config = workdir_lib.load_config(workdir)
         split = split or backends.index_options(config)["split"]
         model_dir = model_dir or workdir_lib.model_dir(workdir)
@@ -283,4 +286,4 @@ def _tokenizer(tokenizer, model_dir: str):
                              f"vocab.txt it was trained with)")
         return found
     path = os.fspath(tokenizer)
-    return Tokenizer.load(path) if os.path.isdir(path) else Tokenizer.from_vocab_file(path)
+    return Tokenizer.load(path) if paths.is_dir(path) else Tokenizer.from_vocab_file(path)

@@ -13,9 +13,9 @@ goes into every export, so a model directory alone is enough to query.
 from __future__ import annotations
 
 import logging
-import os
 
 from ldot_jax.checkpoints import checkpoint, kinds, pretrained
+from ldot_jax.core import paths
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data.tokenizer import VOCAB_FILE, Tokenizer
 
@@ -60,7 +60,7 @@ def choose_step(ckpt: checkpoint.TrainCheckpointer, step: int | None = None,
 def checkpoint_params(workdir: str, step: int):
     """The model parameters (NumPy pytree) of checkpoint `step`, read on this process alone:
     only the parameters (not the optimizer state), into host memory."""
-    path = os.path.join(workdir_lib.checkpoints_dir(workdir), str(step), checkpoint.STATE)
+    path = paths.join(workdir_lib.checkpoints_dir(workdir), str(step), checkpoint.STATE)
     return checkpoint.restore_subtree_to_host(path, ("params", "model"))
 
 
@@ -68,7 +68,7 @@ def write(workdir: str, kind: str, model_cfg, params, step: int, tokenizer=None,
           out: str | None = None, exported_by: str = "export",
           score: dict | None = None) -> str:
     """Writes the model directory (default <workdir>/model) of host `params`."""
-    metadata = {"source": os.path.abspath(workdir), "step": int(step),
+    metadata = {"source": paths.absolute(workdir), "step": int(step),
                 "exported_by": exported_by}
     if score:
         metadata["best_metric"] = score
@@ -88,18 +88,18 @@ def save_run_tokenizer(workdir: str, tokenizer) -> None:
 def run_tokenizer(workdir: str) -> Tokenizer | None:
     """The tokenizer saved in the run directory (None for runs without one)."""
     path = workdir_lib.tokenizer_dir(workdir)
-    return Tokenizer.load(path) if os.path.isfile(os.path.join(path, VOCAB_FILE)) else None
+    return Tokenizer.load(path) if paths.is_file(paths.join(path, VOCAB_FILE)) else None
 
 
 def export(workdir: str, step: int | None = None, best: bool = False, out: str | None = None,
            tokenizer=None) -> tuple[str, int]:
     """(model directory, step) of a run's checkpoint: `step`, the best one, or the latest.
     tokenizer: default the one the run saved."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)
     config = workdir_lib.load_config(workdir)
     kind = config.model_kind
     model_cfg = kinds.model_config(kind, config.model)
-    if not os.path.isdir(workdir_lib.checkpoints_dir(workdir)):
+    if not paths.is_dir(workdir_lib.checkpoints_dir(workdir)):
         raise checkpoint.CheckpointError(f"{workdir} has no {workdir_lib.CHECKPOINTS}/: "
                                          f"nothing to export")
     with run_checkpointer(workdir, config) as ckpt:

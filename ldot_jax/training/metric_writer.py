@@ -1,7 +1,10 @@
 """Where training metrics go: stdout (logging), <workdir>/metrics.jsonl and TensorBoard event
 files (<workdir>/tensorboard, written with tensorboardX: no TensorFlow needed).
 
-Only process 0 writes; the other processes' writers are silent. One JSON line per write:
+Only process 0 writes; the other processes' writers are silent. On an object store (a
+gs:// workdir) metrics.jsonl is rewritten whole at each write (objects cannot be appended to;
+the file stays small) and tensorboardX writes its events there itself. One JSON line per
+write:
     {"step": 100, "split": "train", "loss": 1.23, "steps_per_sec": 4.1, ...}
 """
 
@@ -10,10 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import Mapping
 
-from ldot_jax.core import fileutil
+from ldot_jax.core import fileutil, paths
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,9 @@ def drop_rows_after(path: str, step: int) -> int:
     """Rewrites a metrics.jsonl without its rows past `step` (a run resumed from the
     checkpoint at `step` logs them again); returns how many were dropped. A torn last line (a
     crash mid-write) is dropped too."""
-    if not os.path.isfile(path):
+    if not paths.is_file(path):
         return 0
-    with open(path) as f:
-        lines = f.readlines()
+    lines = paths.read_text(path).splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
@@ -59,17 +60,18 @@ class MetricWriter:
         self._tb = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        path = os.path.join(workdir, JSONL)
+        paths.make_dirs(workdir)
+        path = paths.join(workdir, JSONL)
         dropped = drop_rows_after(path, resume_step)
         if dropped:
             log.info("%s: dropped %d row(s) past step %d (they are logged again)", path,
                      dropped, resume_step)
-        # Line-buffered append: a resumed run continues the same file.
-        self._jsonl = open(path, "a", buffering=1)
+        # Line-buffered append (locally): a resumed run continues the same file.
+        self._jsonl = _RemoteLines(path) if paths.is_remote(path) else open(path, "a",
+                                                                              buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, TENSORBOARD))
+            self._tb = SummaryWriter(paths.join(workdir, TENSORBOARD))
 
     def write(self, step: int, scalars: Mapping[str, object], split: str = "train",
               echo: bool = True) -> None:
@@ -99,11 +101,26 @@ class MetricWriter:
             self._tb = None
 
 
+class _RemoteLines:
+    """metrics.jsonl on an object store: the file's lines, uploaded whole at each write."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.text = paths.read_text(path) if paths.is_file(path) else ""
+
+    def write(self, line: str) -> None:
+        self.text += line
+        fileutil.atomic_write_text(self.path, self.text)
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(workdir: str, split: str | None = None) -> list[dict]:
     """The rows of <workdir>/metrics.jsonl (optionally of one split)."""
-    path = os.path.join(workdir, JSONL)
+    path = paths.join(workdir, JSONL)
     rows = []
-    with open(path) as f:
+    with paths.open_file(path) as f:
         for number, line in enumerate(f, 1):
             try:
                 row = json.loads(line)

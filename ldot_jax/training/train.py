@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -42,7 +41,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from ldot_jax.checkpoints import checkpoint, initialize, kinds, pretrained
-from ldot_jax.core import fileutil, parallel
+from ldot_jax.core import fileutil, parallel, paths
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, pipeline
 from ldot_jax.evaluation import evaluators
@@ -296,11 +295,18 @@ def _initial_state(config, kind: str, model_cfg, mesh, setup: tasks.TaskSetup, s
     return state, tx, schedule
 
 
+def _ocdbt(checkpoint_format: str) -> bool:
+    if checkpoint_format not in ("ocdbt", "zarr"):
+        raise ValueError(f"train.checkpoint_format={checkpoint_format!r}: expected 'ocdbt' or "
+                         f"'zarr'")
+    return checkpoint_format == "ocdbt"
+
+
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
     """Everything before the first step: the mesh, the model and its tasks, their frozen
     models, the data, the evaluators, the state (fresh or restored), the step functions and
     the writers. Saves <workdir>/config.json."""
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)
     t = config.train
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.model)
     parallel.check_global_batch(config.pipeline.batch_size, mesh)
@@ -323,7 +329,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> TrainContext:
     ckpt = checkpoint.TrainCheckpointer(
         workdir_lib.checkpoints_dir(workdir), keep=t.keep_checkpoints,
         best_metric=t.get("best_metric"), best_mode=t.get("best_mode", "max"),
-        async_save=t.get("async_checkpoints", True), writer=True)
+        async_save=t.get("async_checkpoints", True), writer=True,
+        use_ocdbt=_ocdbt(t.get("checkpoint_format", "ocdbt")))
     state, tx, schedule = _initial_state(config, kind, model_cfg, mesh, setup, steps, ckpt,
                                          data)
     start = int(parallel.to_host(state.step))

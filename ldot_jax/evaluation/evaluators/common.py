@@ -11,13 +11,12 @@ one entry of `config.evals`: its name, when it runs and the prefix of its metric
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
 import jax
 
 from ldot_jax.checkpoints import pretrained
-from ldot_jax.core import parallel
+from ldot_jax.core import parallel, paths
 from ldot_jax.evaluation import recall
 from ldot_jax.retrieval import extract
 
@@ -42,7 +41,7 @@ class LoadedModels:
         self._loaded: dict[str, LoadedModel] = {}
 
     def load(self, directory: str) -> LoadedModel:
-        key = os.path.abspath(directory) if "://" not in directory else directory
+        key = paths.absolute(directory)
         if key not in self._loaded:
             loaded = pretrained.load_pretrained(directory)
             self._loaded[key] = LoadedModel(
