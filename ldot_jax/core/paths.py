@@ -8,7 +8,7 @@ Paths are passed around as strings; the functions here take either kind:
   - URLs (`scheme://…`) go through fsspec, the backend `etils.epath` uses for them (gcsfs for
     `gs://`; Orbax reaches the same store through epath), here with its listing cache off:
     several processes (a pod's hosts) write one run, and a cached listing would hide what the
-    others wrote. `epath_of` gives the `epath.Path` of a path for APIs that take one.
+    others wrote.
 
 Object stores have no directories (a "directory" is a prefix: `make_dirs` is a no-op there),
 no atomic rename and no append; `core/fileutil.py` builds its atomic writers on what they do
@@ -27,7 +27,6 @@ import re
 import shutil
 from typing import IO
 
-from etils import epath
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 CACHE_ENV = "LDOT_JAX_CACHE"
@@ -65,17 +64,6 @@ def split(path: str | os.PathLike) -> tuple[str, str]:
         raise ValueError(f"{path} is a bucket, not a path inside one: choose an output path "
                          f"inside it (e.g. {path}/run)")
     return parent, name
-
-
-def relative(path: str, root: str) -> str:
-    """`path` relative to `root` (both of the same kind, `path` inside `root`)."""
-    if is_remote(root):
-        return path[len(root.rstrip("/")) + 1:]
-    return os.path.relpath(path, root)
-
-
-def epath_of(path: str | os.PathLike) -> epath.Path:
-    return epath.Path(absolute(path))
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -123,8 +111,7 @@ def walk_files(root: str | os.PathLike) -> list[str]:
     fs, prefix = _fs(root)
     if not fs.isdir(prefix):
         return []
-    return sorted(relative(f"{root}/{name[len(prefix) + 1:]}", root)
-                  for name in fs.find(prefix))
+    return sorted(name[len(prefix) + 1:] for name in fs.find(prefix))
 
 
 def size(path: str | os.PathLike) -> int:
