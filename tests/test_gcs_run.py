@@ -4,6 +4,7 @@ with the best checkpoint exported, `ldot export` of another step, extraction, in
 queries through the Retriever: every file under gs://bucket/…, locally nothing but the cache."""
 
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -20,30 +21,20 @@ from ldot_jax.training import metric_writer, train
 import faults
 import gcs
 
-# Minutes against the emulator (a Python server: every checkpoint is hundreds of objects), so
-# opt-in: LDOT_JAX_GCS_RUN=1. tests/test_object_store.py runs in every `make test`.
-pytestmark = pytest.mark.skipif(not os.environ.get("LDOT_JAX_GCS_RUN"),
-                                reason="the whole-run emulator test: set LDOT_JAX_GCS_RUN=1")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = "import sys\nfrom ldot_jax.tools import train_cli\nsys.exit(train_cli.main(sys.argv[1:]))"
 STEPS, EVERY = 6, 2
 LEASE_S = "4"  # a killed writer's lock expires this soon (default 60 s)
-# ZARR: the emulator implements no preconditions (ifGenerationMatch), which the commits of
-# the manifest of Orbax's default OCDBT format rely on: against it, a save of more than a few
-# dozen arrays fails in TensorStore ("Malformed StorageGeneration"). So the runs here store
-# checkpoints as plain Zarr (train.checkpoint_format="zarr"), written by TensorStore to the
-# emulator all the same; OCDBT on real GCS is what Orbax itself tests.
-# TENSORBOARD: tensorboardX's GCS writer uploads its buffer again when it is garbage-collected,
-# which after the emulator has stopped retries for two minutes; its events are not tested here.
+# Checkpoints: pre-training in Orbax's default format (OCDBT, whose manifest commits are
+# conditional writes: tests/gcs.py gives the emulator GCS's preconditions), fine-tuning in
+# train.checkpoint_format="zarr" (one TensorStore array per leaf).
 
 
 def pretrain_flags(workdir, data_dir):
     return [f"--config={ROOT}/ldot_jax/configs/demo.py:pretrain,tiny", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
             f"--config.train.checkpoint_every={EVERY}", "--config.train.log_every=1",
-            "--config.data.eval_split=", "--config.train.checkpoint_format=zarr",
-            "--config.train.tensorboard=False"]
+            "--config.data.eval_split="]
 
 
 def pretrain_config(data_dir):
@@ -51,8 +42,6 @@ def pretrain_config(data_dir):
     c.data.data_dir = data_dir
     c.train.num_steps, c.train.checkpoint_every, c.train.log_every = STEPS, EVERY, 1
     c.data.eval_split = ""
-    c.train.tensorboard = False  # see TENSORBOARD
-    c.train.checkpoint_format = "zarr"  # see ZARR
     return c
 
 
@@ -62,8 +51,24 @@ def finetune_config(data_dir, init):
     c.init.model = init
     c.train.num_steps, c.train.log_every = 4, 1
     c.train.update(eval_every=2, checkpoint_every=2, best_metric="ar", best_mode="max",
-                   checkpoint_format="zarr", tensorboard=False)
+                   checkpoint_format="zarr")
     return c
+
+
+def tensorboard_steps(workdir: str, tag: str) -> list[int]:
+    """The steps of scalar `tag` in the TensorBoard event files under <workdir>/tensorboard
+    (TFRecord framing: length, its CRC, an Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+    steps = []
+    for name in paths.walk_files(paths.join(workdir, metric_writer.TENSORBOARD)):
+        blob = paths.read_bytes(paths.join(workdir, metric_writer.TENSORBOARD, name))
+        at = 0
+        while at < len(blob):
+            length, = struct.unpack("<Q", blob[at:at + 8])
+            event = event_pb2.Event.FromString(blob[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return sorted(steps)
 
 
 @pytest.fixture
@@ -95,12 +100,16 @@ def test_a_run_on_gcs_preempted_resumed_exported_indexed_and_queried(local, tmp_
     assert summary["step"] == STEPS
     assert [r["step"] for r in metric_writer.read_jsonl(pre, "train")] == list(
         range(1, STEPS + 1))  # each step logged once, across the kill
+    # TensorBoard: the killed run published its events up to its last checkpoint (a file of
+    # its own); the resumed run logs the steps after the checkpoint it resumed from.
+    assert tensorboard_steps(pre, "train/learning_rate") == sorted(
+        list(range(1, 5)) + list(range(resumed_from + 1, STEPS + 1)))
     assert pretrained.load_pretrained(workdir_lib.model_dir(pre)).metadata["step"] == STEPS
 
     # Fine-tuning from the exported model; the export takes the best checkpoint.
     train.train_and_evaluate(finetune_config(data, workdir_lib.model_dir(pre)), fine)
     scores = {r["step"]: r["ar"] for r in metric_writer.read_jsonl(fine) if "ar" in r}
-    assert sorted(scores) == [2, 4]
+    assert sorted(scores) == [2, 4] and tensorboard_steps(fine, "eval/ar") == [2, 4]
     model = pretrained.load_pretrained(workdir_lib.model_dir(fine))
     assert model.metadata["step"] == max(scores, key=scores.get)
     exported = f"{bucket}/exported"

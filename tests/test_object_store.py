@@ -3,6 +3,8 @@ emulator): single files appear whole, directories are committed by their manifes
 the old or the new copy at every kill point), ownership is kept, locks are leases."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -59,6 +61,17 @@ def test_paths_on_an_object_store(prefix):
     assert fileutil.read_json(_json(prefix + "/x.json", {"k": 1})) == {"k": 1}
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fileutil.read_json(prefix + "/none.json", "run config")
+
+
+def test_uploads_round_trip_byte_exactly(prefix, tmp_path):
+    """The emulator itself (tests/gcs.py fixes its multipart parser): bodies ending in a line
+    end, or in a bare carriage return, come back as sent."""
+    for i, body in enumerate([b"abc\r", b"abc\r\n", b"abc\n", b"\r", b"\r\r\n\r",
+                              bytes(range(256)) * 3]):
+        local = tmp_path / f"f{i}"
+        local.write_bytes(body)
+        paths.upload(str(local), f"{prefix}/f{i}")
+        assert paths.read_bytes(f"{prefix}/f{i}") == body, body[-8:]
 
 
 def _json(path, value):
@@ -176,3 +189,53 @@ def test_the_lock_is_a_lease(prefix, monkeypatch):
     start = time.monotonic()
     with fileutil.exclusive(path, wait=10):
         assert time.monotonic() - start >= 0.9
+
+
+def test_a_dead_lease_taken_over_by_one_writer_only(prefix, monkeypatch):
+    """A writer that saw the dead lease expired removes only that generation: a lease taken
+    over meanwhile stays, and its own create-only upload is refused."""
+    monkeypatch.setenv(fileutil.LEASE_ENV, "30")
+    path, lock = prefix + "/run", fileutil.lock_path(prefix + "/run")
+    fileutil.atomic_write_text(lock, json.dumps(
+        {"token": "dead", "holder": "pid 1 on gone", "expires": time.time() - 1}))
+    dead = paths.generation(lock)
+    assert dead is not None
+    with fileutil.exclusive(path, wait=0):  # the first writer takes it over
+        mine = json.loads(paths.read_bytes(lock))["token"]
+        assert paths.generation(lock) != dead
+        # The second writer, acting on what it saw before:
+        assert not paths.remove_generation(lock, dead)
+        assert not fileutil._write_lease(lock, {"token": "late"}, create=True)
+        assert json.loads(paths.read_bytes(lock))["token"] == mine
+    assert not paths.exists(lock)
+
+
+RACER = """
+import os, sys, time
+from ldot_jax.core import fileutil
+path, log, me = sys.argv[1:]
+for _ in range(3):
+    with fileutil.exclusive(path, wait=120):
+        with open(log, "a") as f:
+            f.write(f"in {me}\\n")
+        time.sleep(0.3)
+        with open(log, "a") as f:
+            f.write(f"out {me}\\n")
+"""
+
+
+def test_writers_racing_for_a_lease_hold_it_one_at_a_time(prefix, tmp_path, monkeypatch):
+    """Three processes take the same lease three times each, starting at a dead one: never
+    two inside at once (their enter / leave lines alternate, each pair from one writer)."""
+    monkeypatch.setenv(fileutil.LEASE_ENV, "3")
+    path, log = prefix + "/run", tmp_path / "log"
+    fileutil.atomic_write_text(fileutil.lock_path(path), json.dumps(
+        {"token": "dead", "holder": "pid 1 on gone", "expires": time.time() - 1}))
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, path, str(log), str(i)])
+              for i in range(3)]
+    assert [r.wait(timeout=240) for r in racers] == [0, 0, 0]
+    lines = log.read_text().split()
+    pairs = list(zip(lines[0::4], lines[1::4], lines[2::4], lines[3::4]))
+    assert len(lines) == 3 * 3 * 4 and all(
+        a == "in" and c == "out" and b == d for a, b, c, d in pairs), lines
+    assert not paths.exists(fileutil.lock_path(path))

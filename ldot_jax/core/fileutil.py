@@ -269,7 +269,9 @@ def _lease(path: str, what: str, wait: float):
     renews it every third of its life (LDOT_JAX_LEASE_S, default 60 s) from a thread, so a
     holder that died (a preempted VM) loses it within that time and the next writer takes
     over. Taking it is a create-only upload (GCS: ifGenerationMatch=0), then a read-back of
-    the token, so of two writers racing for a free lease one wins."""
+    the token, so of two writers racing for a free lease one wins; an expired lease is
+    removed only as the generation that was seen expired (so of two writers taking over the
+    same dead lease, the later one cannot remove the earlier one's new lease)."""
     lock = lock_path(path)
     token = uuid.uuid4().hex
     life = lease_seconds()
@@ -279,6 +281,9 @@ def _lease(path: str, what: str, wait: float):
         return {"token": token, "holder": _holder(), "expires": time.time() + life}
 
     while True:
+        # The generation first: the body read after it is that one or newer, so an expired
+        # body is never used to remove a newer lease.
+        seen = paths.generation(lock)
         current = _read_lease(lock)
         if current is not None and float(current.get("expires", 0)) > time.time():
             told = _waited(what, path, str(current.get("holder")), deadline, told)
@@ -286,7 +291,8 @@ def _lease(path: str, what: str, wait: float):
         if current is not None:  # expired: its holder died or lost contact
             log.warning("%s %s: taking over the expired lock of %s", what, path,
                         current.get("holder"))
-            paths.remove(lock)
+            # Only that expired lease: a writer that took it over meanwhile keeps its own.
+            paths.remove_generation(lock, seen)
         if _write_lease(lock, body(), create=True) and (
                 _read_lease(lock) or {}).get("token") == token:
             break
@@ -706,11 +712,13 @@ def _download_generation(path: str, manifest: dict, home: str, copy: str) -> Non
             local = os.path.join(staging, name)
             os.makedirs(os.path.dirname(local), exist_ok=True)
             paths.download(confined(root, name), local)
-            if os.path.getsize(local) != entry.get("size") or _sha256(local) != entry.get(
-                    "sha256"):
-                raise IntegrityError(f"{paths.join(root, name)} differs from what "
-                                     f"{paths.join(path, MANIFEST)} recorded (damaged or "
-                                     f"modified)")
+            seen = {"size": os.path.getsize(local), "sha256": _sha256(local)}
+            if seen != {"size": entry.get("size"), "sha256": entry.get("sha256")}:
+                raise IntegrityError(
+                    f"{paths.join(root, name)} differs from what {paths.join(path, MANIFEST)} "
+                    f"recorded (damaged or modified): {seen['size']} bytes, SHA-256 "
+                    f"{seen['sha256'][:12]}…; recorded {entry.get('size')} bytes, "
+                    f"{str(entry.get('sha256'))[:12]}…")
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
         try:

@@ -137,6 +137,36 @@ def remove(path: str | os.PathLike) -> None:
             os.remove(path)
 
 
+def generation(url: str) -> str | None:
+    """The generation of object `url` on a store that numbers them (GCS), else None (also
+    when there is no object)."""
+    fs, key = _fs(url)
+    try:
+        found = fs.info(key).get("generation")
+    except FileNotFoundError:
+        return None
+    return str(found) if found else None
+
+
+def remove_generation(url: str, generation: str | None) -> bool:
+    """Removes object `url` only while it is still `generation` (GCS: a delete of that
+    generation, refused once the object was replaced); False if it was replaced or is gone.
+    Without a generation (a store that has none), a plain remove."""
+    if generation is None:
+        remove(url)
+        return True
+    import fsspec
+    fs, key = _fs(url)
+    versioned = fsspec.filesystem(fs.protocol[0] if isinstance(fs.protocol, tuple)
+                                  else fs.protocol, version_aware=True,
+                                  use_listings_cache=False)
+    try:
+        versioned.rm_file(f"{key}#{generation}")
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def remove_tree(path: str | os.PathLike) -> None:
     """Removes a directory (or every object under a prefix); a missing one is fine."""
     if not is_remote(path):

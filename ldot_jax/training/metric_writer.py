@@ -3,8 +3,10 @@ files (<workdir>/tensorboard, written with tensorboardX: no TensorFlow needed).
 
 Only process 0 writes; the other processes' writers are silent. On an object store (a
 gs:// workdir) metrics.jsonl is rewritten whole at each write (objects cannot be appended to;
-the file stays small) and tensorboardX writes its events there itself. One JSON line per
-write:
+the file stays small), and the TensorBoard events are written to a local staging directory
+in the cache and uploaded whole at each `flush` (training flushes after every checkpoint save)
+and at `close`: tensorboardX's own GCS writer re-uploads its buffer when garbage-collected
+and retries for minutes when the store is gone. One JSON line per write:
     {"step": 100, "split": "train", "loss": 1.23, "steps_per_sec": 4.1, ...}
 """
 
@@ -13,6 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import tempfile
 from typing import Mapping
 
 from ldot_jax.core import fileutil, paths
@@ -70,8 +75,9 @@ class MetricWriter:
         self._jsonl = _RemoteLines(path) if paths.is_remote(path) else open(path, "a",
                                                                               buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(paths.join(workdir, TENSORBOARD))
+            events = paths.join(workdir, TENSORBOARD)
+            self._tb = _RemoteEvents(events) if paths.is_remote(events) else _summary_writer(
+                events)
 
     def write(self, step: int, scalars: Mapping[str, object], split: str = "train",
               echo: bool = True) -> None:
@@ -99,6 +105,41 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _summary_writer(directory: str):
+    from tensorboardX import SummaryWriter
+    return SummaryWriter(directory)
+
+
+class _RemoteEvents:
+    """TensorBoard events for an object-store directory: tensorboardX writes a local staging
+    directory (in the cache, this writer's own), whose files are uploaded whole to
+    `directory` at each flush and at close; close then removes the staging. Each writer
+    starts its own events file (tensorboardX names it by time and host), so a resumed run
+    adds a file and never rewrites a published one. What a killed run wrote after its last
+    flush stays in its staging directory, unpublished."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.staging = tempfile.mkdtemp(prefix="tensorboard-", dir=paths.cache_dir("events"))
+        self._tb = _summary_writer(self.staging)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._tb.add_scalar(tag, value, step)
+
+    def _publish(self) -> None:
+        for name in sorted(os.listdir(self.staging)):
+            paths.upload(os.path.join(self.staging, name), paths.join(self.directory, name))
+
+    def flush(self) -> None:
+        self._tb.flush()
+        self._publish()
+
+    def close(self) -> None:
+        self._tb.close()
+        self._publish()
+        shutil.rmtree(self.staging)
 
 
 class _RemoteLines:

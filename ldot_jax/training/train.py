@@ -435,6 +435,7 @@ def save(run: TrainContext, done: int, evaluated: dict[str, float] | None) -> No
     best = run.config.train.get("best_metric")
     metrics = evaluated if best and evaluated and best in evaluated else None
     run.checkpointer.save(done, run.state, run.data.iterator.get_state(), metrics=metrics)
+    run.writer.flush()  # the events up to a checkpoint are published with it (object stores)
     fileutil.pause_point("checkpoint_started")  # crash tests: a save in flight
 
 
