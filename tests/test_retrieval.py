@@ -219,3 +219,23 @@ def test_command_line_build_info_and_query(workdir, built, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "query: image 4 (test_000004)" in printed and printed.count(" caption ") == 2
     assert not glob.glob(os.path.join(str(tmp_path), ".*tmp*"))
+
+
+def test_command_line_recall_targeted_build(workdir, built, tmp_path, capsys):
+    """`--target_recall` on the caption index (80 captions; a forced 8-leaf tree with hashing
+    searching 1 leaf, so that settings must be chosen): tuned on 8 images, health on the 8
+    others, the choice stored in index.json and used by the reloaded index."""
+    out = str(tmp_path / "tuned")
+    assert cli.main(["build", "--workdir", workdir, "--sides", "text", "--out", out,
+                     "--num_leaves", "8", "--leaves_to_search", "1", "--hashing", "true",
+                     "--training_sample_size", "80", "--health_queries", "8",
+                     "--target_recall", "0.9", "--target_k", "5", "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "tuning: recall@5" in printed and "meets the target 0.9" in printed
+    index = index_base.read_metadata(os.path.join(out, "text"))
+    tuned, params = index["info"]["tuning"], index["params"]
+    assert tuned["met"] and tuned["queries"] == 8 and tuned["query_side"] == "image"
+    assert tuned["chosen"]["recall"] >= 0.9 and tuned["probes"]
+    assert params["leaves_to_search"] == tuned["chosen"]["leaves_to_search"]
+    assert params["reorder"] == tuned["chosen"]["depth"]
+    assert index["info"]["health"]["queries"] == 8  # the other half of the 16 images

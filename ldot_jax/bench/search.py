@@ -2,12 +2,16 @@
 HNSW when `faiss-cpu` is installed (the `[bench]` extra).
 
     ldot bench search [--sizes 10000,100000,1000000] [--dim 768] [--d_low 128]
+        [--corpora matryoshka,isotropic,two_modality] [--targets 0.9,0.95,0.99]
         [--queries 1000] [--single 200] [--embeddings DIR] [--out runs/bench/search]
 
-Corpora: the clustered synthetic set of `ldot_jax/bench/vectors.py` (per-dimension variance
-falling like Matryoshka / PCA-ordered embeddings; queries from a shifted "other modality"), or
-the vectors of an extraction (`--embeddings <workdir>/embeddings/<split>`: images as the
-corpus, captions as queries) for the sizes it can fill. For each size it reports, per method:
+Corpora: the synthetic generators of `ldot_jax/bench/vectors.py` (matryoshka: clustered, with
+per-dimension variance falling like Matryoshka / PCA-ordered embeddings, queries from a shifted
+"other modality"; isotropic: clusters of unit vectors, queries perturbed corpus points;
+two_modality: unit vectors of two modalities with a gap between them), or the vectors of an
+extraction (`--embeddings <workdir>/embeddings/<split>`: images as the corpus, captions as
+queries) for the sizes it can fill. Recall-targeted rows (ScaNN at each of --targets, and
+coarse-to-fine at the middle one) are tuned on another set of queries than the measured ones. For each size it reports, per method:
 build time, index size, batched QPS (all queries in one call), single-query latency p50 / p99,
 and recall@1/10/100 against exact search at full dimension, plus sweeps of ScaNN's
 leaves_to_search and the coarse-to-fine candidate count for the recall-versus-latency plot.
@@ -109,15 +113,51 @@ def _saved_size(index) -> int:
 
 
 def bench_size(database: np.ndarray, queries: np.ndarray, d_low: int, single: int,
-               sweeps: bool = True) -> list[dict]:
+               sweeps: bool = True, tuning_queries: np.ndarray | None = None,
+               targets=(0.9, 0.95, 0.99)) -> list[dict]:
     """The rows of one corpus size: exact search (the ground truth), ScaNN at full and prefix
-    dimension, coarse-to-fine, and FAISS flat / HNSW when installed."""
+    dimension, coarse-to-fine, recall-targeted ScaNN / coarse-to-fine (tuned on
+    `tuning_queries`), and FAISS flat / HNSW when installed."""
     k = min(max(K_RECALL), len(database))
     rows, truth = _bench_exact(database, queries, k, single)
     for d in (database.shape[1], d_low):
         rows += _bench_scann(database, queries, d, k, single, truth, sweeps)
     rows += _bench_hierarchical(database, queries, d_low, k, single, truth, sweeps)
+    if tuning_queries is not None and len(tuning_queries) and targets:
+        rows += _bench_targeted(database, queries, tuning_queries, d_low, k, single, truth,
+                                targets)
     rows += _bench_faiss(database, queries, k, single, truth)
+    return rows
+
+
+def _bench_targeted(database, queries, tuning_queries, d_low: int, k: int, single: int, truth,
+                    targets) -> list[dict]:
+    """ScaNN tuned to each recall@10 target, and coarse-to-fine to the middle one (index/
+    tuning.py, on the tuning queries; measured on the others). Build time: the tuning's."""
+    from ldot_jax.index import ExactIndex, HierarchicalIndex, ScannIndex, tuning
+    n, dim = database.shape
+    ids = np.arange(n)
+    exact = ExactIndex(dim).add(database, ids)
+    rows, built = [], {}
+    middle = sorted(targets)[len(targets) // 2]
+    plans = [("scann", t, lambda o: ScannIndex(dim, **o)) for t in targets]
+    plans.append(("coarse-to-fine", middle, lambda o: HierarchicalIndex(dim, d_low, **o)))
+    for name, target, make in plans:
+        cache = built.setdefault(name, {})
+        start = time.perf_counter()
+        index, report = tuning.tune(make, database, ids, tuning_queries, target, 10,
+                                    tuning.build_ladder(n, {}), exact=exact, built=cache)
+        spent = time.perf_counter() - start
+        print(f"  tuned {name} to {target}: {report.summary()}", flush=True)
+        timing = _timed_search(_index_search(index), queries, k, single)
+        c = report.chosen
+        rows.append(_row(f"{name} target={target}", spent, 0, timing, truth,
+                         {"target": target, "met_on_tuning_queries": report.met,
+                          "tuned": {"leaves_to_search": c.leaves_to_search,
+                                    report.depth_name: c.depth,
+                                    "build_overrides": report.builds[c.build]}}))
+    del exact, built
+    gc.collect()
     return rows
 
 
@@ -223,16 +263,19 @@ def _bench_faiss(database, queries, k: int, single: int, truth) -> list[dict]:
 
 
 def plot(results: dict, path: str) -> None:
+    """Recall@10 against batched ms per query: one panel per corpus and size."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sizes = list(results["sizes"])
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        rows = results["sizes"][size]["rows"]
+    runs = list(results["sizes"])
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        entry = results["sizes"][run]
+        rows = entry["rows"]
         groups = {}
         for r in rows:
             name = r["method"].split(" leaves=")[0].split(" c=")[0].split(" ef=")[0]
+            name = name.split(" target=")[0] + (" targeted" if "target=" in name else "")
             groups.setdefault(name, []).append(r)
         for name, rs in groups.items():
             rs = sorted(rs, key=lambda r: r.get("recall@10", 0))  # along each sweep
@@ -242,7 +285,8 @@ def plot(results: dict, path: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("ms per query (batched)")
         ax.set_ylabel("recall@10 vs exact (d=full)")
-        ax.set_title(f"{int(size):,} vectors")
+        ax.set_title(f"{entry.get('corpus', entry['source'])}: {int(entry['size']):,} vectors",
+                     fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Search: recall vs latency ({results['machine']})", fontsize=9)
@@ -260,9 +304,9 @@ def markdown(results: dict) -> str:
                        or ("ef=" in r["method"] and "ef=64" not in r["method"]))
     fmt = lambda v, spec: "–" if v is None or (isinstance(v, float) and np.isnan(v)) else \
         format(v, spec)
-    for size, entry in results["sizes"].items():
-        lines += [f"**{int(size):,} vectors** ({entry['source']}, {results['queries']} queries, "
-                  f"k = 10)", "",
+    for entry in results["sizes"].values():
+        lines += [f"**{int(entry['size']):,} vectors** ({entry['source']}, {results['queries']} "
+                  f"queries, k = 10)", "",
                   "| method | build s | index MB | QPS batched | QPS single | p50 ms | p99 ms "
                   "| R@1 | R@10 | R@100 |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in entry["rows"]:
@@ -276,16 +320,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _corpus(size: int, dim: int, num_queries: int, embeddings: str | None):
+def _corpus(corpus: str, size: int, dim: int, num_queries: int, embeddings: str | None):
+    """(database, measured queries, tuning queries, description)."""
     from ldot_jax.bench import vectors
     if embeddings:
         from ldot_jax.retrieval import extract
         images = extract.read_embeddings(os.path.join(embeddings, "image"))
         captions = extract.read_embeddings(os.path.join(embeddings, "text"))
         if len(images.vectors) >= size:
-            return images.vectors[:size], captions.vectors[:num_queries], "trained model"
-    database, queries = vectors.clustered(size, dim, num_queries, seed=size)
-    return database, queries, "clustered synthetic"
+            return (images.vectors[:size], captions.vectors[:num_queries],
+                    captions.vectors[num_queries:2 * num_queries], "trained model")
+    database, queries = vectors.GENERATORS[corpus](size, dim, 2 * num_queries, seed=size)
+    return database, queries[:num_queries], queries[num_queries:], f"{corpus} synthetic"
 
 
 def main(argv=None) -> int:
@@ -295,7 +341,12 @@ def main(argv=None) -> int:
     parser.add_argument("--d_low", type=int, default=128)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--single", type=int, default=200, help="single-query timings")
-    parser.add_argument("--embeddings", help="<workdir>/embeddings/<split> of a trained model")
+    parser.add_argument("--corpora", default="matryoshka,isotropic,two_modality",
+                        help="synthetic generators (ldot_jax/bench/vectors.py GENERATORS)")
+    parser.add_argument("--targets", default="0.9,0.95,0.99",
+                        help="recall@10 targets of the tuned rows ('' for none)")
+    parser.add_argument("--embeddings", help="<workdir>/embeddings/<split> of a trained model "
+                                             "(instead of the synthetic corpora)")
     parser.add_argument("--no_sweeps", action="store_true")
     parser.add_argument("--out", default="runs/bench/search")
     args = parser.parse_args(argv)
@@ -305,19 +356,35 @@ def main(argv=None) -> int:
                           f"{jax.devices()[0].device_kind}, Python {platform.python_version()}",
                "faiss": getattr(_faiss(), "__version__", None), "dim": args.dim,
                "d_low": args.d_low, "queries": args.queries, "sizes": {}}
-    for size in (int(s) for s in args.sizes.split(",")):
-        database, queries, source = _corpus(size, args.dim, args.queries, args.embeddings)
-        print(f"{size:,} vectors × {args.dim} ({source}), {len(queries)} queries", flush=True)
-        rows = bench_size(database, queries, args.d_low, args.single, not args.no_sweeps)
-        results["sizes"][str(size)] = {"source": source, "rows": rows}
-        del database
-        gc.collect()
-        fileutil.atomic_write_text(os.path.join(args.out, "search.json"),
-                                   json.dumps(results, indent=1))
-        plot(results, os.path.join(args.out, "search.png"))
-        fileutil.atomic_write_text(os.path.join(args.out, "search.md"), markdown(results))
+    from ldot_jax.bench import vectors
+    corpora = ["embeddings"] if args.embeddings else args.corpora.split(",")
+    unknown = set(corpora) - set(vectors.GENERATORS) - {"embeddings"}
+    if unknown:
+        parser.error(f"unknown corpora {sorted(unknown)}; known: {sorted(vectors.GENERATORS)}")
+    targets = tuple(float(t) for t in args.targets.split(",") if t)
+    for corpus in corpora:
+        for size in (int(s) for s in args.sizes.split(",")):
+            database, queries, tuning_q, source = _corpus(corpus, size, args.dim, args.queries,
+                                                          args.embeddings)
+            print(f"{size:,} vectors × {database.shape[1]} ({source}), {len(queries)} queries",
+                  flush=True)
+            rows = bench_size(database, queries, args.d_low, args.single, not args.no_sweeps,
+                              tuning_q, targets)
+            results["sizes"][f"{corpus}:{size}"] = {"corpus": corpus, "size": size,
+                                                    "source": source, "rows": rows}
+            del database
+            gc.collect()
+            _write(results, args.out)
     print(f"wrote {args.out}/search.json, search.md and search.png")
     return 0
+
+
+def _write(results: dict, out: str) -> None:
+    """search.json, search.md and search.png, rewritten after every corpus size."""
+    fileutil.atomic_write_text(os.path.join(out, "search.json"),
+                               json.dumps(results, indent=1))
+    plot(results, os.path.join(out, "search.png"))
+    fileutil.atomic_write_text(os.path.join(out, "search.md"), markdown(results))
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ def _index() -> ml_collections.ConfigDict:
     s.d_low = placeholder(int)  # hierarchical: the coarse prefix (a matryoshka dim)
     s.candidates = 100  # hierarchical: coarse results re-scored at full dimension
     s.health_queries = 1000  # queries of the other modality for recall vs exact
+    # Recall-targeted builds (index/tuning.py): the cheapest settings whose recall@target_k
+    # against exact search reaches target_recall on held-out queries of the other modality.
+    s.target_recall = placeholder(float)
+    s.target_k = 10
     # ScaNN overrides of the size rule (index/scann_index.scann_params), e.g. num_leaves.
     s.scann = ml_collections.ConfigDict({
         "num_leaves": placeholder(int), "leaves_to_search": placeholder(int),

@@ -93,7 +93,7 @@ def index_options(config: ml_collections.ConfigDict | None, **overrides) -> dict
     section = (config.get("index") if config is not None else None) or ml_collections.ConfigDict()
     out = {"split": "test", "backend": "scann", "sides": workdir_lib.SIDES,
            "shard_size": 4096, "d_low": None, "candidates": 100, "health_queries": 1000,
-           "scann": {}, "exact": {}}
+           "target_recall": None, "target_k": 10, "scann": {}, "exact": {}}
     for key in out:
         if key in section:
             value = section[key]

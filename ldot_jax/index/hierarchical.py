@@ -52,6 +52,16 @@ class HierarchicalIndex(scann_index.ScannIndex):
         return {"d_low": self.d_low, "candidates": self.candidates,
                 "normalize_prefix": self.normalize_prefix, "scann": super().params()}
 
+    def set_search_defaults(self, leaves_to_search: int | None = None,
+                            depth: int | None = None) -> None:
+        """As ScannIndex's; depth is `candidates` (coarse results re-scored at full
+        dimension)."""
+        super().set_search_defaults(leaves_to_search)
+        if depth is not None:
+            if depth < 1:
+                raise ValueError(f"HierarchicalIndex candidates={depth}: expected ≥ 1")
+            self.candidates = int(depth)
+
     def _resolve_params(self, count, dim):
         rule = scann_index.scann_params(count, self.d_low, **self._overrides)
         rule = dataclasses.replace(rule, hashing=True)

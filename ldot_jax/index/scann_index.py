@@ -170,10 +170,27 @@ class ScannIndex(base.VectorIndex):
         self._ids = self._ids[order]
         return order
 
+    def set_search_defaults(self, leaves_to_search: int | None = None,
+                            depth: int | None = None) -> None:
+        """Makes these the settings searches use when they pass none (saved with the index):
+        leaves_to_search (with a tree) and depth, the reorder depth (with hashing)."""
+        if self._params is None:
+            raise ValueError(f"the {self.type} index is empty: build it before setting its "
+                             f"search defaults")
+        changes = {}
+        if leaves_to_search is not None:
+            changes["leaves_to_search"] = int(leaves_to_search)
+        if depth is not None:
+            changes["reorder"] = int(depth)
+        self._params = dataclasses.replace(self._params, **changes)
+
     def _search_rows(self, queries, k, leaves_to_search=None, pre_reorder=-1):
-        """ScaNN rows and scores; -1 for a setting means the searcher's default."""
+        """ScaNN rows and scores; leaves_to_search None: the index's own (its params, which
+        tuning may have changed since the build), -1 for pre_reorder: none."""
         p = self._params
-        leaves = -1 if leaves_to_search is None else int(leaves_to_search)
+        if leaves_to_search is None:
+            leaves_to_search = min(p.leaves_to_search, len(self)) if p.num_leaves else -1
+        leaves = int(leaves_to_search)
         threads = p.num_threads or os.cpu_count() or 1
         parallel = len(queries) > 1 and threads > 1
         if parallel:

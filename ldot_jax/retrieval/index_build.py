@@ -6,7 +6,10 @@
 
 Health: each index is searched with up to `health_queries` vectors of the other modality and
 its recall@{1,10,100} against ExactIndex on the same vectors is stored in its metadata
-(info["health"]) and logged.
+(info["health"]) and logged. With `target_recall` (recall-targeted builds, index/tuning.py),
+the settings are chosen on another `health_queries` vectors of the other modality, so that
+health measures the chosen settings on queries they were not chosen on; the choice and every
+probe go into info["tuning"].
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ldot_jax.checkpoints import pretrained
 from ldot_jax.core import parallel, paths
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.index import backends
-from ldot_jax.index import base, health
+from ldot_jax.index import base, health, tuning
 from ldot_jax.index.exact import ExactIndex
 from ldot_jax.retrieval import extract
 
@@ -34,14 +37,38 @@ log = logging.getLogger(__name__)
 
 def build_index(embeddings: extract.Embeddings, backend: str, options: Mapping,
                 queries: np.ndarray | None = None, query_side: str | None = None,
-                matryoshka_dims: Sequence[int] = ()) -> base.VectorIndex:
+                matryoshka_dims: Sequence[int] = (),
+                tuning_queries: np.ndarray | None = None) -> base.VectorIndex:
     """Builds an index over `embeddings` and records its metadata: the model fingerprint,
-    build time, what it holds, and health (recall against exact search for `queries`)."""
+    build time, what it holds, and health (recall against exact search for `queries`).
+    With options["target_recall"], an approximate backend's settings are chosen on
+    `tuning_queries` (f32[Q, D], held out: not the health queries) by `tuning.tune`."""
     manifest = embeddings.manifest
-    index = backends.make_index(backend, embeddings.vectors.shape[1], options, matryoshka_dims,
-                       manifest.get("normalized", False))
+    dim = embeddings.vectors.shape[1]
+
+    def make(build_overrides: dict) -> base.VectorIndex:
+        scann = {**dict(options.get("scann", {})), **build_overrides}
+        return backends.make_index(backend, dim, {**options, "scann": scann}, matryoshka_dims,
+                                   manifest.get("normalized", False))
+
+    target = options.get("target_recall")
+    exact = None
     start = time.perf_counter()
-    index.add(embeddings.vectors, embeddings.ids)
+    if target is not None and not backends.backend(backend).exact:
+        if tuning_queries is None or not len(tuning_queries):
+            raise ValueError(f"target_recall={target}: a recall-targeted build needs held-out "
+                             f"queries (tuning_queries), none were given")
+        exact = ExactIndex(dim, **dict(options.get("exact", {})))
+        exact.add(embeddings.vectors, embeddings.ids)
+        index, report = tuning.tune(
+            make, embeddings.vectors, embeddings.ids, tuning_queries, float(target),
+            int(options.get("target_k", 10)),
+            tuning.build_ladder(len(embeddings.ids), dict(options.get("scann", {}))),
+            exact=exact)
+        index.info["tuning"] = {**report.to_json(), "query_side": query_side}
+        log.info("%s index tuned: %s", backend, report.summary())
+    else:
+        index = make({}).add(embeddings.vectors, embeddings.ids)
     build_time = time.perf_counter() - start
     index.info.update({
         "model_fingerprint": manifest.get("fingerprint"), "build_time_s": round(build_time, 3),
@@ -52,8 +79,9 @@ def build_index(embeddings: extract.Embeddings, backend: str, options: Mapping,
         if backends.backend(backend).exact:
             report = {"queries": int(len(queries)), "exact": True}
         else:
-            exact = ExactIndex(index.dim, **dict(options.get("exact", {})))
-            exact.add(embeddings.vectors, embeddings.ids)
+            if exact is None:
+                exact = ExactIndex(index.dim, **dict(options.get("exact", {})))
+                exact.add(embeddings.vectors, embeddings.ids)
             report = health.recall_against_exact(index, exact, queries)
         report["query_side"] = query_side
         index.info["health"] = report
@@ -62,11 +90,13 @@ def build_index(embeddings: extract.Embeddings, backend: str, options: Mapping,
 
 @dataclasses.dataclass(frozen=True)
 class BuiltIndexes:
-    """Paths of what `build_from_workdir` wrote, and each index's health report."""
+    """Paths of what `build_from_workdir` wrote, each index's health report, and the tuning
+    report of each recall-targeted index."""
 
     embeddings: dict[str, str]
     indexes: dict[str, str]
     health: dict[str, dict]
+    tuning: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 def open_dataset(config):
@@ -82,7 +112,7 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     """Extracts the split's embeddings with the run's model and builds its indexes.
 
     overrides: any `index` config key (split, backend, sides, d_low, candidates, shard_size,
-    health_queries, scann={...}); model_dir: default <workdir>/model; out_dir: default
+    health_queries, target_recall, target_k, scann={...}); model_dir: default <workdir>/model; out_dir: default
     <workdir>/index/<split>.
     """
     workdir = paths.absolute(workdir)
@@ -121,22 +151,38 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
                                            fingerprint, options["shard_size"], normalize,
                                            overwrite, progress, data_digest)
     out_dir = out_dir or workdir_lib.index_dir(workdir, split)
-    indexes, reports = {}, {}
+    indexes, reports, tuned = {}, {}, {}
     matryoshka = tuple(config.loss.get("matryoshka_dims", ()) or ())
     for side in options["sides"]:
         other = workdir_lib.QUERY_SIDE[side]
-        queries = health.sample_queries(embeddings[other].vectors, options["health_queries"])
+        queries, tuning_queries = held_out_queries(embeddings[other].vectors,
+                                                   options["health_queries"],
+                                                   options.get("target_recall") is not None)
         index = build_index(embeddings[side], options["backend"], options, queries, other,
-                            matryoshka)
+                            matryoshka, tuning_queries)
         index.info["names"] = "names.json"
         if jax.process_index() == 0:
             indexes[side] = index.save(paths.join(out_dir, side),
                                        {"names.json": _catalog(embeddings[side])})
         reports[side] = index.info.get("health", {})
+        if "tuning" in index.info:
+            tuned[side] = index.info["tuning"]
         log.info("%s index of %d %ss built in %.2f s; recall vs exact (%s queries): %s",
                  options["backend"], len(index), side, index.info["build_time_s"], other,
                  {k: v for k, v in reports[side].items() if k.startswith("recall")})
-    return BuiltIndexes(extracted, indexes, reports)
+    return BuiltIndexes(extracted, indexes, reports, tuned)
+
+
+def held_out_queries(vectors: np.ndarray, count: int,
+                     tuned: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(health queries, tuning queries or None): up to `count` rows of vectors f32[n, D]
+    each, disjoint (drawn together, fixed seed; with fewer than 2·count rows, half each)."""
+    if not tuned:
+        return health.sample_queries(vectors, count), None
+    rows = health.sample_rows(len(vectors), 2 * count)
+    rows = np.random.default_rng(1).permutation(rows)
+    half = min(count, len(rows) // 2)
+    return vectors[np.sort(rows[:half])], vectors[np.sort(rows[half:2 * half])]
 
 
 def _catalog(embeddings: extract.Embeddings) -> str:

@@ -3,6 +3,7 @@
   build  --workdir DIR [--split test] [--backend scann|hierarchical|exact] [--sides image,text]
          [--d_low 64] [--candidates 100] [--num_leaves N --leaves_to_search N --reorder N]
          [--shard_size 4096] [--health_queries 1000] [--model DIR] [--overwrite]
+         [--target_recall 0.95 [--target_k 10]]   the cheapest settings reaching that recall
   info   INDEX_DIR                      what an index holds (its files checked), parameters, health
   query  --workdir DIR --text "a red circle" [--text …] [-k 5]     text → image
   query  --workdir DIR --image 12 [-k 5]      image 12 of the split → captions
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--candidates", type=int)
     b.add_argument("--shard_size", type=int)
     b.add_argument("--health_queries", type=int)
+    b.add_argument("--target_recall", type=float,
+                   help="choose the cheapest settings reaching this recall@target_k against "
+                        "exact search on held-out queries of the other modality (e.g. 0.95)")
+    b.add_argument("--target_k", type=int, help="the k of --target_recall (default 10)")
     for name in ("num_leaves", "leaves_to_search", "training_sample_size", "reorder",
                  "num_threads"):
         b.add_argument(f"--{name}", type=int, help="ScaNN override")
@@ -71,7 +76,8 @@ def _build(args) -> int:
         scann["hashing"] = args.hashing == "true"
     overrides = {"split": args.split, "backend": args.backend, "d_low": args.d_low,
                  "candidates": args.candidates, "shard_size": args.shard_size,
-                 "health_queries": args.health_queries,
+                 "health_queries": args.health_queries, "target_recall": args.target_recall,
+                 "target_k": args.target_k,
                  "sides": tuple(args.sides.split(",")) if args.sides else None}
     if scann:
         base = backends.index_options(workdir_lib.load_config(args.workdir))["scann"]
@@ -86,6 +92,13 @@ def _build(args) -> int:
         if recalls:
             print(f"  health ({report['queries']} {report['query_side']} queries vs exact): "
                   f"{recalls}")
+        tuned = built.tuning.get(side)
+        if tuned:
+            chosen = tuned["chosen"]
+            print(f"  tuning: recall@{tuned['k']} {chosen['recall']:.3f} at "
+                  f"{chosen['qps']:.0f} queries/s on {tuned['queries']} held-out queries "
+                  f"({'meets' if tuned['met'] else 'DOES NOT MEET'} the target "
+                  f"{tuned['target_recall']})")
     return 0
 
 
