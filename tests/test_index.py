@@ -181,7 +181,8 @@ def test_scann_parameter_rule():
     assert medium.hashing and medium.num_leaves == 0
     large = ix.scann_params(1_000_000, 768)
     assert large.hashing and large.num_leaves == 1000 and large.leaves_to_search == 50
-    assert large.training_sample_size == 100_000
+    assert large.training_sample_size == 250_000 and large.reorder == 250
+    assert medium.reorder == 100 and ix.scann_params(150_000, 768).training_sample_size == 150_000
     assert ix.scann_params(1_000_000, 768, leaves_to_search=20).leaves_to_search == 20
     assert ix.scann_params(50_000, 768, num_leaves=100).leaves_to_search == 5
     with pytest.raises(ValueError, match="unknown ScaNN parameter"):

@@ -116,3 +116,17 @@ def test_bench_search_covers_every_corpus_with_targeted_rows(tmp_path):
         assert "coarse-to-fine target=0.95" in methods and "exact d=16" in methods
     assert (out / "search.png").stat().st_size > 0
     assert "scann target=0.95" in (out / "search.md").read_text()
+
+
+def test_bench_scann_rule_on_a_tiny_corpus(tmp_path):
+    """`ldot bench scann_rule` (the measurement behind the size rule) runs and reports."""
+    import json
+
+    from ldot_jax.bench import scann_rule
+    out = tmp_path / "rule"
+    assert scann_rule.main(["--size", "25000", "--dim", "8", "--queries", "20", "--samples",
+                            "5000,25000", "--corpora", "isotropic", "--out", str(out)]) == 0
+    rows = json.loads((out / "scann_rule.json").read_text())["corpora"]["isotropic"]
+    assert {r["sample"] for r in rows} == {5000, 25000} and len(rows) == 2 * 3
+    assert all(0 <= r["recall@10"] <= 1 and r["qps"] > 0 for r in rows)
+    assert "| 25,000 |" in (out / "scann_rule.md").read_text()

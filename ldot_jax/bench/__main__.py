@@ -1,4 +1,4 @@
-"""ldot bench {data,train,search,two_stage,accelerator} [flags]: runs one benchmark (see
+"""ldot bench {data,train,search,scann_rule,two_stage,accelerator} [flags]: runs one benchmark (see
 ldot_jax/bench/)."""
 
 import importlib
@@ -6,7 +6,8 @@ import sys
 
 
 BENCHMARKS = {"data": "ldot_jax.bench.data", "train": "ldot_jax.bench.train",
-              "search": "ldot_jax.bench.search", "two_stage": "ldot_jax.bench.two_stage",
+              "search": "ldot_jax.bench.search", "scann_rule": "ldot_jax.bench.scann_rule",
+              "two_stage": "ldot_jax.bench.two_stage",
               "accelerator": "ldot_jax.bench.accelerator"}
 
 

@@ -89,7 +89,9 @@ class Tuning:
 def build_ladder(count: int, overrides: dict) -> list[dict]:
     """The builds tried in turn while the target is unmet: the size rule (with the user's
     overrides), then — when the rule trained the tree on a sample — a tree trained on every
-    vector up to 500k (a sample caps recall on data whose clusters it under-represents)."""
+    vector up to 500k (a sample can cap recall on data whose clusters it under-represents;
+    at 1M × 768 the rule's 250k already reached what 500k does, so this step is a last
+    resort, taken only for a target the first build cannot meet)."""
     builds = [{}]
     if "training_sample_size" not in overrides:
         from ldot_jax.index import scann_index
