@@ -14,10 +14,11 @@ And its multipart-upload parser (Python's email parser) takes a file's last byte
 the line end when it is a carriage return (gcsfs ends its multipart lines with a bare LF, so
 b"abc\r" was stored as b"abc": one small upload in 256 damaged, which the checked copies of
 model directories caught): multipart bodies are split here byte-exactly. And it implements
-no preconditions: `preconditions` adds `ifGenerationMatch` / `ifGenerationNotMatch` to
+no preconditions: `_preconditions` adds `ifGenerationMatch` / `ifGenerationNotMatch` to
 object reads and single-request writes (412 / 304 as GCS answers), deletes of one
-`generation` (404 once replaced) and the `x-goog-generation` header of downloads, which TensorStore (OCDBT's manifest commits) and gcsfs's create-only
-uploads (lease locks) rely on. Resumable uploads (gcsfs, files over its block size) stay
+`generation` (404 once replaced) and the `x-goog-generation` header of downloads, which
+TensorStore (OCDBT's manifest commits) and gcsfs's create-only uploads (lease locks) rely
+on. Resumable uploads (gcsfs, files over its block size) stay
 unconditional.
 """
 

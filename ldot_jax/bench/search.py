@@ -11,8 +11,8 @@ per-dimension variance falling like Matryoshka / PCA-ordered embeddings, queries
 two_modality: unit vectors of two modalities with a gap between them), or the vectors of an
 extraction (`--embeddings <workdir>/embeddings/<split>`: images as the corpus, captions as
 queries) for the sizes it can fill. Recall-targeted rows (ScaNN at each of --targets, and
-coarse-to-fine at the middle one) are tuned on another set of queries than the measured ones. For each size it reports, per method:
-build time, index size, batched QPS (all queries in one call), single-query latency p50 / p99,
+coarse-to-fine at the middle one) are tuned on another set of queries than the measured ones.
+For each size it reports, per method: build time, index size, batched QPS (all queries in one call), single-query latency p50 / p99,
 and recall@1/10/100 against exact search at full dimension, plus sweeps of ScaNN's
 leaves_to_search and the coarse-to-fine candidate count for the recall-versus-latency plot.
 Timings are of searches at k = 10 (the first stage's usual depth before re-ranking); recall@100

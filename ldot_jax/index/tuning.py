@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ldot_jax.index import base, health
+from ldot_jax.index import base, health, scann_index
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ def build_ladder(count: int, overrides: dict) -> list[dict]:
     resort, taken only for a target the first build cannot meet)."""
     builds = [{}]
     if "training_sample_size" not in overrides:
-        from ldot_jax.index import scann_index
         rule = scann_index.scann_params(count, 1, **overrides)
         bigger = min(count, 500_000)
         if rule.num_leaves and bigger > rule.training_sample_size:
@@ -249,7 +248,6 @@ def tune(make: Callable[[dict], base.VectorIndex], vectors: np.ndarray, ids: np.
             break
     chosen, met = choose(probes, target)
     index = indexes[chosen.build]
-    del indexes
     name, *_ = _knobs(index)
     index.set_search_defaults(chosen.leaves_to_search, chosen.depth)
     report = Tuning(float(target), k, int(len(queries)), met, chosen, tried, name, probes)

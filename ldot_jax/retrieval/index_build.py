@@ -112,8 +112,8 @@ def build_from_workdir(workdir: str, model_dir: str | None = None, out_dir: str 
     """Extracts the split's embeddings with the run's model and builds its indexes.
 
     overrides: any `index` config key (split, backend, sides, d_low, candidates, shard_size,
-    health_queries, target_recall, target_k, scann={...}); model_dir: default <workdir>/model; out_dir: default
-    <workdir>/index/<split>.
+    health_queries, target_recall, target_k, scann={...}); model_dir: default
+    <workdir>/model; out_dir: default <workdir>/index/<split>.
     """
     workdir = paths.absolute(workdir)
     config = workdir_lib.load_config(workdir)
