@@ -11,7 +11,7 @@ import pytest
 
 from ldot_jax import index as ix
 from ldot_jax.bench import vectors
-from ldot_jax.index import base, scann_index
+from ldot_jax.index import base, exact, scann_index
 
 DIM = 64
 
@@ -42,6 +42,40 @@ def test_exact_search_equals_numpy_on_8_devices_and_on_1():
         np.testing.assert_array_equal(result.ids, ids[rows])
         np.testing.assert_allclose(result.scores, scores, rtol=1e-5, atol=1e-5)
     assert list(result.ids[0, :2]) == [ids[20], ids[500]]
+
+
+@pytest.mark.parametrize("columns, k", [(1024, 10), (4096, 100), (1000, 7), (2048, 1),
+                                        (512, 200), (65536, 10)])
+def test_chunk_top_k_equals_lax_top_k_with_ties(columns, k):
+    # About 2 · columns / k distinct values: each of the k best has ~k / 2 ties, inside and
+    # across blocks, and blocks whose maxima differ (so the best blocks come out of column
+    # order). The two-level selection must return the same columns in the same order.
+    assert (exact.block_width(columns, k) is None) == ((columns, k) in ((1000, 7), (512, 200)))
+    rng = np.random.default_rng(columns + k)
+    scores = rng.integers(0, 2 * columns // k, (9, columns)).astype(np.float32)
+    top, cols = exact.chunk_top_k(jax.numpy.asarray(scores), k)
+    want_top, want_cols = jax.lax.top_k(scores, k)
+    np.testing.assert_array_equal(cols, want_cols)
+    np.testing.assert_array_equal(top, want_top)
+
+
+@pytest.mark.parametrize("devices, k", [(8, 10), (3, 20), (1, 10)])
+def test_exact_search_with_ties_across_chunks_and_devices(devices, k):
+    # Integer vectors: exact scores and many ties, which must go to the smaller row across
+    # blocks, chunks (the last one overlapping its predecessor) and devices.
+    rng = np.random.default_rng(devices)
+    db = rng.integers(-2, 3, (9001, 8)).astype(np.float32)
+    queries = rng.integers(-2, 3, (21, 8)).astype(np.float32)
+    # For the last queries, all of the k best lie in one chunk (rows 5000 to 5063).
+    queries[-5:] = np.abs(queries[-5:]) + 1
+    db[5000:5064] = rng.integers(3, 5, (64, 8))
+    ids = _ids(len(db))
+    index = ix.ExactIndex(8, chunk_size=1024, devices=jax.devices()[:devices]).add(db, ids)
+    assert exact.block_width(1024, k) is not None  # the two-level selection runs
+    result = index.search(queries, k)
+    rows, scores = ix.numpy_top_k(queries, db, k)
+    np.testing.assert_array_equal(result.ids, ids[rows])
+    np.testing.assert_array_equal(result.scores, scores)
 
 
 def test_exact_search_of_a_corpus_smaller_than_the_device_count():

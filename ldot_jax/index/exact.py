@@ -3,7 +3,10 @@
 The corpus is split into row blocks over the devices of a 1-D mesh; each device scans its rows
 in chunks, keeping a running top-k, so no device ever holds more than a [queries, chunk] block
 of scores (chunk from a memory budget) (a 10M-vector corpus never forms the dense
-query × corpus matrix). The per-device top-k lists are then all-gathered and merged.
+query × corpus matrix). A chunk's top-k is selected among the best blocks of columns only
+(`chunk_top_k`), which makes the scan as fast as its matrix product on CPUs (where a full
+top-k over the chunk cost more than the product). The per-device top-k lists are then
+all-gathered and merged.
 Ties go to the smaller row (the merge keeps earlier rows first), as in `evaluate`.
 """
 
@@ -31,6 +34,42 @@ def corpus_mesh(devices=None) -> jax.sharding.Mesh:
                          devices=devices)
 
 
+# Rows per block of the two-level selection below.
+BLOCK = 128
+
+
+def block_width(chunk: int, k: int) -> int | None:
+    """The block width of `chunk_top_k` for a chunk of `chunk` rows, or None where plain top-k
+    is as cheap (the k best blocks would hold over a quarter of the chunk)."""
+    width = BLOCK
+    while width > 8 and k * width * 4 > chunk:
+        width //= 2
+    return width if chunk % width == 0 and k * width * 4 <= chunk else None
+
+
+def chunk_top_k(scores, k: int):
+    """Exact top-k of each row of scores f32[Q, C] → (f32[Q, k], i32[Q, k] column), ties to the
+    smaller column, as `jax.lax.top_k` of the whole row but without selecting over all of it.
+
+    The columns are cut into blocks of `block_width` and only the k blocks with the largest
+    maxima are searched: a block outside them has k blocks before it whose maxima are at least
+    its own (earlier blocks first among equal maxima), so none of its entries can enter the
+    top-k, ties included. Selection then costs one max-reduction over the chunk plus top-k over
+    C / width maxima and k · width candidates, instead of a top-k over C (which dominated the
+    scan on CPUs, where it is not vectorized)."""
+    q, c = scores.shape
+    width = block_width(c, k)
+    if width is None:
+        return jax.lax.top_k(scores, k)
+    blocks = scores.reshape(q, c // width, width)
+    _, chosen = jax.lax.top_k(blocks.max(axis=2), k)
+    # In column order, so that top-k's own tie rule (lower index first) is the column order.
+    chosen = jnp.sort(chosen, axis=1)
+    candidates = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(q, k * width)
+    top, pick = jax.lax.top_k(candidates, k)
+    return top, jnp.take_along_axis(chosen, pick // width, axis=1) * width + pick % width
+
+
 def _local_top_k(queries, corpus, offset, count, k: int, chunk: int, precision):
     """Running top-k over one device's rows. queries f32[Q, D]; corpus [n, D] (n ≥ chunk);
     rows at global position ≥ count are padding. → (f32[Q, k], i32[Q, k] global rows).
@@ -39,6 +78,7 @@ def _local_top_k(queries, corpus, offset, count, k: int, chunk: int, precision):
     corpus never needs padding to a multiple of the chunk (no copy of a large corpus)."""
     q, n = queries.shape[0], corpus.shape[0]
     num_chunks = -(-n // chunk)
+    kept = min(k, chunk)
 
     def body(c, carry):
         best_scores, best_rows = carry
@@ -47,12 +87,11 @@ def _local_top_k(queries, corpus, offset, count, k: int, chunk: int, precision):
         scores = jnp.einsum("qd,cd->qc", queries.astype(block.dtype), block,
                             precision=precision, preferred_element_type=jnp.float32)
         local = start + jnp.arange(chunk, dtype=jnp.int32)
-        rows = offset + local
-        fresh = (local >= c * chunk) & (rows < count)
-        scores = jnp.where(fresh[None, :], scores, -jnp.inf)
+        fresh = (local >= c * chunk) & (offset + local < count)
+        top, pick = chunk_top_k(jnp.where(fresh[None, :], scores, -jnp.inf), kept)
         # Earlier rows first, so ties keep the smaller row.
-        scores = jnp.concatenate([best_scores, scores], axis=1)
-        rows = jnp.concatenate([best_rows, jnp.broadcast_to(rows, (q, chunk))], axis=1)
+        scores = jnp.concatenate([best_scores, top], axis=1)
+        rows = jnp.concatenate([best_rows, offset + start + pick], axis=1)
         top, pick = jax.lax.top_k(scores, k)
         return top, jnp.take_along_axis(rows, pick, axis=1)
 
@@ -93,7 +132,8 @@ class ExactIndex(base.VectorIndex):
       the rows scored at once follow from it (all of a device's rows for a single query).
     chunk_size: a fixed number of rows scored at once instead (None: from score_block_mb).
     query_batch: queries per device call (query counts are padded to powers of two up to it,
-      so a new query count rarely recompiles).
+      so a new query count rarely recompiles); larger batches read the corpus fewer times
+      (1M × 768 on 2 CPU cores: 151 QPS at 256, 192 at 1024).
     dtype: how the corpus is held on the devices ("float32", or "bfloat16" to halve memory).
     precision: "highest" (true f32 products: the ground truth) or "default" (faster on GPUs
       and TPUs, which then use TF32 / bf16 passes).
@@ -102,7 +142,7 @@ class ExactIndex(base.VectorIndex):
     type = "exact"
 
     def __init__(self, dim: int, score_block_mb: float = 256, chunk_size: int | None = None,
-                 query_batch: int = 256, dtype: str = "float32", precision: str = "highest",
+                 query_batch: int = 1024, dtype: str = "float32", precision: str = "highest",
                  devices=None):
         super().__init__(dim)
         if dtype not in ("float32", "bfloat16"):
