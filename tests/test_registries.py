@@ -294,5 +294,5 @@ def test_a_new_image_tower_needs_its_module_its_spec_and_its_input(monkeypatch, 
 def test_an_image_input_typo_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown image input 'pixel'.*\['regions'\]"):
         pipeline.PipelineConfig(image_input="pixel")
-    with pytest.raises(ValueError, match=r"unknown image tower 'vit'.*'uniter_regions'"):
-        towers.image_tower("vit")
+    with pytest.raises(ValueError, match=r"unknown image tower 'vitt'.*'uniter_regions', 'vit'"):
+        towers.image_tower("vitt")

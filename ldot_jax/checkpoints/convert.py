@@ -1,6 +1,9 @@
-"""PyTorch state_dicts (LightningDOT, UNITER, BERT) ⇄ Flax params, and the converter command.
+"""PyTorch state_dicts (LightningDOT, UNITER, BERT, open_clip) ⇄ Flax params, and the
+converter command.
 
     ldot convert --kind lightningdot --input flickr-ft.pt --output /ckpt/flickr
+    ldot convert --kind open_clip --input open_clip_model.bin --output /ckpt/clip \
+        --activation quick_gelu
 
 The input is a PyTorch checkpoint (.pt / .bin, read with torch: `pip install ldot_jax[torch]`;
 LightningDOT's `{"model_dict": ...}` wrapper is unwrapped) or an .npz of the state_dict. Sizes
@@ -133,9 +136,19 @@ def kind_spec(kind: str, trunk: str | None = None) -> torch_names.KindSpec:
     return converter.rules(converter.export_prefix if trunk is None else trunk)
 
 
-def infer_config(kind: str, state: Mapping[str, np.ndarray], num_heads: int | None = None):
-    """The model config of a (normalized) state_dict of `kind`, from its tensors' shapes."""
-    return kinds.get(kind).converter.infer(state, num_heads)
+def infer_config(kind: str, state: Mapping[str, np.ndarray], num_heads: int | None = None,
+                 **options):
+    """The model config of a (normalized) state_dict of `kind`, from its tensors' shapes and
+    `options` (the kind's Converter.options: what its files do not record)."""
+    converter = kinds.get(kind).converter
+    unknown = sorted(k for k, v in options.items() if v is not None
+                     and k not in converter.options)
+    if unknown:
+        raise ValueError(f"option(s) {unknown} do not apply to {kind} checkpoints"
+                         + (f"; its options are {list(converter.options)}"
+                            if converter.options else ""))
+    given = {k: v for k, v in options.items() if v is not None}
+    return converter.infer(state, num_heads, **given)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +170,7 @@ def _set(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
-def _torch_name(spec: torch_names.KindSpec, path: str) -> tuple[str, bool]:
+def _torch_name(spec: torch_names.KindSpec, path: str) -> tuple[str, torch_names.Layout]:
     for rule in spec.rules:
         found = rule.to_torch(path)
         if found:
@@ -187,15 +200,20 @@ def state_dict_to_params(kind: str, state: Mapping[str, np.ndarray], config) -> 
         if target is None or target[0] not in expected:
             unknown.append(key)
             continue
-        path, transpose = target
-        value = value.T if transpose else value
+        path, layout = target
+        if value.ndim != len(expected[path]):
+            mismatched.append(f"{key}: checkpoint shape {tuple(value.shape)}, model expects "
+                              f"{layout.torch_shape(expected[path])}")
+            mismatched_keys.add(key)
+            continue
+        value = layout.to_flax(value)
         if tuple(value.shape) != tuple(expected[path]):
-            want = expected[path][::-1] if transpose else expected[path]
+            want = layout.torch_shape(expected[path])
             mismatched.append(f"{key}: checkpoint shape {tuple(state[key].shape)}, model "
                               f"expects {tuple(want)}")
             mismatched_keys.add(key)
             continue
-        _set(params, path, np.ascontiguousarray(value))
+        _set(params, path, np.asarray(value, order="C"))  # keeps 0-d tensors 0-d
     converted = pretrained.flatten_params(params)
     missing = sorted(name for p in expected if p not in converted
                      and (name := _torch_name(spec, p)[0]) not in mismatched_keys)
@@ -234,9 +252,8 @@ def params_to_state_dict(kind: str, params, trunk: str | None = None) -> dict[st
     spec = kind_spec(kind, trunk)
     state = {}
     for path, value in pretrained.flatten_params(params).items():
-        key, transpose = _torch_name(spec, path)
-        value = np.asarray(value)
-        state[key] = value.T if transpose else value
+        key, layout = _torch_name(spec, path)
+        state[key] = layout.to_torch(np.asarray(value))
     for key, source in spec.tied.items():
         if source in state:
             state[key] = state[source]
@@ -248,22 +265,28 @@ def params_to_state_dict(kind: str, params, trunk: str | None = None) -> dict[st
 
 
 def convert_checkpoint(kind: str, input_path: str | os.PathLike, output_dir: str | os.PathLike,
-                       num_heads: int | None = None, trust_pickle: bool = False) -> str:
+                       num_heads: int | None = None, trust_pickle: bool = False,
+                       **options) -> str:
     """Converts a PyTorch / .npz state_dict of `kind` into an ldot_jax model directory.
 
-    Returns the output directory; load it with `ldot_jax.load_dual_encoder`,
-    `load_cross_encoder`, `load_pretraining_model` or `load_pretrained`. The output is written
+    `options`: what the kind's files do not record (kinds' Converter.options; open_clip:
+    activation="quick_gelu" | "gelu", text_num_heads, pool). A kind with a tokenizer of its
+    own (open_clip: CLIP's BPE) saves it in the directory. Returns the output directory;
+    load it with `ldot_jax.load_dual_encoder`, `load_cross_encoder`, `load_pretraining_model`
+    or `load_pretrained`. The output is written
     to a temporary directory and renamed, so an existing good directory survives a failure.
     """
     if kind not in kinds.KINDS:  # before the file is read
         raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {list(kinds.NAMES)}")
     fileutil.check_not_inside(output_dir, [input_path])  # replacing the output would delete it
     state = normalize_keys(read_state_dict(input_path, trust_pickle))
-    config = infer_config(kind, state, num_heads)
+    config = infer_config(kind, state, num_heads, **options)
     conversion = state_dict_to_params(kind, state, config)
     if conversion.ignored:
         log.info("ignored %d key(s) the Flax model does not use: %s", len(conversion.ignored),
                  conversion.ignored)
     metadata = {"source": os.path.abspath(input_path), "ignored_keys": conversion.ignored}
+    make_tokenizer = kinds.get(kind).converter.tokenizer
+    tokenizer = make_tokenizer(config) if make_tokenizer else None
     return pretrained.save_pretrained(output_dir, kind, config, conversion.params, metadata,
-                                      inputs=[input_path])
+                                      tokenizer=tokenizer, inputs=[input_path])

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ldot_jax.checkpoints import torch_names
+from ldot_jax.data.clip_tokenizer import ClipTokenizer
 from ldot_jax.models import config as config_lib
 from ldot_jax.models.config import BertConfig, CrossEncoderConfig, DualEncoderConfig
 from ldot_jax.models.cross_encoder import CrossEncoder
@@ -31,12 +32,17 @@ class Converter:
 
     rules: trunk prefix → the name rules (torch_names.KindSpec); trunk_prefix: state_dict → the
     prefix its trunk is saved under; export_prefix: the prefix written on export; infer:
-    (state_dict, num_heads) → the config."""
+    (state_dict, num_heads, **options) → the config; options: the keyword options `infer`
+    takes (what the file does not record, e.g. open_clip's activation); tokenizer: config →
+    the tokenizer a converted model directory carries (None: the user passes the one the
+    original was trained with)."""
 
     rules: Callable[[str], torch_names.KindSpec]
     trunk_prefix: Callable[[Mapping[str, Any]], str]
     export_prefix: str
     infer: Callable[..., Any]
+    options: tuple[str, ...] = ()
+    tokenizer: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +156,18 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
                                                                           "encoder")}}},
               summary="UNITER pre-training (uniter-base.pt): trunk + ITM / MLM / MRFR / MRC "
                       "heads; initializes the re-ranker and the towers"),
+    ModelKind("open_clip", DualEncoderConfig, DualEncoder,
+              _dual_inputs,
+              Converter(torch_names.open_clip_rules, torch_names.no_trunk_prefix, "",
+                        torch_names.infer_open_clip,
+                        options=("activation", "text_num_heads", "pool"),
+                        tokenizer=lambda c: ClipTokenizer(
+                            context_length=c.text.max_position_embeddings)),
+              tasks=("cmr", "distill"), dual_encoder=(),
+              warm_starts={"model": lambda p: p, "text": lambda p: p["text_tower"],
+                           "image": lambda p: p["image_tower"]},
+              summary="open_clip's CLIP: ViT image tower + CLIP text tower (fine-tuning: cmr, "
+                      "distill)"),
     ModelKind("bert", BertConfig, lambda c: BertTrunk(c.transformer),
               lambda c: towers.text_fields(towers.dummy_text()),
               Converter(torch_names.bert_rules, torch_names.bert_trunk_prefix, "bert.",

@@ -63,8 +63,9 @@ def save_pretrained(directory: str | os.PathLike, kind: str, config, params,
     """Writes a model directory atomically and returns its absolute path.
 
     Params must match `abstract_params(kind, config)` in structure and shapes. tokenizer: a
-    `data.tokenizer.Tokenizer` saved beside the params (`load_tokenizer` reads it). An
-    existing `directory` is replaced only if it is a model directory holding nothing else
+    tokenizer of data/text_tokenizers.py (WordPiece or CLIP BPE) saved beside the params
+    (`load_tokenizer` reads it). An existing `directory` is replaced only if it is a model
+    directory holding nothing else
     (fileutil.atomic_directory: a crash at any point leaves the old or the new model); inputs:
     files the caller read, refused inside `directory`.
     """
@@ -107,8 +108,8 @@ def load_tokenizer(directory: str | os.PathLike):
     path = os.path.join(readable(directory), TOKENIZER_DIR)
     if not os.path.isdir(path):
         return None
-    from ldot_jax.data.tokenizer import Tokenizer
-    return Tokenizer.load(path)
+    from ldot_jax.data import text_tokenizers
+    return text_tokenizers.load(path)
 
 
 class Pretrained(NamedTuple):

@@ -1,5 +1,5 @@
 """PyTorch parameter names ⇄ Flax paths, and model sizes from tensor shapes, for the
-checkpoint kinds of the original code (LightningDOT, UNITER, BERT).
+checkpoint kinds of the original code (LightningDOT, UNITER, BERT) and of open_clip's CLIP.
 
 Names are translated by `Rule`s that work both ways, so the same tables also export Flax params
 back to a PyTorch-named state_dict. Each kind's rules (`*_rules`), trunk prefix
@@ -13,9 +13,10 @@ import functools
 import re
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 
 from ldot_jax.models.config import (BertConfig, CrossEncoderConfig, DualEncoderConfig,
-                                    RegionConfig, TransformerConfig)
+                                    PixelConfig, RegionConfig, TransformerConfig)
 
 DENSE, LAYER_NORM, EMBED, TENSOR = "dense", "layer_norm", "embed", "tensor"
 # Per module kind: PyTorch parameter name → Flax leaf name.
@@ -32,39 +33,66 @@ class Rule:
     """Maps a PyTorch module (`torch`, dotted) to a Flax module (`flax`, slash-separated).
 
     Templates may hold {n} (layer index) and {proj} (query|key|value). For kind TENSOR both
-    templates name a single tensor (a raw parameter), not a module.
+    templates name a single tensor (a raw parameter), not a module; its `axes` (None: the
+    same layout) is the permutation taking the PyTorch tensor to the Flax one (np.transpose),
+    e.g. (1, 0) for a fused in_proj_weight [3W, W] → Dense kernel [W, 3W], (2, 3, 1, 0) for
+    a conv weight [O, I, kh, kw] → [kh, kw, I, O].
     """
 
     torch: str
     flax: str
     kind: str
+    axes: tuple[int, ...] | None = None
 
     def _regex(self, template: str, sep: str) -> re.Pattern:
         return _compile(template, sep, self.kind)
 
-    def to_flax(self, key: str) -> tuple[str, bool] | None:
-        """PyTorch key → (Flax path, transpose?) or None."""
+    def to_flax(self, key: str) -> tuple[str, Layout] | None:
+        """PyTorch key → (Flax path, the layout change to apply) or None."""
         m = self._regex(self.torch, ".").match(key)
         if not m:
             return None
         groups = {k: v for k, v in m.groupdict().items() if k != "leaf"}
         path = self.flax.format(**groups)
         if self.kind == TENSOR:
-            return path, False
+            return path, Layout(self.axes)
         leaf = _LEAVES[self.kind][m.group("leaf")]
-        return f"{path}/{leaf}", leaf == "kernel"
+        return f"{path}/{leaf}", Layout((1, 0) if leaf == "kernel" else None)
 
-    def to_torch(self, path: str) -> tuple[str, bool] | None:
-        """Flax path → (PyTorch key, transpose?) or None."""
+    def to_torch(self, path: str) -> tuple[str, Layout] | None:
+        """Flax path → (PyTorch key, the layout change from PyTorch to Flax) or None."""
         m = self._regex(self.flax, "/").match(path)
         if not m:
             return None
         groups = {k: v for k, v in m.groupdict().items() if k != "leaf"}
         key = self.torch.format(**groups)
         if self.kind == TENSOR:
-            return key, False
+            return key, Layout(self.axes)
         inverse = {v: k for k, v in _LEAVES[self.kind].items()}
-        return f"{key}.{inverse[m.group('leaf')]}", m.group("leaf") == "kernel"
+        leaf = m.group("leaf")
+        return f"{key}.{inverse[leaf]}", Layout((1, 0) if leaf == "kernel" else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a PyTorch tensor's axes map to its Flax parameter's: `axes` None (the same) or the
+    permutation np.transpose applies (Linear weight [out, in] → kernel [in, out]: (1, 0))."""
+
+    axes: tuple[int, ...] | None = None
+
+    def __bool__(self) -> bool:
+        return self.axes is not None
+
+    def to_flax(self, value):
+        return value if self.axes is None else np.transpose(value, self.axes)
+
+    def to_torch(self, value):
+        return value if self.axes is None else np.transpose(value, np.argsort(self.axes))
+
+    def torch_shape(self, flax_shape) -> tuple[int, ...]:
+        """The PyTorch shape of a Flax parameter of `flax_shape`."""
+        shape = tuple(flax_shape)
+        return shape if self.axes is None else tuple(shape[i] for i in np.argsort(self.axes))
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +108,8 @@ def _compile(template: str, sep: str, kind: str) -> re.Pattern:
 
 
 def _prefixed(rules: Iterable[Rule], torch_prefix: str, flax_prefix: str) -> list[Rule]:
-    return [Rule(torch_prefix + r.torch, flax_prefix + r.flax, r.kind) for r in rules]
+    return [dataclasses.replace(r, torch=torch_prefix + r.torch, flax=flax_prefix + r.flax)
+            for r in rules]
 
 
 TEXT_EMBEDDINGS = [
@@ -299,3 +328,114 @@ def infer_uniter_pretrain(state, num_heads: int | None = None) -> CrossEncoderCo
 def infer_bert(state, num_heads: int | None = None) -> BertConfig:
     prefix = bert_trunk_prefix(state)
     return BertConfig(transformer=infer_transformer(state, prefix, num_heads, "BERT"))
+
+
+# ---------------------------------------------------------------------------------------------
+# open_clip CLIP (ViT image tower + CLIP text tower)
+
+
+def _resblocks(torch_prefix: str, flax_prefix: str) -> list[Rule]:
+    """open_clip's ResidualAttentionBlocks → models/prenorm.py's PreLNBlocks."""
+    rules = [
+        Rule("resblocks.{n}.ln_1", "resblocks_{n}/ln_1", LAYER_NORM),
+        Rule("resblocks.{n}.attn.in_proj_weight", "resblocks_{n}/attn/in_proj/kernel", TENSOR,
+             (1, 0)),
+        Rule("resblocks.{n}.attn.in_proj_bias", "resblocks_{n}/attn/in_proj/bias", TENSOR),
+        Rule("resblocks.{n}.attn.out_proj", "resblocks_{n}/attn/out_proj", DENSE),
+        Rule("resblocks.{n}.ln_2", "resblocks_{n}/ln_2", LAYER_NORM),
+        Rule("resblocks.{n}.mlp.c_fc", "resblocks_{n}/mlp/c_fc", DENSE),
+        Rule("resblocks.{n}.mlp.c_proj", "resblocks_{n}/mlp/c_proj", DENSE),
+    ]
+    return _prefixed(rules, torch_prefix, flax_prefix)
+
+
+OPEN_CLIP = (
+    [Rule("visual.conv1.weight", "image_tower/visual/conv1/kernel", TENSOR, (2, 3, 1, 0)),
+     Rule("visual.class_embedding", "image_tower/visual/class_embedding", TENSOR),
+     Rule("visual.positional_embedding", "image_tower/visual/positional_embedding", TENSOR),
+     Rule("visual.ln_pre", "image_tower/visual/ln_pre", LAYER_NORM),
+     Rule("visual.ln_post", "image_tower/visual/ln_post", LAYER_NORM),
+     Rule("visual.proj", "image_tower/proj", TENSOR)]
+    + _resblocks("visual.transformer.", "image_tower/visual/transformer/")
+    + [Rule("token_embedding", "text_tower/token_embedding", EMBED),
+       Rule("positional_embedding", "text_tower/positional_embedding", TENSOR),
+       Rule("ln_final", "text_tower/ln_final", LAYER_NORM),
+       Rule("text_projection", "text_tower/text_projection", TENSOR),
+       Rule("logit_scale", "logit_scale", TENSOR)]
+    + _resblocks("transformer.", "text_tower/transformer/"))
+# OpenAI's released files also hold their sizes as scalars and the causal mask as a buffer.
+_OPEN_CLIP_IGNORED = (r"input_resolution", r"context_length", r"vocab_size",
+                      r"(visual\.)?attn_mask")
+
+
+def open_clip_rules(trunk_prefix: str = "") -> KindSpec:
+    return KindSpec(OPEN_CLIP, _OPEN_CLIP_IGNORED)
+
+
+def _heads(width: int, num_heads: int | None, where: str) -> int:
+    if num_heads is None:
+        if width % 64:
+            raise ValueError(f"{where}: width {width} is not a multiple of 64 (open_clip's head "
+                             f"width); pass its number of attention heads")
+        num_heads = width // 64
+    if width % num_heads:
+        raise ValueError(f"{where}: width {width} is not divisible by {num_heads} heads")
+    return num_heads
+
+
+def _block_sizes(state, prefix: str, where: str) -> tuple[int, int]:
+    """(layers, MLP width) of the resblocks under `prefix`."""
+    layers = {int(m.group(1)) for k in state
+              if (m := re.match(re.escape(prefix) + r"resblocks\.(\d+)\.", k))}
+    if not layers:
+        raise ValueError(f"cannot infer the {where}: no {prefix}resblocks.N.* keys")
+    return max(layers) + 1, _require(state, f"{prefix}resblocks.0.mlp.c_fc.weight", where)[0]
+
+
+def infer_open_clip(state, num_heads: int | None = None, *, activation: str | None = None,
+                    text_num_heads: int | None = None, pool: str = "tok") -> DualEncoderConfig:
+    """The CLIP model of an open_clip state_dict: ViT sizes (width, patch, grid, layers, MLP)
+    and text sizes (vocabulary, context, width, layers, MLP) from shapes. Not recorded in the
+    file, so given: `activation` ("quick_gelu" for OpenAI's weights and open_clip's
+    *-quickgelu models, "gelu" for the others), the heads (`num_heads` for the image tower,
+    `text_num_heads` for the text tower; default width / 64, open_clip's head width) and the
+    pool ("tok", or "avg")."""
+    if activation is None:
+        raise ValueError("an open_clip checkpoint does not record its activation: pass "
+                         "activation 'quick_gelu' (OpenAI's weights, the *-quickgelu models) "
+                         "or 'gelu' (the others), e.g. --activation quick_gelu")
+    width, channels, patch, patch_w = _require(state, "visual.conv1.weight", "image tower")
+    if channels != 3 or patch != patch_w:
+        raise ValueError(f"visual.conv1.weight has shape {(width, channels, patch, patch_w)}: "
+                         f"expected [width, 3, patch, patch] (RGB, square patches)")
+    rows = _require(state, "visual.positional_embedding", "image tower")[0]
+    grid = int(round((rows - 1) ** 0.5))
+    if grid * grid != rows - 1:
+        raise ValueError(f"visual.positional_embedding has {rows} rows: expected 1 + g² (a "
+                         f"square patch grid)")
+    layers, mlp = _block_sizes(state, "visual.transformer.", "image tower")
+    project_dim = _require(state, "visual.proj", "image tower")[1]
+    vocab, text_width = _require(state, "token_embedding.weight", "text tower")
+    context = _require(state, "positional_embedding", "text tower")[0]
+    text_layers, text_mlp = _block_sizes(state, "transformer.", "text tower")
+    text_project = _require(state, "text_projection", "text tower")[1]
+    if text_project != project_dim:
+        raise ValueError(f"text_projection gives {text_project}-d text vectors but visual.proj "
+                         f"gives {project_dim}-d image vectors")
+    common = dict(layer_norm_eps=1e-5, hidden_dropout=0.0, attention_dropout=0.0,
+                  activation=activation, type_vocab_size=1)
+    image = TransformerConfig(vocab_size=1, hidden_size=width, num_layers=layers,
+                              num_heads=_heads(width, num_heads, "image tower"),
+                              intermediate_size=mlp, max_position_embeddings=rows, **common)
+    text = TransformerConfig(vocab_size=vocab, hidden_size=text_width, num_layers=text_layers,
+                             num_heads=_heads(text_width, text_num_heads, "text tower"),
+                             intermediate_size=text_mlp, max_position_embeddings=context,
+                             **common)
+    logit_scale = float(state["logit_scale"]) if "logit_scale" in state else None
+    if logit_scale is None:
+        raise ValueError("cannot infer the logit scale: key 'logit_scale' is missing from the "
+                         "checkpoint")
+    return DualEncoderConfig(
+        text=text, image=image, project_dim=project_dim, text_tower="clip", image_tower="vit",
+        pixels=PixelConfig(image_size=grid * patch, patch_size=patch, pool=pool),
+        normalize_embeddings=True, logit_scale=logit_scale)

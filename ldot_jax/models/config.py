@@ -13,6 +13,9 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ATTENTION_IMPLS = ("xla", "fused")
+# The MLP activations (models/layers.activation): BERT's exact GELU, OpenAI CLIP's QuickGELU
+# x·σ(1.702x), and the tanh approximation big_vision's ViTs use.
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 # TransformerConfig fields that change how a model computes, not what it is (sizes, param dtype).
 NUMERICS = ("dtype", "attention_impl", "remat", "hidden_dropout", "attention_dropout")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,7 +30,10 @@ def _check_positive(config, keys):
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """A BERT-style post-LN transformer (text embeddings + encoder).
+    """The sizes and numerics of one transformer: a BERT-style post-LN trunk (text embeddings +
+    encoder), or the pre-LN trunk of a ViT / CLIP tower (models/prenorm.py), which reads the
+    sizes, `layer_norm_eps` and `activation` and ignores `type_vocab_size` (and the ViT
+    `vocab_size` and `max_position_embeddings`: its positions are the patches).
 
     `dtype` is the compute dtype; parameters are always stored in `param_dtype` (float32 by
     default). `attention_impl` "xla" is the explicit softmax(QK^T/sqrt(d) + bias)V of the
@@ -51,8 +57,11 @@ class TransformerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    activation: str = "gelu"
 
     def __post_init__(self):
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}: expected one of {ACTIVATIONS}")
         _check_positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                "intermediate_size", "max_position_embeddings",
                                "type_vocab_size"))
@@ -94,12 +103,74 @@ class RegionConfig:
         _check_positive(self, ("feat_dim", "box_dim", "num_classes"))
 
 
+POOLS = ("tok", "avg")
+# OpenAI CLIP's normalization of RGB values in [0, 1] (open_clip's OPENAI_DATASET_MEAN / STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _floats(config, key: str, count: int) -> None:
+    """Coerces a field holding `count` numbers to a tuple of floats (JSON gives lists)."""
+    value = getattr(config, key)
+    try:
+        value = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{type(config).__name__}.{key}={value!r}: expected {count} "
+                         f"numbers") from None
+    if len(value) != count:
+        raise ValueError(f"{type(config).__name__}.{key}={value!r}: expected {count} numbers")
+    object.__setattr__(config, key, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelConfig:
+    """The pixels a ViT image tower reads: square images of `image_size` cut into patches.
+
+    The tower's input is uint8 RGB [B, image_size, image_size, 3] (resized and center-cropped
+    as data/images.py does); it normalizes them itself, (x / 255 - mean) / std per channel, so
+    what is stored and sent to the devices stays uint8. pool: the image vector's source, the
+    class token ("tok") or the mean of the patch tokens ("avg"), as open_clip's pool_type.
+    """
+
+    image_size: int = 224
+    patch_size: int = 32
+    pool: str = "tok"
+    mean: tuple = CLIP_MEAN
+    std: tuple = CLIP_STD
+
+    def __post_init__(self):
+        _check_positive(self, ("image_size", "patch_size"))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"PixelConfig: image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
+        if self.pool not in POOLS:
+            raise ValueError(f"PixelConfig.pool={self.pool!r}: expected one of {POOLS}")
+        _floats(self, "mean", 3)
+        _floats(self, "std", 3)
+        if min(self.std) <= 0:
+            raise ValueError(f"PixelConfig.std={self.std}: expected positive values")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+
+# Image towers whose input starts with a text token (`cls_token_id`, from their own table).
+TOKEN_READING_IMAGE_TOWERS = ("uniter_regions",)
+
+
 @dataclasses.dataclass(frozen=True)
 class DualEncoderConfig:
-    """LightningDOT bi-encoder: a BERT text tower and a UNITER image tower, no shared weights.
+    """LightningDOT bi-encoder: a BERT text tower and a UNITER image tower, no shared weights;
+    or any pair of towers from models/towers.py's registries (TEXT_TOWERS, IMAGE_TOWERS), named
+    by `text_tower` / `image_tower`: "clip" text and "vit" pixels (open_clip's CLIP) or mixed.
 
-    `cls_token_id` is the single text token the image tower sees at position 0. `text_tower` /
-    `image_tower` name the towers in models/towers.py's registries (TEXT_TOWERS, IMAGE_TOWERS).
+    `cls_token_id` is the single text token the region tower sees at position 0. `pixels`: the
+    ViT tower's images (unused by the region tower; `region`: unused by the ViT).
+    `normalize_embeddings`: the towers' retrieval vectors are L2-normalized (CLIP's cosine;
+    LightningDOT: raw). `logit_scale`: None, or the initial log of the scale of CLIP's logits
+    (exp(logit_scale) · cosine), then a parameter of the model ("logit_scale").
     """
 
     text: TransformerConfig = TransformerConfig()
@@ -109,10 +180,18 @@ class DualEncoderConfig:
     cls_token_id: int = 101
     text_tower: str = "bert"
     image_tower: str = "uniter_regions"
+    pixels: PixelConfig = PixelConfig()
+    normalize_embeddings: bool = False
+    logit_scale: float | None = None
+
+    @property
+    def image_reads_tokens(self) -> bool:
+        """Whether the image tower embeds a text token (the region tower's [CLS])."""
+        return self.image_tower in TOKEN_READING_IMAGE_TOWERS
 
     def __post_init__(self):
         _check_positive(self, ("project_dim",))
-        if not 0 <= self.cls_token_id < self.image.vocab_size:
+        if self.image_reads_tokens and not 0 <= self.cls_token_id < self.image.vocab_size:
             raise ValueError(f"cls_token_id={self.cls_token_id} is outside the image tower's "
                              f"vocabulary of {self.image.vocab_size}")
 
@@ -143,7 +222,10 @@ def check_vocabulary(tokenizer, model_config, check_cls: bool = True) -> None:
     if tokenizer is None:
         return
     vocab = getattr(tokenizer, "vocab_size", None)
-    sides = ("transformer",) if hasattr(model_config, "transformer") else ("text", "image")
+    sides = (("transformer",) if hasattr(model_config, "transformer") else
+             ("text", "image") if getattr(model_config, "image_reads_tokens", True) else
+             ("text",))
+    check_cls = check_cls and getattr(model_config, "image_reads_tokens", True)
     for side in sides:
         size = getattr(model_config, side).vocab_size
         if vocab is not None and vocab > size:
@@ -195,7 +277,7 @@ def replace_numerics(config, **changes):
     updates = {f.name: replace_numerics(getattr(config, f.name), **changes)
                for f in dataclasses.fields(config)
                if dataclasses.is_dataclass(getattr(config, f.name))
-               and not isinstance(getattr(config, f.name), RegionConfig)}
+               and not isinstance(getattr(config, f.name), (RegionConfig, PixelConfig))}
     return dataclasses.replace(config, **updates)
 
 

@@ -26,7 +26,9 @@ class DualEncoder(nn.Module):
     Inputs are one pytree per side: text {"input_ids": i32[B, L], "attention_mask": [B, L]};
     image: the image tower's input (regions: {"region_feat": f[B, R, F], "boxes": f[B, R, 7],
     "region_mask": [B, R]}).
-    Params: {"text_tower": {"bert", "encode_proj"}, "image_tower": {"uniter", "encode_proj"}}.
+    Params: {"text_tower": {"bert", "encode_proj"}, "image_tower": {"uniter", "encode_proj"}}
+    (LightningDOT's; CLIP's: {"text_tower": {"token_embedding", …}, "image_tower": {"visual",
+    "proj"}, "logit_scale": f32[]}).
     """
 
     config: DualEncoderConfig
@@ -35,6 +37,9 @@ class DualEncoder(nn.Module):
         c = self.config
         self.text_tower = towers.text_tower(c.text_tower).build(c)
         self.image_tower = towers.image_tower(c.image_tower).build(c)
+        if c.logit_scale is not None:  # CLIP's learned log scale of its logits
+            self.logit_scale = self.param("logit_scale", nn.initializers.constant(
+                c.logit_scale), (), jnp.float32)
 
     def __call__(self, text: Mapping[str, Any], image: Mapping[str, Any],
                  deterministic: bool = True) -> tuple[TowerOutput, TowerOutput]:
@@ -57,6 +62,14 @@ class DualEncoder(nn.Module):
     def encode_image(self, image: Mapping[str, Any], deterministic: bool = True):
         """→ f32[B, P] retrieval vectors."""
         return self.image_states(image, None, deterministic).embedding
+
+    def logits(self, text: Mapping[str, Any], image: Mapping[str, Any]):
+        """f32[B_text, B_image]: the scores scaled by exp(logit_scale) (CLIP's logits; the
+        raw scores when the config has no logit_scale)."""
+        scores = self.score(text, image)
+        if self.config.logit_scale is None:
+            return scores
+        return jnp.exp(self.logit_scale) * scores
 
     def score(self, text: Mapping[str, Any], image: Mapping[str, Any]):
         """f32[B_text, B_image]: every caption against every image."""

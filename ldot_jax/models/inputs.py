@@ -8,10 +8,12 @@ Every failure is a ValueError naming the argument and what was seen.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import numpy as np
 
-from ldot_jax.models.config import RegionConfig, TransformerConfig
+from ldot_jax.models.config import PixelConfig, RegionConfig, TransformerConfig
 
 
 def concrete_value(x) -> np.ndarray | None:
@@ -103,3 +105,50 @@ def check_batch_sizes(**arrays):
     sizes = {name: x.shape[0] for name, x in arrays.items()}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"batch sizes differ: {sizes}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The inputs' fields (only the towers and the collate of their inputs read them)
+
+TEXT_FIELDS = ("input_ids", "attention_mask")
+REGION_FIELDS = ("region_feat", "boxes", "region_mask")
+PIXEL_FIELDS = ("pixels",)
+
+
+def _fields(pytree, names: tuple[str, ...], what: str) -> tuple:
+    if not isinstance(pytree, Mapping):
+        raise ValueError(f"{what}: expected a dict with {list(names)}, got "
+                         f"{type(pytree).__name__}")
+    missing = [n for n in names if n not in pytree]
+    if missing:
+        raise ValueError(f"{what}: missing {missing}; it has {sorted(pytree)} (expected "
+                         f"{list(names)})")
+    return tuple(pytree[n] for n in names)
+
+
+def text_fields(text) -> tuple:
+    """(input_ids, attention_mask) of a text input pytree (a ValueError names what is missing)."""
+    return _fields(text, TEXT_FIELDS, "text input")
+
+
+def region_fields(image) -> tuple:
+    """(region_feat, boxes, region_mask) of a region image input pytree."""
+    return _fields(image, REGION_FIELDS, "image input (regions)")
+
+
+def pixel_fields(image):
+    """The uint8[B, S, S, 3] pixels of a pixel image input {"pixels": …}."""
+    return _fields(image, PIXEL_FIELDS, "image input (pixels)")[0]
+
+
+def check_pixels(pixels, config: PixelConfig) -> None:
+    """uint8[B, image_size, image_size, 3] (shape and dtype, at trace time)."""
+    shape = tuple(getattr(pixels, "shape", ()))
+    want = (config.image_size, config.image_size, 3)
+    if len(shape) != 4 or shape[1:] != want:
+        raise ValueError(f"pixels: expected shape [B, {', '.join(map(str, want))}] (uint8 RGB, "
+                         f"resized and center-cropped to image_size={config.image_size}), got "
+                         f"{shape}")
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"pixels: expected uint8 RGB values (the tower normalizes them), got "
+                         f"dtype {pixels.dtype}")

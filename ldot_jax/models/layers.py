@@ -27,6 +27,20 @@ def gelu(x):
     return jax.nn.gelu(x, approximate=False)
 
 
+def quick_gelu(x):
+    """x · σ(1.702 x): OpenAI CLIP's GELU approximation (its checkpoints are trained with it)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu,
+                "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+def activation(config: TransformerConfig):
+    """The MLP activation a config names (TransformerConfig.activation)."""
+    return _ACTIVATIONS[config.activation]
+
+
 def attention_bias(mask, dtype=jnp.float32):
     """Additive attention bias from a key mask.
 
@@ -185,7 +199,7 @@ class TransformerLayer(nn.Module):
         dropout = functools.partial(Dropout(c.hidden_dropout), deterministic=deterministic)
         attended = SelfAttention(c, name="attention")(hidden, bias, deterministic)
         hidden = layer_norm(c, "attention_layer_norm")(hidden + dropout(attended))
-        inner = gelu(dense(c, c.intermediate_size, "intermediate")(hidden))
+        inner = activation(c)(dense(c, c.intermediate_size, "intermediate")(hidden))
         out = dense(c, c.hidden_size, "output")(inner)
         return layer_norm(c, "output_layer_norm")(hidden + dropout(out))
 

@@ -1,9 +1,11 @@
-"""The trunks (BERT, UNITER), the retrieval towers of LightningDOT, and the tower registries.
+"""The trunks (BERT, UNITER), the retrieval towers of LightningDOT, and the tower registries
+(which also hold the CLIP text tower, models/clip_text.py, and the ViT, models/vit.py).
 
 A tower takes ONE input pytree: text towers `{"input_ids": i32[B, L], "attention_mask":
 [B, L]}`, the region tower `{"region_feat": f[B, R, F], "boxes": f[B, R, 7], "region_mask":
-[B, R]}`. Everything above the models (data, tasks, extraction, retrieval, re-ranking,
-evaluation) passes these pytrees along without unpacking them; only a tower and the collate of
+[B, R]}`, the ViT `{"pixels": uint8[B, S, S, 3]}`. Everything above the models (data, tasks,
+extraction, retrieval, re-ranking, evaluation) passes these pytrees along without unpacking
+them; only a tower and the collate of
 its input (data/batching.py) know the fields. Towers are built by name (`TEXT_TOWERS`,
 `IMAGE_TOWERS`; `DualEncoderConfig.text_tower` / `.image_tower`).
 
@@ -13,25 +15,19 @@ Shapes: B batch, L text length, R regions, H hidden, F region feature dim, P pro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ldot_jax.models import inputs
+from ldot_jax.models.clip_text import ClipTextTower
 from ldot_jax.models.config import RegionConfig, TransformerConfig
+from ldot_jax.models.inputs import region_fields, text_fields  # noqa: F401 (the towers' API)
 from ldot_jax.models.layers import (Dropout, TextEmbeddings, TransformerEncoder, dense, gelu,
                                     layer_norm)
-
-
-class TowerOutput(NamedTuple):
-    """sequence: [B, S, H] last-layer states; mask: [B, S]; cls_state: [B, H] = sequence[:, 0]
-    (the raw [CLS] state the pre-training heads fuse); embedding: f32[B, P] retrieval vector."""
-
-    sequence: jnp.ndarray
-    mask: jnp.ndarray
-    cls_state: jnp.ndarray
-    embedding: jnp.ndarray
+from ldot_jax.models.outputs import TowerOutput
+from ldot_jax.models.vit import ViTTower, dummy_pixels
 
 
 class BertTrunk(nn.Module):
@@ -220,32 +216,7 @@ class RegionTower(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# The inputs' fields (only the towers and the collate of their inputs read them)
-
-TEXT_FIELDS = ("input_ids", "attention_mask")
-REGION_FIELDS = ("region_feat", "boxes", "region_mask")
-
-
-def _fields(pytree, names: tuple[str, ...], what: str) -> tuple:
-    if not isinstance(pytree, Mapping):
-        raise ValueError(f"{what}: expected a dict with {list(names)}, got "
-                         f"{type(pytree).__name__}")
-    missing = [n for n in names if n not in pytree]
-    if missing:
-        raise ValueError(f"{what}: missing {missing}; it has {sorted(pytree)} (expected "
-                         f"{list(names)})")
-    return tuple(pytree[n] for n in names)
-
-
-def text_fields(text) -> tuple:
-    """(input_ids, attention_mask) of a text input pytree (a ValueError names what is missing)."""
-    return _fields(text, TEXT_FIELDS, "text input")
-
-
-def region_fields(image) -> tuple:
-    """(region_feat, boxes, region_mask) of a region image input pytree."""
-    return _fields(image, REGION_FIELDS, "image input (regions)")
-
+# The smallest inputs (shape inference)
 
 def dummy_text(batch: int = 1, length: int = 2) -> dict:
     """The smallest text input (shape inference)."""
@@ -277,11 +248,16 @@ class TowerSpec:
 TEXT_TOWERS: dict[str, TowerSpec] = {
     "bert": TowerSpec(lambda c: TextTower(c.text, c.project_dim), lambda c: dummy_text(),
                       "text"),
+    "clip": TowerSpec(lambda c: ClipTextTower(c.text, c.project_dim, c.normalize_embeddings),
+                      lambda c: dummy_text(), "text"),
 }
 IMAGE_TOWERS: dict[str, TowerSpec] = {
     "uniter_regions": TowerSpec(
         lambda c: RegionTower(c.image, c.region, c.project_dim, c.cls_token_id),
         lambda c: dummy_regions(c.region), "regions"),
+    "vit": TowerSpec(
+        lambda c: ViTTower(c.image, c.pixels, c.project_dim, c.normalize_embeddings),
+        lambda c: dummy_pixels(c.pixels), "pixels"),
 }
 
 

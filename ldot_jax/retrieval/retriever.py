@@ -277,6 +277,7 @@ def _tokenizer(tokenizer, model_dir: str):
     None, the one saved in the model directory."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
+    from ldot_jax.data import text_tokenizers
     from ldot_jax.data.tokenizer import Tokenizer
     if tokenizer is None:
         found = pretrained.load_tokenizer(model_dir)
@@ -286,4 +287,5 @@ def _tokenizer(tokenizer, model_dir: str):
                              f"vocab.txt it was trained with)")
         return found
     path = os.fspath(tokenizer)
-    return Tokenizer.load(path) if paths.is_dir(path) else Tokenizer.from_vocab_file(path)
+    return (text_tokenizers.load(path) if paths.is_dir(path)
+            else Tokenizer.from_vocab_file(path))

@@ -17,7 +17,7 @@ import logging
 from ldot_jax.checkpoints import checkpoint, kinds, pretrained
 from ldot_jax.core import paths
 from ldot_jax.core import workdir as workdir_lib
-from ldot_jax.data.tokenizer import VOCAB_FILE, Tokenizer
+from ldot_jax.data import text_tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,14 @@ def write(workdir: str, kind: str, model_cfg, params, step: int, tokenizer=None,
 def save_run_tokenizer(workdir: str, tokenizer) -> None:
     """Saves the run's tokenizer in <workdir>/tokenizer/ (call on one process); pre-tokenized
     data has none to save."""
-    if isinstance(tokenizer, Tokenizer):
+    if isinstance(tokenizer, tuple(text_tokenizers.TOKENIZERS.values())):
         tokenizer.save(workdir_lib.tokenizer_dir(workdir))
 
 
-def run_tokenizer(workdir: str) -> Tokenizer | None:
+def run_tokenizer(workdir: str):
     """The tokenizer saved in the run directory (None for runs without one)."""
     path = workdir_lib.tokenizer_dir(workdir)
-    return Tokenizer.load(path) if paths.is_file(paths.join(path, VOCAB_FILE)) else None
+    return text_tokenizers.load(path) if text_tokenizers.kind_of(path) else None
 
 
 def export(workdir: str, step: int | None = None, best: bool = False, out: str | None = None,

@@ -1,0 +1,141 @@
+"""The ViT image tower (open_clip's VisionTransformer): pixels → patch tokens and a vector.
+
+uint8 RGB [B, S, S, 3] → (x / 255 − mean) / std → non-overlapping p × p patches, each
+linearly embedded ("conv1", no bias) → [class token; patches] + learned positions → LN_pre →
+pre-LN blocks → LN_post → pool (class token, or the patches' mean) → `proj` (no bias).
+
+Params (open_clip's `visual.*` names): visual/{conv1/kernel [p, p, 3, W], class_embedding [W],
+positional_embedding [1 + g², W] (g = S / p), ln_pre, transformer/resblocks_{n}/…, ln_post},
+proj [W, P].
+
+Shapes: B batch, S image side, p patch, g patches per side, W width, P projection dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ldot_jax.models.config import PixelConfig, TransformerConfig
+from ldot_jax.models.inputs import check_pixels, pixel_fields
+from ldot_jax.models.layers import layer_norm
+from ldot_jax.models.outputs import TowerOutput
+from ldot_jax.models.prenorm import PreLNEncoder
+
+def normalize_pixels(pixels, config: PixelConfig):
+    """uint8[B, S, S, 3] → f32[B, S, S, 3]: (x / 255 − mean) / std, as torchvision's ToTensor
+    and Normalize."""
+    mean = jnp.asarray(config.mean, jnp.float32)
+    std = jnp.asarray(config.std, jnp.float32)
+    return (pixels.astype(jnp.float32) / 255.0 - mean) / std
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p × p patches → W features: a stride-p convolution without bias,
+    computed as one matmul over the flattened (row, column, channel) patch (no convolution
+    sharding rules needed under a mesh)."""
+
+    config: TransformerConfig
+    patch_size: int
+
+    @nn.compact
+    def __call__(self, images):
+        """images: f[B, S, S, 3] → [B, g², W]."""
+        c, p = self.config, self.patch_size
+        batch, side, _, channels = images.shape
+        g = side // p
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (p, p, channels, c.hidden_size), c.params_dtype)
+        patches = images.reshape(batch, g, p, g, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, g * g, p * p * channels).astype(c.compute_dtype)
+        return patches @ kernel.reshape(p * p * channels, c.hidden_size).astype(c.compute_dtype)
+
+
+class VisionTransformer(nn.Module):
+    """The ViT trunk: pixels → LN_post(states) [B, 1 + g², W] (class token first)."""
+
+    config: TransformerConfig
+    pixels: PixelConfig
+
+    @nn.compact
+    def __call__(self, pixels, deterministic: bool = True):
+        """pixels: uint8[B, S, S, 3] → [B, 1 + g², W]."""
+        c, pc = self.config, self.pixels
+        check_pixels(pixels, pc)
+        width, scale = c.hidden_size, c.hidden_size ** -0.5
+        x = PatchEmbed(c, pc.patch_size, name="conv1")(normalize_pixels(pixels, pc))
+        cls = self.param("class_embedding", nn.initializers.normal(scale), (width,),
+                         c.params_dtype)
+        positions = self.param("positional_embedding", nn.initializers.normal(scale),
+                               (pc.grid ** 2 + 1, width), c.params_dtype)
+        # The class token built from x, so it is sharded like the batch under a mesh.
+        first = jnp.zeros_like(x[:, :1]) + cls.astype(x.dtype)
+        x = jnp.concatenate([first, x], axis=1) + positions.astype(x.dtype)
+        x = layer_norm(c, "ln_pre")(x)
+        mask = jnp.ones(x.shape[:2], jnp.int32)
+        x = PreLNEncoder(c, name="transformer")(x, mask, deterministic)
+        return layer_norm(c, "ln_post")(x)
+
+
+def l2_normalize(x):
+    """x / ‖x‖ along the last axis (F.normalize's eps 1e-12 against a zero vector)."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
+
+
+class ViTTower(nn.Module):
+    """The pixel image tower: a ViT, pooled and projected.
+
+    TowerOutput: sequence = the ViT's last states [B, 1 + g², W] (class token, then the patch
+    tokens the patch re-ranker reads, row-major over the grid); mask all ones; cls_state =
+    sequence[:, 0]; embedding = proj(pool) f32[B, P], L2-normalized if `normalize`.
+    """
+
+    config: TransformerConfig
+    pixels: PixelConfig
+    project_dim: int
+    normalize: bool = False
+
+    @nn.compact
+    def __call__(self, image: Mapping[str, Any], masked_regions=None,
+                 deterministic: bool = True):
+        if masked_regions is not None:
+            raise ValueError("the ViT image tower has no regions to mask (masked_regions is "
+                             "for the region tower's SMRM)")
+        c = self.config
+        states = VisionTransformer(c, self.pixels, name="visual")(pixel_fields(image),
+                                                                  deterministic)
+        pooled = states[:, 0] if self.pixels.pool == "tok" else states[:, 1:].mean(axis=1)
+        proj = self.param("proj", nn.initializers.normal(c.hidden_size ** -0.5),
+                          (c.hidden_size, self.project_dim), c.params_dtype)
+        embedding = (pooled @ proj.astype(pooled.dtype)).astype(jnp.float32)
+        if self.normalize:
+            embedding = l2_normalize(embedding)
+        mask = jnp.ones(states.shape[:2], bool)
+        return TowerOutput(states, mask, states[:, 0], embedding)
+
+
+def dummy_pixels(config: PixelConfig, batch: int = 1) -> dict:
+    """The smallest pixel image input (shape inference)."""
+    return {"pixels": jnp.zeros((batch, config.image_size, config.image_size, 3), jnp.uint8)}
+
+
+def resize_positional_embedding(positions, grid: int) -> np.ndarray:
+    """positional_embedding [1 + g₀², W] → [1 + grid², W]: the patch positions resized as a
+    g₀ × g₀ image by bicubic interpolation (jax.image.resize, as big_vision does; antialiased
+    when shrinking), the class token's row kept. Same grid: unchanged."""
+    positions = np.asarray(positions)
+    count, width = positions.shape
+    old = int(round(np.sqrt(count - 1)))
+    if old * old != count - 1:
+        raise ValueError(f"positional_embedding has {count} rows: expected 1 + g² (a square "
+                         f"patch grid)")
+    if old == grid:
+        return positions
+    patches = positions[1:].reshape(old, old, width).astype(np.float32)
+    resized = jax.image.resize(patches, (grid, grid, width), method="bicubic")
+    return np.concatenate([positions[:1], np.asarray(resized).reshape(grid * grid, width)])

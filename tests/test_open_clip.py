@@ -1,0 +1,96 @@
+"""`ldot convert --kind open_clip` against open_clip's own outputs (tests/data/open_clip/
+make_model_fixture.py: a small random CLIP): image and text embeddings, logits with
+logit_scale, the patch tokens; through the public conversion and load API."""
+
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ldot_jax
+from ldot_jax.checkpoints import convert, pretrained
+from ldot_jax.data.clip_tokenizer import ClipTokenizer
+from ldot_jax.models.dual_encoder import DualEncoder
+
+FIXTURE = pathlib.Path(__file__).parent / "data" / "open_clip" / "small_clip.npz"
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    with np.load(FIXTURE) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def converted(fixture, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("open_clip")
+    state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
+    np.savez(tmp / "clip.npz", **state)
+    out = convert.convert_checkpoint("open_clip", tmp / "clip.npz", tmp / "model",
+                                     activation="quick_gelu", num_heads=4,
+                                     text_num_heads=2)
+    return (out,) + ldot_jax.load_dual_encoder(out)
+
+
+def _text(fixture):
+    ids = fixture["text"].astype(np.int32)
+    mask = (np.arange(ids.shape[1])[None] < fixture["lengths"][:, None]).astype(np.int32)
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+
+
+def test_sizes_inferred_from_shapes(converted):
+    _, model, _ = converted
+    c = model.config
+    assert (c.text_tower, c.image_tower, c.project_dim) == ("clip", "vit", 24)
+    assert (c.pixels.image_size, c.pixels.patch_size) == (32, 8)
+    assert (c.image.hidden_size, c.image.num_layers, c.image.num_heads,
+            c.image.intermediate_size) == (64, 2, 4, 256)
+    assert (c.text.vocab_size, c.text.max_position_embeddings, c.text.hidden_size,
+            c.text.num_heads) == (1000, 16, 32, 2)
+    assert c.image.activation == c.text.activation == "quick_gelu"
+
+
+def test_outputs_equal_open_clip(converted, fixture):
+    _, model, params = converted
+    variables = {"params": params}
+    image = {"pixels": jnp.asarray(fixture["pixels"])}
+    text = _text(fixture)
+    image_out = model.apply(variables, image, method=DualEncoder.image_states)
+    text_out = model.apply(variables, text, method=DualEncoder.text_states)
+    np.testing.assert_allclose(image_out.embedding, fixture["image_features"], atol=1e-5)
+    np.testing.assert_allclose(text_out.embedding, fixture["text_features"], atol=1e-5)
+    np.testing.assert_allclose(image_out.sequence[:, 1:], fixture["patch_tokens"], atol=1e-5)
+    logits = model.apply(variables, text, image, method=DualEncoder.logits)
+    np.testing.assert_allclose(logits.T, fixture["logits_per_image"], rtol=1e-5, atol=1e-4)
+    # Unnormalized vectors too (what open_clip's encode_text returns without normalize).
+    raw = DualEncoder(model.config.__class__(**{**model.config.__dict__,
+                                                "normalize_embeddings": False}))
+    np.testing.assert_allclose(raw.apply(variables, text, method=DualEncoder.encode_text),
+                               fixture["text_raw"], rtol=1e-5, atol=1e-5)
+
+
+def test_round_trip_and_tokenizer(converted, fixture):
+    out, model, params = converted
+    state = convert.params_to_state_dict("open_clip", params)
+    for key, value in state.items():
+        np.testing.assert_array_equal(value, fixture[f"state/{key}"], err_msg=key)
+    assert set(state) == {k[len("state/"):] for k in fixture if k.startswith("state/")}
+    tokenizer = pretrained.load_tokenizer(out)
+    assert isinstance(tokenizer, ClipTokenizer) and tokenizer.context_length == 16
+
+
+def test_activation_must_be_given(fixture, tmp_path):
+    state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
+    np.savez(tmp_path / "clip.npz", **state)
+    with pytest.raises(ValueError, match="does not record its activation"):
+        convert.convert_checkpoint("open_clip", tmp_path / "clip.npz", tmp_path / "m")
+    with pytest.raises(ValueError, match=r"option\(s\) \['activation'\] do not apply"):
+        convert.convert_checkpoint("lightningdot", tmp_path / "clip.npz", tmp_path / "m",
+                                   activation="gelu")
+    del state["visual.ln_post.weight"]
+    np.savez(tmp_path / "broken.npz", **state)
+    with pytest.raises(ValueError, match=r"missing key\(s\) \['visual.ln_post.weight'\]"):
+        convert.convert_checkpoint("open_clip", tmp_path / "broken.npz", tmp_path / "m",
+                                   activation="quick_gelu", num_heads=4, text_num_heads=2)
+    assert not (tmp_path / "m").exists()
