@@ -94,3 +94,57 @@ def test_activation_must_be_given(fixture, tmp_path):
         convert.convert_checkpoint("open_clip", tmp_path / "broken.npz", tmp_path / "m",
                                    activation="quick_gelu", num_heads=4, text_num_heads=2)
     assert not (tmp_path / "m").exists()
+
+
+def test_numerics_variants_agree(converted, fixture):
+    """The fused attention path and remat compute what the explicit path does; the avg pool
+    is the mean of the patch tokens, projected."""
+    import dataclasses
+
+    from ldot_jax.models import config as config_lib
+    _, model, params = converted
+    variables = {"params": params}
+    image = {"pixels": jnp.asarray(fixture["pixels"])}
+    text = _text(fixture)
+    for changes in ({"attention_impl": "fused"}, {"remat": True}):
+        other = DualEncoder(config_lib.replace_numerics(model.config, **changes))
+        np.testing.assert_allclose(
+            other.apply(variables, image, method=DualEncoder.encode_image),
+            fixture["image_features"], atol=1e-5, err_msg=str(changes))
+        np.testing.assert_allclose(
+            other.apply(variables, text, method=DualEncoder.encode_text),
+            fixture["text_features"], atol=1e-5, err_msg=str(changes))
+    avg = DualEncoder(dataclasses.replace(
+        model.config, normalize_embeddings=False,
+        pixels=dataclasses.replace(model.config.pixels, pool="avg")))
+    out = avg.apply(variables, image, method=DualEncoder.image_states)
+    proj = np.asarray(params["image_tower"]["proj"])
+    np.testing.assert_allclose(out.embedding, np.asarray(out.sequence[:, 1:]).mean(1) @ proj,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_bad_pixels_are_named(converted, fixture):
+    _, model, params = converted
+    variables = {"params": params}
+    floats = {"pixels": jnp.asarray(fixture["pixels"], jnp.float32)}
+    with pytest.raises(ValueError, match="expected uint8 RGB values.*float32"):
+        model.apply(variables, floats, method=DualEncoder.encode_image)
+    small = {"pixels": jnp.zeros((2, 16, 16, 3), jnp.uint8)}
+    with pytest.raises(ValueError, match=r"expected shape \[B, 32, 32, 3\].*\(2, 16, 16, 3\)"):
+        model.apply(variables, small, method=DualEncoder.encode_image)
+    with pytest.raises(ValueError, match=r"missing \['pixels'\]"):
+        model.apply(variables, {"image": small["pixels"]}, method=DualEncoder.encode_image)
+
+
+def test_positional_embedding_resize():
+    from ldot_jax.models.vit import resize_positional_embedding
+    rng = np.random.RandomState(0)
+    positions = rng.randn(1 + 16, 8).astype(np.float32)
+    np.testing.assert_array_equal(resize_positional_embedding(positions, 4), positions)
+    constant = np.concatenate([rng.randn(1, 8), np.ones((16, 8)) * 3.0]).astype(np.float32)
+    bigger = resize_positional_embedding(constant, 7)
+    assert bigger.shape == (1 + 49, 8)
+    np.testing.assert_array_equal(bigger[0], constant[0])  # the class token's row is kept
+    np.testing.assert_allclose(bigger[1:], 3.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="has 11 rows: expected 1 \\+ g²"):
+        resize_positional_embedding(positions[:11], 4)

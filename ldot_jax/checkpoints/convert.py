@@ -201,19 +201,13 @@ def state_dict_to_params(kind: str, state: Mapping[str, np.ndarray], config) -> 
             unknown.append(key)
             continue
         path, layout = target
-        if value.ndim != len(expected[path]):
-            mismatched.append(f"{key}: checkpoint shape {tuple(value.shape)}, model expects "
-                              f"{layout.torch_shape(expected[path])}")
+        want = layout.torch_shape(expected[path])
+        if tuple(value.shape) != want:  # compared in the PyTorch layout, before permuting
+            mismatched.append(f"{key}: checkpoint shape {tuple(value.shape)}, model "
+                              f"expects {want}")
             mismatched_keys.add(key)
             continue
-        value = layout.to_flax(value)
-        if tuple(value.shape) != tuple(expected[path]):
-            want = layout.torch_shape(expected[path])
-            mismatched.append(f"{key}: checkpoint shape {tuple(state[key].shape)}, model "
-                              f"expects {tuple(want)}")
-            mismatched_keys.add(key)
-            continue
-        _set(params, path, np.asarray(value, order="C"))  # keeps 0-d tensors 0-d
+        _set(params, path, np.asarray(layout.to_flax(value), order="C"))  # 0-d stays 0-d
     converted = pretrained.flatten_params(params)
     missing = sorted(name for p in expected if p not in converted
                      and (name := _torch_name(spec, p)[0]) not in mismatched_keys)

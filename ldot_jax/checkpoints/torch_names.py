@@ -80,9 +80,6 @@ class Layout:
 
     axes: tuple[int, ...] | None = None
 
-    def __bool__(self) -> bool:
-        return self.axes is not None
-
     def to_flax(self, value):
         return value if self.axes is None else np.transpose(value, self.axes)
 
@@ -189,28 +186,40 @@ def _require(state, key, where):
     return state[key].shape
 
 
+def _layer_count(state, blocks: str, where: str) -> int:
+    """1 + the largest N of the `blocks`.N.* keys (e.g. blocks "txt_model.bert.encoder.layer")."""
+    layer_ids = {int(m.group(1)) for k in state
+                 if (m := re.match(re.escape(blocks) + r"\.(\d+)\.", k))}
+    if not layer_ids:
+        raise ValueError(f"cannot infer the {where}: no {blocks}.N.* keys")
+    return max(layer_ids) + 1
+
+
+def _num_heads(hidden: int, num_heads: int | None, where: str, flag: str) -> int:
+    """`num_heads`, by default hidden / 64 (the head width of BERT, UNITER and open_clip);
+    `flag`: the command-line option that sets it."""
+    if num_heads is None:
+        if hidden % 64:
+            raise ValueError(f"{where}: hidden size {hidden} is not a multiple of 64; pass the "
+                             f"number of attention heads ({flag})")
+        num_heads = hidden // 64
+    if hidden % num_heads:
+        raise ValueError(f"{where}: hidden size {hidden} is not divisible by num_heads="
+                         f"{num_heads}")
+    return num_heads
+
+
 def infer_transformer(state, prefix: str, num_heads: int | None,
                       where: str = "transformer") -> TransformerConfig:
     """TransformerConfig from the tensors under `prefix` (e.g. "txt_model.bert.")."""
     vocab, hidden = _require(state, f"{prefix}embeddings.word_embeddings.weight", where)
     positions = _require(state, f"{prefix}embeddings.position_embeddings.weight", where)[0]
     types = _require(state, f"{prefix}embeddings.token_type_embeddings.weight", where)[0]
-    layer_ids = {int(m.group(1)) for k in state
-                 if (m := re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.", k))}
-    if not layer_ids:
-        raise ValueError(f"cannot infer the {where}: no {prefix}encoder.layer.N.* keys")
+    layers = _layer_count(state, f"{prefix}encoder.layer", where)
     intermediate = _require(state, f"{prefix}encoder.layer.0.intermediate.dense.weight",
                             where)[0]
-    if num_heads is None:
-        if hidden % 64:
-            raise ValueError(f"{where}: hidden size {hidden} is not a multiple of 64; pass the "
-                             f"number of attention heads (--num_heads)")
-        num_heads = hidden // 64
-    if hidden % num_heads:
-        raise ValueError(f"{where}: hidden size {hidden} is not divisible by num_heads="
-                         f"{num_heads}")
-    return TransformerConfig(vocab_size=vocab, hidden_size=hidden,
-                             num_layers=max(layer_ids) + 1, num_heads=num_heads,
+    return TransformerConfig(vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                             num_heads=_num_heads(hidden, num_heads, where, "--num_heads"),
                              intermediate_size=intermediate, max_position_embeddings=positions,
                              type_vocab_size=types)
 
@@ -372,24 +381,10 @@ def open_clip_rules(trunk_prefix: str = "") -> KindSpec:
     return KindSpec(OPEN_CLIP, _OPEN_CLIP_IGNORED)
 
 
-def _heads(width: int, num_heads: int | None, where: str) -> int:
-    if num_heads is None:
-        if width % 64:
-            raise ValueError(f"{where}: width {width} is not a multiple of 64 (open_clip's head "
-                             f"width); pass its number of attention heads")
-        num_heads = width // 64
-    if width % num_heads:
-        raise ValueError(f"{where}: width {width} is not divisible by {num_heads} heads")
-    return num_heads
-
-
 def _block_sizes(state, prefix: str, where: str) -> tuple[int, int]:
     """(layers, MLP width) of the resblocks under `prefix`."""
-    layers = {int(m.group(1)) for k in state
-              if (m := re.match(re.escape(prefix) + r"resblocks\.(\d+)\.", k))}
-    if not layers:
-        raise ValueError(f"cannot infer the {where}: no {prefix}resblocks.N.* keys")
-    return max(layers) + 1, _require(state, f"{prefix}resblocks.0.mlp.c_fc.weight", where)[0]
+    return (_layer_count(state, f"{prefix}resblocks", where),
+            _require(state, f"{prefix}resblocks.0.mlp.c_fc.weight", where)[0])
 
 
 def infer_open_clip(state, num_heads: int | None = None, *, activation: str | None = None,
@@ -425,17 +420,16 @@ def infer_open_clip(state, num_heads: int | None = None, *, activation: str | No
     common = dict(layer_norm_eps=1e-5, hidden_dropout=0.0, attention_dropout=0.0,
                   activation=activation, type_vocab_size=1)
     image = TransformerConfig(vocab_size=1, hidden_size=width, num_layers=layers,
-                              num_heads=_heads(width, num_heads, "image tower"),
+                              num_heads=_num_heads(width, num_heads, "image tower",
+                                                   "--num_heads"),
                               intermediate_size=mlp, max_position_embeddings=rows, **common)
     text = TransformerConfig(vocab_size=vocab, hidden_size=text_width, num_layers=text_layers,
-                             num_heads=_heads(text_width, text_num_heads, "text tower"),
+                             num_heads=_num_heads(text_width, text_num_heads, "text tower",
+                                                  "--text_num_heads"),
                              intermediate_size=text_mlp, max_position_embeddings=context,
                              **common)
-    logit_scale = float(state["logit_scale"]) if "logit_scale" in state else None
-    if logit_scale is None:
-        raise ValueError("cannot infer the logit scale: key 'logit_scale' is missing from the "
-                         "checkpoint")
+    _require(state, "logit_scale", "logit scale")
     return DualEncoderConfig(
         text=text, image=image, project_dim=project_dim, text_tower="clip", image_tower="vit",
         pixels=PixelConfig(image_size=grid * patch, patch_size=patch, pool=pool),
-        normalize_embeddings=True, logit_scale=logit_scale)
+        normalize_embeddings=True, logit_scale=float(state["logit_scale"]))

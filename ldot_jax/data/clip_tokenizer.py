@@ -57,8 +57,8 @@ def bytes_to_unicode() -> dict[int, str]:
 def clean(text: str) -> str:
     """open_clip's "lower" cleaning: ftfy, HTML unescape (twice), whitespace collapsed,
     lower-cased."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return " ".join(text.split()).strip().lower()
+    # split / join also strips the ends, as open_clip's two strip() calls do.
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
 
 
 def read_merges(path: str) -> list[tuple[str, str]]:

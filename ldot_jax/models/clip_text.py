@@ -19,13 +19,13 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ldot_jax.core import numerics
 from ldot_jax.models import inputs
 from ldot_jax.models.config import TransformerConfig
 from ldot_jax.models.inputs import text_fields
 from ldot_jax.models.layers import Embed, layer_norm
 from ldot_jax.models.outputs import TowerOutput
 from ldot_jax.models.prenorm import PreLNEncoder
-from ldot_jax.models.vit import l2_normalize
 
 
 class ClipTextTower(nn.Module):
@@ -60,5 +60,5 @@ class ClipTextTower(nn.Module):
                                 (c.hidden_size, self.project_dim), c.params_dtype)
         embedding = (pooled @ projection.astype(pooled.dtype)).astype(jnp.float32)
         if self.normalize:
-            embedding = l2_normalize(embedding)
+            embedding = numerics.l2_normalize(embedding)
         return TowerOutput(x, attention_mask.astype(bool), pooled, embedding)

@@ -166,26 +166,30 @@ class SelfAttention(nn.Module):
         query = split(dense(c, c.hidden_size, "query")(hidden))
         key = split(dense(c, c.hidden_size, "key")(hidden))
         value = split(dense(c, c.hidden_size, "value")(hidden))
-        if c.attention_impl == "fused":
-            if not deterministic and c.attention_dropout > 0:
-                raise ValueError(f"attention_impl='fused' has no attention dropout; training "
-                                 f"with attention_dropout={c.attention_dropout} needs "
-                                 f"attention_impl='xla' or attention_dropout=0")
-            context = jax.nn.dot_product_attention(query, key, value,
-                                                   bias=bias.astype(query.dtype))
-        else:
-            context = self._xla_attention(query, key, value, bias, deterministic)
+        context = attend(c, query, key, value, bias, deterministic)
         context = context.reshape(batch, length, c.hidden_size)
         return dense(c, c.hidden_size, "output")(context)
 
-    def _xla_attention(self, query, key, value, bias, deterministic):
-        c = self.config
-        # Logits and softmax in float32: bf16 softmax over -10000 biases loses the real keys.
-        logits = jnp.einsum("bqnd,bknd->bnqk", query, key,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(c.head_dim)
-        probs = jax.nn.softmax(logits + bias, axis=-1)
-        probs = Dropout(c.attention_dropout)(probs, deterministic=deterministic)
-        return jnp.einsum("bnqk,bknd->bqnd", probs.astype(value.dtype), value)
+
+def attend(config: TransformerConfig, query, key, value, bias, deterministic: bool = True):
+    """softmax(QKᵀ/√D + bias)V by `config.attention_impl`, inside a module's call (the
+    attention dropout is a submodule of the caller).
+
+    query, key, value: [B, L, N, D]; bias: f32 additive, broadcastable to [B, N, L, L]
+    (BERT's [B, 1, 1, L] key bias, the pre-LN blocks' [B, 1, L, L]) → [B, L, N, D].
+    """
+    if config.attention_impl == "fused":
+        if not deterministic and config.attention_dropout > 0:
+            raise ValueError(f"attention_impl='fused' has no attention dropout; training "
+                             f"with attention_dropout={config.attention_dropout} needs "
+                             f"attention_impl='xla' or attention_dropout=0")
+        return jax.nn.dot_product_attention(query, key, value, bias=bias.astype(query.dtype))
+    # Logits and softmax in float32: bf16 softmax over -10000 biases loses the real keys.
+    logits = jnp.einsum("bqnd,bknd->bnqk", query, key,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(config.head_dim)
+    probs = jax.nn.softmax(logits + bias, axis=-1)
+    probs = Dropout(config.attention_dropout)(probs, deterministic=deterministic)
+    return jnp.einsum("bnqk,bknd->bqnd", probs.astype(value.dtype), value)
 
 
 class TransformerLayer(nn.Module):

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldot_jax.core import numerics
 from ldot_jax.models.config import PixelConfig, TransformerConfig
 from ldot_jax.models.inputs import check_pixels, pixel_fields
 from ldot_jax.models.layers import layer_norm
@@ -81,12 +82,6 @@ class VisionTransformer(nn.Module):
         return layer_norm(c, "ln_post")(x)
 
 
-def l2_normalize(x):
-    """x / ‖x‖ along the last axis (F.normalize's eps 1e-12 against a zero vector)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, 1e-12)
-
-
 class ViTTower(nn.Module):
     """The pixel image tower: a ViT, pooled and projected.
 
@@ -114,7 +109,7 @@ class ViTTower(nn.Module):
                           (c.hidden_size, self.project_dim), c.params_dtype)
         embedding = (pooled @ proj.astype(pooled.dtype)).astype(jnp.float32)
         if self.normalize:
-            embedding = l2_normalize(embedding)
+            embedding = numerics.l2_normalize(embedding)
         mask = jnp.ones(states.shape[:2], bool)
         return TowerOutput(states, mask, states[:, 0], embedding)
 
