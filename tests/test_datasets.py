@@ -32,9 +32,9 @@ def test_scenes_generated_in_parallel_equal_the_generator(scenes_dir, monkeypatc
     monkeypatch.setenv("LDOT_DATA_WORKERS", "2")
     data = datasets.load("scenes", data_dir=scenes_dir, **TINY)
     assert {k: len(v) for k, v in data.splits.items()} == {"train": 130, "val": 10, "test": 10}
-    assert data.spec == schema.RecordSpec(256, scenes.NUM_CLASSES, 32)
+    assert data.spec == schema.RecordSpec(256, scenes.NUM_CLASSES, 64)
     config = scenes_config(**TINY).scenes_config()
-    expected = scenes.generate_chunk((0, "test", 0, 10, config, 32))
+    expected = scenes.generate_chunk((0, "test", 0, 10, config, 64))
     for i, want in enumerate(expected):  # order kept: position i is image i
         got = data.split("test")[i]
         assert _text(got["image_id"]) == want["image_id"] == f"test_{i:06d}"

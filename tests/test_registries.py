@@ -252,8 +252,8 @@ def test_a_new_image_tower_needs_its_module_its_spec_and_its_input(monkeypatch, 
     monkeypatch.setitem(towers.IMAGE_TOWERS, "mean_pixels", towers.TowerSpec(
         build=lambda c: _MeanPixels(c.text.hidden_size, c.project_dim),
         dummy_input=lambda c: {"pixels": jnp.zeros((1, 4, 4, 3), jnp.float32)},
-        collate="pixels"))
-    monkeypatch.setitem(batching.IMAGE_INPUTS, "pixels", batching.ImageInput(
+        collate="float_pixels"))
+    monkeypatch.setitem(batching.IMAGE_INPUTS, "float_pixels", batching.ImageInput(
         from_record=lambda record: {"pixels": np.asarray(record["pixels"], np.float32)},
         record_size=lambda record: 1, collate=_collate_pixels,
         split=lambda batch: [{"pixels": p} for p in np.asarray(batch["pixels"])]))
@@ -281,7 +281,8 @@ def test_a_new_image_tower_needs_its_module_its_spec_and_its_input(monkeypatch, 
     np.testing.assert_allclose(images, np.asarray(direct), rtol=1e-5, atol=1e-6)
     assert texts.shape == (22, images.shape[1]) and owners.tolist() == [i // 2 for i in range(22)]
 
-    retriever = Retriever(model, params, tokenizer=None, text_index=ExactIndex(texts.shape[1]).add(texts, np.arange(len(texts))))
+    text_index = ExactIndex(texts.shape[1]).add(texts, np.arange(len(texts)))
+    retriever = Retriever(model, params, tokenizer=None, text_index=text_index)
     retriever.warmup()
     queries = [{"pixels": r["pixels"]} for r in records[:3]]
     np.testing.assert_allclose(retriever.encode_image(queries), images[:3], rtol=1e-5,
@@ -292,7 +293,7 @@ def test_a_new_image_tower_needs_its_module_its_spec_and_its_input(monkeypatch, 
 
 
 def test_an_image_input_typo_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown image input 'pixel'.*\['regions'\]"):
+    with pytest.raises(ValueError, match=r"unknown image input 'pixel'.*\['regions', 'pixels'\]"):
         pipeline.PipelineConfig(image_input="pixel")
     with pytest.raises(ValueError, match=r"unknown image tower 'vitt'.*'uniter_regions', 'vit'"):
         towers.image_tower("vitt")

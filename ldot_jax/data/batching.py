@@ -8,7 +8,7 @@ f32[n, 7]}; absent in text-only examples), optional `soft_labels` f32[n, C], and
 per side:
   text  {"input_ids": i32[B, Lb], "attention_mask": i32[B, Lb]}          (collate_text)
   image {"region_feat": f32[B, Rb, F], "boxes": f32[B, Rb, 7], "region_mask": i32[B, Rb]}
-                                                      (the image input's collate: regions)
+        (the image input's collate: regions), or {"pixels": uint8[B, S, S, 3]} (pixels)
   (soft_labels f32[B, Rb, C]), image_index i32[B], text_index i32[B], valid bool[B] (False for
   rows that only pad the batch to its fixed size).
 Lb / Rb are the smallest buckets that fit the longest caption / largest region set. The
@@ -125,6 +125,50 @@ def split_regions(image: Mapping) -> list[dict]:
     return [{"region_feat": f[m], "boxes": b[m]} for f, b, m in zip(feat, boxes, keep)]
 
 
+def collate_pixels(images: Sequence[Mapping], buckets: Sequence[int] = (),
+                   batch_size: int | None = None, stub_rows: bool = False,
+                   ) -> dict[str, np.ndarray]:
+    """The pixel image input of a batch: {"pixels": uint8[B, S, S, 3]} from per-image
+    {"pixels": uint8[S, S, 3]} (data/images.py makes them). Every picture has the tower's one
+    shape, so there are no buckets (`buckets` is ignored); rows past len(images) are black
+    pictures (valid inputs, so `stub_rows` changes nothing)."""
+    size = batch_size or len(images)
+    first = np.asarray(images[0]["pixels"])
+    if first.ndim != 3 or first.shape[-1] != 3 or first.shape[0] != first.shape[1]:
+        raise ValueError(f"collate: example 0 has pixels of shape {first.shape}, expected "
+                         f"[S, S, 3] (square RGB)")
+    out = np.zeros((size,) + first.shape, np.uint8)
+    for row, example in enumerate(images):
+        pixels = np.asarray(example["pixels"])
+        if pixels.shape != first.shape:
+            raise ValueError(f"collate: example {row} has pixels of shape {pixels.shape}, "
+                             f"the batch has {first.shape}")
+        if pixels.dtype != np.uint8:
+            raise ValueError(f"collate: example {row} has pixels of dtype {pixels.dtype}, "
+                             f"expected uint8 RGB (data/images.load_pixels makes them)")
+        out[row] = pixels
+    return {"pixels": out}
+
+
+def split_pixels(image: Mapping) -> list[dict]:
+    """Per-image pixel inputs [{"pixels": uint8[S, S, 3]}] from a batch {"pixels":
+    uint8[B, S, S, 3]}; `collate_pixels` is its inverse."""
+    if "pixels" not in image:
+        raise ValueError(f"image input: 'pixels' is missing (has {sorted(image)})")
+    pixels = np.asarray(image["pixels"])
+    if pixels.ndim != 4:
+        raise ValueError(f"image input: pixels {pixels.shape}, expected [B, S, S, 3]")
+    return [{"pixels": p} for p in pixels]
+
+
+def _record_pixels(record: Mapping) -> dict:
+    """A stored record's picture ("image", schema) or a query's {"pixels"} as the input."""
+    if "image" not in record and "pixels" not in record:
+        raise ValueError(f"record {record.get('image_id', '')!r} has no picture ('image'; "
+                         f"has {sorted(record)}): prepare the dataset with image_size > 0")
+    return {"pixels": np.asarray(record["image"] if "image" in record else record["pixels"])}
+
+
 def _record_regions(record: Mapping) -> dict:
     return {"region_feat": np.asarray(record["region_feat"], np.float32),
             "boxes": np.asarray(record["boxes"], np.float32)}
@@ -159,6 +203,8 @@ class ImageInput:
 IMAGE_INPUTS: dict[str, ImageInput] = {
     "regions": ImageInput(_record_regions, _record_region_count, collate_regions,
                           split_regions),
+    # Pictures all have one shape: one bucket (size 0) for every record.
+    "pixels": ImageInput(_record_pixels, lambda record: 0, collate_pixels, split_pixels),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping
 import tensorflow_datasets as tfds
 
 from ldot_jax.core import fileutil
-from ldot_jax.data import region_files, schema
+from ldot_jax.data import images, picture_files, region_files, schema
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class RecordsConfig(tfds.core.BuilderConfig):
 
     def settings(self) -> dict:
         """Everything that shapes the generated data (compared on reuse), as JSON values."""
-        skip = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+        skip = ({f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+                | set(getattr(self, "NOT_SETTINGS", ())))
         return json.loads(json.dumps({f.name: getattr(self, f.name)
                                       for f in dataclasses.fields(self) if f.name not in skip}))
 
@@ -88,26 +89,57 @@ class RecordsBuilder(tfds.core.GeneratorBasedBuilder):
 @dataclasses.dataclass
 class FeatureFilesConfig(RecordsConfig):
     """For datasets whose regions are per-image .npz files (see data/region_files.py) in
-    `features_dir`: inside the manual_dir, or an absolute path."""
+    `features_dir` and / or whose pictures are image files (data/picture_files.py) in
+    `images_dir`: each inside the manual_dir, or an absolute path. feat_dim > 0 reads the
+    regions, image_size > 0 the pictures (decoded to uint8[image_size, image_size, 3] at
+    preparation by `workers` processes, 0 = one per CPU); a picture that cannot be read fails
+    the preparation naming every such file (bad_images="error") or is left out ("skip");
+    pictures over max_pixels count as bad (decompression bombs)."""
 
     features_dir: str = "features"
+    images_dir: str = "images"
+    bad_images: str = "error"
+    max_pixels: int = images.MAX_PIXELS
+    workers: int = 0
+
+    # How the data is made, not what it is: not compared on reuse.
+    NOT_SETTINGS = ("workers",)
 
 
 class FeatureFilesBuilder(RecordsBuilder):
-    """Base of the builders that read captions from files in the TFDS `manual_dir` and regions
-    from `<features_dir>/<image_id>.npz`. Subclasses implement `split_images`."""
+    """Base of the builders that read captions from files in the TFDS `manual_dir`, regions
+    from `<features_dir>/<image_id>.npz` and pictures from `<images_dir>/<file>`. Subclasses
+    implement `split_images`."""
 
-    def split_images(self, root: str) -> Mapping[str, Iterable[tuple[str, list[str]]]]:
-        """{split: iterable of (image_id, captions)} from the files in `root`."""
+    def split_images(self, root: str
+                     ) -> Mapping[str, Iterable[tuple[str, list[str], str | None]]]:
+        """{split: iterable of (image_id, captions, picture file name or None)} from the files
+        in `root`; None: the picture is `<image_id>.<ext>` (picture_files.find_picture)."""
         raise NotImplementedError
 
     def split_records(self, dl_manager):
         root = os.fspath(dl_manager.manual_dir)
-        features = os.path.join(root, self.builder_config.features_dir)
-        spec = self.builder_config.record_spec()
-        return {split: (region_files.image_record(features, image_id, captions, spec)
-                        for image_id, captions in images)
-                for split, images in self.split_images(root).items()}
+        return {split: self._records(root, split, list(entries))
+                for split, entries in self.split_images(root).items()}
+
+    def _records(self, root: str, split: str, entries: list) -> Iterator[tuple[str, dict]]:
+        config = self.builder_config
+        spec = config.record_spec()
+        features = os.path.join(root, config.features_dir)
+        pictures = [picture_files.find_picture(os.path.join(root, config.images_dir),
+                                               image_id, file_name)
+                    for image_id, _, file_name in entries] if spec.image_size else []
+        if spec.feat_dim:
+            records = (region_files.image_record(features, image_id, captions, spec)
+                       for image_id, captions, _ in entries)
+        else:
+            records = ((path, {"image_id": image_id, "captions": list(captions)})
+                       for (image_id, captions, _), path in zip(entries, pictures))
+        if spec.image_size:
+            records = picture_files.with_pictures(
+                records, [(e[0], path) for e, path in zip(entries, pictures)],
+                spec.image_size, config.bad_images, config.max_pixels, config.workers, split)
+        return records
 
 
 def check_settings(builder: tfds.core.DatasetBuilder) -> None:
@@ -131,7 +163,7 @@ def record_spec_of(builder: tfds.core.DatasetBuilder) -> schema.RecordSpec:
     """The record layout of a prepared dataset, read from its features."""
     features = builder.info.features
     return schema.RecordSpec(
-        feat_dim=features["region_feat"].shape[1],
+        feat_dim=features["region_feat"].shape[1] if "region_feat" in features else 0,
         num_classes=features["soft_labels"].shape[1] if "soft_labels" in features else 0,
         image_size=features["image"].shape[0] if "image" in features else 0,
         pretokenized="caption_ids" in features)

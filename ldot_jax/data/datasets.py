@@ -71,8 +71,9 @@ class RetrievalDataset:
         return self.splits[name]
 
     def caption_table(self, name: str) -> list[dict]:
-        """Per image of a split: {"captions": [str], "num_regions": int} (plus "caption_ids" / "caption_lengths"
-        when pre-tokenized), what `pipeline.tokenize_captions` needs, without the regions.
+        """Per image of a split: {"captions": [str], "num_regions": int (datasets with
+        regions)} (plus "caption_ids" / "caption_lengths" when pre-tokenized), what
+        `pipeline.tokenize_captions` needs, without the regions or pictures.
         Reading a whole split decodes every record, so the table is cached next to the data
         (`captions_<split>.json`; skipped if the directory is read-only). The cache records
         the data files it was read from (names, sizes, modification times) and is used only
@@ -87,8 +88,9 @@ class RetrievalDataset:
         for i in tqdm.trange(len(images), desc=f"reading {name} captions", unit="image",
                              leave=False, mininterval=2.0):
             record = images[i]
-            row = {"captions": schema.caption_texts(record),
-                   "num_regions": len(record["region_feat"])}
+            row = {"captions": schema.caption_texts(record)}
+            if "region_feat" in record:
+                row["num_regions"] = len(record["region_feat"])
             if "caption_ids" in record:
                 row["caption_ids"] = np.asarray(record["caption_ids"]).tolist()
                 row["caption_lengths"] = np.asarray(record["caption_lengths"]).tolist()

@@ -3,7 +3,9 @@
 manual_dir holds:
   dataset_flickr30k.json or dataset_coco.json   {"images": [{"filename", "split", "sentences":
                                                  [{"raw", ...}], ...}], ...}
-  features/<image stem>.npz                     regions per image (see data/region_files.py)
+  features/<image stem>.npz                     regions per image (see data/region_files.py),
+                                                and / or (image_size > 0, feat_dim 0 for none)
+  images/[<filepath>/]<filename>                the pictures (JPEG / PNG; data/picture_files.py)
 Splits: train (with COCO's "restval" unless `restval_to_train` is False), val, test: the
 splits LightningDOT and UNITER report on (Flickr30k test 1,000 images, COCO test 5,000).
 """
@@ -49,7 +51,9 @@ def read_karpathy(path: str, restval_to_train: bool = True) -> dict[str, list[di
             if "raw" not in sentence:
                 raise ValueError(f"{path}: images[{i}].sentences[{j}] lacks 'raw'")
             captions.append(sentence["raw"].strip())
-        splits[split].append({"filename": image["filename"], "captions": captions})
+        # COCO's entries name the folder too ("filepath": "val2014").
+        name = os.path.join(image.get("filepath", ""), image["filename"])
+        splits[split].append({"filename": name, "captions": captions})
     return splits
 
 
@@ -66,6 +70,6 @@ class Karpathy(FeatureFilesBuilder):
     def split_images(self, root):
         config = self.builder_config
         splits = read_karpathy(os.path.join(root, config.annotations), config.restval_to_train)
-        return {split: [(region_files.image_stem(image["filename"]), image["captions"])
-                        for image in images]
+        return {split: [(region_files.image_stem(image["filename"]), image["captions"],
+                         image["filename"]) for image in images]
                 for split, images in splits.items()}

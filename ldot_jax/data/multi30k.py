@@ -6,7 +6,8 @@ plus the Flickr30k region features:
   task1/raw/{split}.{lang}                        one caption per line, aligned with the images
                                                   (task 1: translations; en, de, fr, cs)
   task2/raw/{split}.{1..5}.{lang}                 five independent captions (task 2: en, de)
-  features/<image stem>.npz                       regions (see data/region_files.py)
+  features/<image stem>.npz                       regions (see data/region_files.py), and / or
+  images/<file name>                              the Flickr30k pictures (image_size > 0)
 Splits: train, val, test (= test_2016_flickr). Use a multilingual vocabulary
 (bert-base-multilingual-cased's vocab.txt) with `Tokenizer.from_vocab_file`.
 """
@@ -76,6 +77,7 @@ class Multi30k(FeatureFilesBuilder):
 
     def split_images(self, root):
         config = self.builder_config
-        return {split: [(region_files.image_stem(image["filename"]), image["captions"])
+        return {split: [(region_files.image_stem(image["filename"]), image["captions"],
+                         image["filename"])
                         for image in read_multi30k(root, split, config.language, config.task)]
                 for split in SPLIT_FILES}

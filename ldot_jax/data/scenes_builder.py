@@ -20,6 +20,9 @@ from ldot_jax.data.tokenizer import Tokenizer
 
 VOCAB_SIZE = 1000
 _CHUNK = 64
+# The stored picture's side: the render size, so a ViT patch (8 px: 8 × 8 patches) sees an
+# object's part and its colour, not a blur of several objects.
+IMAGE_SIZE = 64
 
 
 @dataclasses.dataclass
@@ -52,13 +55,15 @@ class ScenesBuilderConfig(RecordsConfig):
 def scenes_config(name: str = "default", **overrides) -> ScenesBuilderConfig:
     """A builder config; `overrides` change any field (e.g. train_size=2000)."""
     return ScenesBuilderConfig(name=name, feat_dim=256, num_classes=scenes.NUM_CLASSES,
-                               image_size=32, **overrides)
+                               image_size=overrides.pop("image_size", IMAGE_SIZE), **overrides)
 
 
 class Scenes(RecordsBuilder):
     """Procedural captioned scenes with detector-like region features (see data/scenes.py)."""
 
     name = "ldot_scenes"
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "pictures stored at 64 × 64 (the render size; was 32 × 32)"}
     BUILDER_CONFIGS = [scenes_config("default"),
                        scenes_config("small", train_size=2_000, val_size=200, test_size=200)]
 
