@@ -43,6 +43,9 @@ def test_scenes_generated_in_parallel_equal_the_generator(scenes_dir, monkeypatc
         np.testing.assert_array_equal(got["boxes"], want["boxes"])
         np.testing.assert_array_equal(got["image"], want["image"])
         assert got["soft_labels"].shape == (len(want["boxes"]), scenes.NUM_CLASSES)
+    # The generator judges which test captions are true of which test images.
+    truth = data.caption_truth("test")
+    assert truth.shape == (50, 10) and truth[np.arange(50), np.arange(50) // 5].all()
     # The vocabulary trained on the train captions is saved with the data and covers them.
     assert os.path.isfile(os.path.join(data.directory, "vocab.txt"))
     caption = expected[0]["captions"][0]
@@ -207,6 +210,7 @@ def test_jsonl(tmp_path):
     assert [_text(test[i]["image_id"]) for i in range(3)] == ["b", "a", "gallery"]
     assert [_text(c) for c in test[0]["captions"]] == ["first of b", "second of b"]
     assert len(test[2]["captions"]) == 0
+    assert data.caption_truth("test") is None  # only generated data can tell
 
 
 def test_jsonl_bad_inputs(tmp_path):

@@ -56,6 +56,18 @@ def test_converted_model_on_files_equals_open_clip(fixture, tmp_path):
     embedding = model.apply({"params": params}, {"pixels": jnp.asarray(pixels)},
                             method=DualEncoder.encode_image)
     np.testing.assert_allclose(embedding, fixture["image_features_32"], atol=1e-5)
+    # The README's own-images path: the pictures indexed, a caption's vector as the query.
+    index = ldot_jax.ExactIndex(embedding.shape[1]).add(np.asarray(embedding),
+                                                        np.arange(len(pixels)))
+    with np.load(HERE / "small_clip.npz") as data:
+        ids, lengths = data["text"].astype(np.int32), data["lengths"]
+    mask = (np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.int32)
+    query = model.apply({"params": params}, {"input_ids": ids, "attention_mask": mask},
+                        method=DualEncoder.encode_text)
+    hits = index.search(np.asarray(query), k=3)
+    want = np.argsort(-(np.asarray(query) @ np.asarray(embedding).T), axis=1,
+                      kind="stable")[:, :3]
+    np.testing.assert_array_equal(hits.ids, want)
 
 
 def _png(width, height, mode="RGB"):

@@ -4,6 +4,7 @@ logit_scale, the patch tokens; through the public conversion and load API."""
 
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -148,3 +149,20 @@ def test_positional_embedding_resize():
     np.testing.assert_allclose(bigger[1:], 3.0, rtol=1e-6)
     with pytest.raises(ValueError, match="has 11 rows: expected 1 \\+ g²"):
         resize_positional_embedding(positions[:11], 4)
+
+
+def test_bfloat16_compute_keeps_float32_params(converted, fixture):
+    """dtype="bfloat16": the towers compute in bf16 from float32 params; the vectors stay
+    close to open_clip's float32 ones (bf16 has 8 bits of mantissa)."""
+    out, _, _ = converted
+    model, params = ldot_jax.load_dual_encoder(out, dtype="bfloat16")
+    assert model.config.image.compute_dtype == jnp.bfloat16
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))
+    variables = {"params": params}
+    image = model.apply(variables, {"pixels": jnp.asarray(fixture["pixels"])},
+                        method=DualEncoder.encode_image)
+    text = model.apply(variables, _text(fixture), method=DualEncoder.encode_text)
+    assert image.dtype == text.dtype == jnp.float32
+    np.testing.assert_allclose(image, fixture["image_features"], atol=3e-2)
+    np.testing.assert_allclose(text, fixture["text_features"], atol=3e-2)
+    assert np.abs(np.asarray(image) - fixture["image_features"]).max() > 1e-6  # really bf16

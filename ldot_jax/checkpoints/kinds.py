@@ -24,6 +24,7 @@ from ldot_jax.models.dual_encoder import DualEncoder
 from ldot_jax.models.pretraining import CrossEncoderForPretraining, DualEncoderForPretraining
 from ldot_jax.models import towers
 from ldot_jax.models.towers import BertTrunk
+from ldot_jax.models.vit import dummy_pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,14 @@ def _dual_inputs(c) -> tuple:
             towers.image_tower(c.image_tower).dummy_input(c))
 
 
+def _cross_inputs(c: CrossEncoderConfig) -> tuple:
+    """The re-ranker's dummy inputs: a caption and regions, or pixels for a patch re-ranker
+    (so its ViT's params exist)."""
+    image = (dummy_pixels(c.pixels) if c.image_tower == "vit"
+             else towers.dummy_regions(c.region))
+    return towers.dummy_text(), image
+
+
 def _dual_warm_starts(path: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
     """What the towers of a dual-encoder kind (at `path` in its params) initialize."""
     def dual(params):
@@ -103,9 +112,18 @@ def _dual_warm_starts(path: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
             params = params[name]
         return params
 
-    def cross(params):  # the re-ranker from the towers: words from the text tower, regions
-        image = dual(params)["image_tower"]["uniter"]  # and layers from the image tower
-        return {"uniter": {"embeddings": dual(params)["text_tower"]["bert"]["embeddings"],
+    def cross(params):
+        towers_ = dual(params)
+        text = towers_["text_tower"]["bert"]
+        if "visual" in towers_["image_tower"]:
+            # A pixel dual → the patch re-ranker: its ViT from the image tower, the single
+            # stream's words and layers from the text tower (region embeddings start fresh).
+            return {"uniter": {"embeddings": text["embeddings"], "encoder": text["encoder"]},
+                    "vit": towers_["image_tower"]["visual"]}
+        # The re-ranker from the towers: words from the text tower, regions and layers from
+        # the image tower.
+        image = towers_["image_tower"]["uniter"]
+        return {"uniter": {"embeddings": text["embeddings"],
                            "region_embeddings": image["region_embeddings"],
                            "encoder": image["encoder"]}}
 
@@ -130,8 +148,7 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
               tasks=("cmr", "vmlm", "mrfr", "mrckl", "distill"),
               dual_encoder=("dual_encoder",), warm_starts=_dual_warm_starts(("dual_encoder",)),
               summary="the towers with the VMLM / MRFR / MRC heads (pre-training)"),
-    ModelKind("uniter_itm", CrossEncoderConfig, CrossEncoder,
-              lambda c: (towers.dummy_text(), towers.dummy_regions(c.region)),
+    ModelKind("uniter_itm", CrossEncoderConfig, CrossEncoder, _cross_inputs,
               Converter(torch_names.uniter_itm_rules, torch_names.uniter_trunk_prefix,
                         "uniter.", torch_names.infer_uniter_itm),
               tasks=("itm",), dual_encoder=None,

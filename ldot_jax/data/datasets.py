@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from ldot_jax.core import fileutil, paths
-from ldot_jax.data import builder_base, schema
+from ldot_jax.data import builder_base, scenes_truth, schema
 from ldot_jax.data.jsonl import Jsonl
 from ldot_jax.data.karpathy import Karpathy
 from ldot_jax.data.multi30k import Multi30k
@@ -63,6 +63,17 @@ class RetrievalDataset:
     spec: schema.RecordSpec
     splits: Mapping[str, Sequence[dict]]
     tokenizer: Tokenizer | PretokenizedText | None
+    # The builder config's settings stored with the data (builder_base.RecordsConfig).
+    settings: Mapping = dataclasses.field(default_factory=dict)
+
+    def caption_truth(self, name: str) -> np.ndarray | None:
+        """bool[T, N]: whether caption t of the split (caption_table order) is true of image
+        n, for data that can tell (the generated scenes: data/scenes_truth.py); else None."""
+        if self.name != Scenes.name:
+            return None
+        table = self.caption_table(name)
+        objects = scenes_truth.split_objects(self.settings, name, len(table))
+        return scenes_truth.truth([c for row in table for c in row["captions"]], objects)
 
     def split(self, name: str) -> Sequence[dict]:
         if name not in self.splits:
@@ -272,7 +283,8 @@ def load(name_or_dir: str, *, config=None, data_dir: str | None = None,
     sources = builder.as_data_source()
     return RetrievalDataset(name=builder.name, directory=directory,
                             spec=builder_base.record_spec_of(builder),
-                            splits={str(k): v for k, v in sources.items()}, tokenizer=tokenizer)
+                            splits={str(k): v for k, v in sources.items()}, tokenizer=tokenizer,
+                            settings=settings)
 
 
 FORMAT = "ldot_jax.dataset"  # a prepared dataset's manifest on an object store

@@ -168,7 +168,7 @@ def _check_token_ids(pieces: list, owners: list, vocab_size: int | None, split: 
 def _image_example(record: dict, image_input: str) -> dict:
     """A record's image as an example's fields: its input (and the regions' MRC-kl targets)."""
     out = {"image": batching.image_input(image_input).from_record(record)}
-    if "soft_labels" in record:
+    if "soft_labels" in record and image_input == "regions":  # per region: MRC-kl's
         out["soft_labels"] = np.asarray(record["soft_labels"], np.float32)
     return out
 

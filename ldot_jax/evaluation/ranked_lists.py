@@ -21,12 +21,22 @@ from ldot_jax.retrieval import rerank
 KS = recall.KS
 
 
-def first_hit(hits: np.ndarray) -> np.ndarray:
-    """bool[Q, k] (True where the listed item is a positive) → i64[Q]: the 0-based position
-    of the first positive, k if none is listed."""
-    hits = np.asarray(hits, bool)
-    k = hits.shape[1]
-    return np.where(hits.any(axis=1), np.argmax(hits, axis=1), k).astype(np.int64)
+first_hit = recall.first_hit
+
+
+def caption_true_list_ranks(ir_ids: np.ndarray, captions: np.ndarray, tr_ids: np.ndarray,
+                            images: np.ndarray, truth: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Caption-true ranks from ranked lists: ir_ids i64[Q, k] image ids per caption query
+    (rows `captions` i64[Q] of truth), tr_ids i64[N, k] caption ids per image query (columns
+    `images` i64[N]), truth bool[T, N] → (IR i64[Q], TR i64[N]): the position of the first
+    listed item the query's caption is true of / true of the query's image (k: none; -1 ids
+    never hit)."""
+    truth = np.asarray(truth, bool)
+    ir_ids, tr_ids = np.asarray(ir_ids), np.asarray(tr_ids)
+    ir = (ir_ids >= 0) & truth[np.asarray(captions)[:, None], np.maximum(ir_ids, 0)]
+    tr = (tr_ids >= 0) & truth[np.maximum(tr_ids, 0), np.asarray(images)[:, None]]
+    return first_hit(ir), first_hit(tr)
 
 
 def list_ranks_text_to_image(ids: np.ndarray, caption_image: np.ndarray) -> np.ndarray:

@@ -3,6 +3,9 @@
 IR (text → image): per caption, a hit at K if its image ranks in the top K; R@K = hits /
 #captions. TR (image → text): per image, a hit at K if ANY of its captions ranks in the top K;
 R@K = hits / #images. AR = the mean of IR and TR at K ∈ {1, 5, 10}. All in percent.
+Caption-true recall (where the data can tell which captions are true of which images, as
+the scenes can: data/scenes_truth.py): a hit at K when the top K holds any image the caption
+is true of (IR) / any caption true of the image (TR); "ct_" + the same names.
 Ties are broken by index (a stable sort on −score): the tied item with the smaller index ranks
 first, so results never depend on the sort's luck.
 
@@ -60,15 +63,64 @@ def image_to_text_ranks(text: np.ndarray, image: np.ndarray, caption_image: np.n
     return best
 
 
+def first_hit(hits: np.ndarray) -> np.ndarray:
+    """bool[Q, k] (True where the listed item is a positive) → i64[Q]: the 0-based position
+    of the first positive, k if none is listed."""
+    hits = np.asarray(hits, bool)
+    k = hits.shape[1]
+    return np.where(hits.any(axis=1), np.argmax(hits, axis=1), k).astype(np.int64)
+
+
+def _top_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """i64[n, k]: each row's k best columns, ties to the smaller index (the ranks' rule)."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def caption_true_ranks(text: np.ndarray, image: np.ndarray, truth: np.ndarray, k: int,
+                       block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(IR i64[T], TR i64[N]): per caption the rank of the first image in its top k that the
+    caption is true of, per image the rank of the first caption in its top k true of it (k:
+    none). truth: bool[T, N], caption t true of image n (e.g. scenes_truth.truth)."""
+    truth = np.asarray(truth, bool)
+    if truth.shape != (len(text), len(image)):
+        raise ValueError(f"caption truth of shape {truth.shape}, expected "
+                         f"({len(text)}, {len(image)}) (captions, images)")
+    ir = np.empty(len(text), np.int64)
+    for start in range(0, len(text), block):
+        ids = _top_ids(text[start:start + block] @ image.T, k)
+        rows = np.arange(start, start + len(ids))[:, None]
+        ir[start:start + len(ids)] = first_hit(truth[rows, ids])
+    tr = np.empty(len(image), np.int64)
+    for start in range(0, len(image), block):
+        ids = _top_ids(image[start:start + block] @ text.T, k)
+        columns = np.arange(start, start + len(ids))[:, None]
+        tr[start:start + len(ids)] = first_hit(truth[ids, columns])
+    return ir, tr
+
+
+def caption_true_metrics(ir: np.ndarray, tr: np.ndarray,
+                         ks: Sequence[int] = KS) -> dict[str, float]:
+    """{"ct_ir_r1", …, "ct_tr_r10", "ct_ar"} in percent: caption-true recall, a hit at K when
+    the top K holds an image the caption is true of (IR) / a caption true of the image (TR),
+    from the ranks of `caption_true_ranks` (or of ranked lists)."""
+    out = {f"ct_ir_r{k}": v for k, v in recall_at_k(ir, ks).items()}
+    out.update({f"ct_tr_r{k}": v for k, v in recall_at_k(tr, ks).items()})
+    out["ct_ar"] = float(np.mean([out[f"ct_{d}_r{k}"] for d in ("ir", "tr") for k in ks]))
+    return out
+
+
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
     """{K: percent of ranks < K}."""
     return {k: 100.0 * float(np.mean(ranks < k)) for k in ks}
 
 
 def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.ndarray,
-                      ks: Sequence[int] = KS) -> dict[str, float]:
+                      ks: Sequence[int] = KS, truth: np.ndarray | None = None
+                      ) -> dict[str, float]:
     """{"ir_r1", "ir_r5", "ir_r10", "tr_r1", …, "ar"} in percent, from the embeddings of every
-    caption (f32[T, D]) and every image (f32[N, D]) of a split; caption_image i32[T] ∈ [0, N)."""
+    caption (f32[T, D]) and every image (f32[N, D]) of a split; caption_image i32[T] ∈ [0, N).
+    With truth (bool[T, N], which captions are true of which images) also the caption-true
+    recall ("ct_ir_r1", …, "ct_ar"; caption_true_metrics)."""
     text = np.asarray(text, np.float32)
     image = np.asarray(image, np.float32)
     caption_image = np.asarray(caption_image)
@@ -86,4 +138,6 @@ def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.nda
     out = {f"ir_r{k}": v for k, v in ir.items()}
     out.update({f"tr_r{k}": v for k, v in tr.items()})
     out["ar"] = float(np.mean(list(ir.values()) + list(tr.values())))
+    if truth is not None:
+        out.update(caption_true_metrics(*caption_true_ranks(text, image, truth, max(ks)), ks))
     return out

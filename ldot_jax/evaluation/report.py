@@ -18,6 +18,8 @@ from ldot_jax.evaluation import recall
 log = logging.getLogger(__name__)
 
 KS = recall.KS
+CAPTION_TRUE_COLUMNS = {"ct_ir_r1": "CT IR R@1", "ct_ir_r5": "CT IR R@5",
+                        "ct_tr_r1": "CT TR R@1", "ct_ar": "CT AR"}
 
 
 @dataclasses.dataclass
@@ -41,26 +43,33 @@ class Report:
 
 def table(report: Report) -> str:
     """A Markdown table of the report."""
+    # Caption-true recall (data/scenes_truth.py) when the rows have it.
+    true = [k for k in CAPTION_TRUE_COLUMNS if all(k in r["metrics"] for r in report.rows)]
     head = ("| stage | M | IR R@1 | IR R@5 | IR R@10 | TR R@1 | TR R@5 | TR R@10 | AR | "
-            "ms/query t→i | ms/query i→t | speed-up t→i | speed-up i→t |")
-    lines = [head, "|" + "---|" * 13]
+            + "".join(f"{CAPTION_TRUE_COLUMNS[k]} | " for k in true)
+            + "ms/query t→i | ms/query i→t | speed-up t→i | speed-up i→t |")
+    lines = [head, "|" + "---|" * (13 + len(true))]
     for r in report.rows:
         m = r["metrics"]
         speed = r.get("speedup", {})
         lines.append("| " + " | ".join([
             r["stage"], str(r["m"] or "–"),
             *(f"{m[f'{d}_r{k}']:.1f}" for d in ("ir", "tr") for k in KS), f"{m['ar']:.1f}",
+            *(f"{m[k]:.1f}" for k in true),
             f"{r['ms']['t2i']:.3f}", f"{r['ms']['i2t']:.3f}",
             *(f"{speed[d]:,.0f}×" if d in speed else "–" for d in ("t2i", "i2t"))]) + " |")
     if report.all_pairs:
         a = report.all_pairs
-        lines.append(f"| all pairs (cross-encoder) | all | | | | | | | | {a['t2i']:.1f} | "
-                     f"{a['i2t']:.1f} | 1× | 1× |")
+        lines.append("| all pairs (cross-encoder) | all | " + "| " * (7 + len(true))
+                     + f"{a['t2i']:.1f} | {a['i2t']:.1f} | 1× | 1× |")
         lines.append("")
         lines.append(f"All pairs: {a['label']}; {a['ms_per_pair']:.4f} ms per pair.")
     lines.append(f"Queries: {report.queries['t2i']:,} captions (IR), {report.queries['i2t']:,} "
                  f"images (TR) over {report.corpus['images']:,} images and "
                  f"{report.corpus['captions']:,} captions.")
+    if true:
+        lines.append("Caption-true (CT) recall: a hit when the top K holds an image the "
+                     "caption is true of (IR) / a caption true of the image (TR).")
     if report.alpha_choice:
         c = report.alpha_choice
         lines.append(f"α of the fused rows chosen on {c['split']} ({c['queries']:,} caption "

@@ -62,9 +62,24 @@ class Split:
     image_vectors: np.ndarray
     text_vectors: np.ndarray
     caption_image: np.ndarray
-    images: rerank.RecordImageStore  # read on demand: memory does not grow with the split
+    # Read on demand: memory does not grow with the split. None: the records have no regions.
+    images: rerank.RecordImageStore | None
     captions: rerank.CaptionStore
     encode_ms: dict[str, float]  # per query, batched: {"text", "image"}
+    # bool[T, N]: caption t true of image n, where the data can tell (the scenes): adds the
+    # caption-true recall (ct_*) to every row.
+    truth: np.ndarray | None = None
+    records: Sequence[dict] | None = None  # the split's records (a patch re-ranker's pixels)
+
+    def image_store(self, cross, cross_params):
+        """The image side re-ranker `cross` (a CrossEncoder, its params) reads: its own
+        patches of the records' pictures (PatchImageStore) or the records' regions."""
+        if cross.config.image_tower == "vit":
+            return rerank.PatchImageStore(self.records, cross, cross_params)
+        if self.images is None:
+            raise ValueError("a region re-ranker needs records with regions; this split's "
+                             "records have none (pictures only: train a patch re-ranker)")
+        return self.images
 
 
 def _timed_encode(model, params, batch, side: str, mesh, repeat: int = 5) -> float:
@@ -92,9 +107,12 @@ def prepare_split(dual, images, captions, config, mesh, progress: bool = False) 
             image_input=layout.image_input))), "image", mesh),
         "text": _timed_encode(model, params, next(iter(pipeline.eval_caption_batches(
             captions, layout.per_process, layout.text_buckets))), "text", mesh)}
-    return Split(image_vectors, text_vectors, caption_image,
-                 rerank.RecordImageStore(images, max(layout.image_buckets)),
-                 rerank.CaptionStore.from_captions(captions), encode_ms)
+    # The region re-ranker's store, when the records have regions (a pixel dual encoder on
+    # the scenes can be re-ranked by a region cross-encoder too).
+    store = (rerank.RecordImageStore(images, max(layout.image_buckets))
+             if "region_feat" in images[0] else None)
+    return Split(image_vectors, text_vectors, caption_image, store,
+                 rerank.CaptionStore.from_captions(captions), encode_ms, records=images)
 
 
 def _search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray,
@@ -108,13 +126,15 @@ def _search(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray
     return hits.ids, hits.scores, 1e3 * (time.perf_counter() - start) / max(len(queries), 1)
 
 
-def _query_inputs(split: Split, direction: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The queries' input pytree: captions' text input, or images' image input."""
+def _query_inputs(split: Split, direction: str, rows: np.ndarray,
+                  reranker: rerank.CrossEncoderReranker) -> dict[str, np.ndarray]:
+    """The queries' input pytree: captions' text input, or images' image input as the
+    re-ranker reads them (its image store)."""
     if direction == "text_to_image":
         return {"input_ids": split.captions.input_ids[rows],
                 "attention_mask": prefix_mask(split.captions.lengths[rows],
                                               split.captions.input_ids.shape[1])}
-    return split.images.rows(rows)
+    return reranker.images.rows(rows)
 
 
 def cross_scores(reranker: rerank.CrossEncoderReranker, split: Split, direction: str,
@@ -127,7 +147,7 @@ def cross_scores(reranker: rerank.CrossEncoderReranker, split: Split, direction:
     for start in tqdm.tqdm(range(0, len(queries), chunk), desc=desc, disable=desc is None,
                            leave=False, unit="chunk"):
         rows = slice(start, start + chunk)
-        inputs = _query_inputs(split, direction, queries[rows])
+        inputs = _query_inputs(split, direction, queries[rows], reranker)
         t0 = time.perf_counter()
         out[rows] = reranker(direction, inputs, ids[rows], dot[rows])
         elapsed += time.perf_counter() - t0
@@ -143,7 +163,7 @@ def all_pairs_ms(reranker: rerank.CrossEncoderReranker, split: Split,
     queries = max(1, min(num_captions, target_pairs // num_images))
     rows = np.arange(queries)
     ids = np.tile(np.arange(num_images, dtype=np.int64), (queries, 1))
-    inputs = _query_inputs(split, "text_to_image", rows)
+    inputs = _query_inputs(split, "text_to_image", rows, reranker)
     reranker("text_to_image", {k: v[:1] for k, v in inputs.items()}, ids[:1, :8],
              np.zeros((1, 8), np.float32))  # warm-up
     start = time.perf_counter()
@@ -167,10 +187,11 @@ def _row(split: Split, queries: dict[str, np.ndarray], stage: str, m: int | None
     i64[N]} of the split."""
     ir = ranked_lists.list_ranks_text_to_image(ir_ids, split.caption_image[queries["t2i"]])
     tr = ranked_lists.list_ranks_image_to_text(tr_ids, queries["i2t"], split.caption_image)
-    return {"stage": stage, "m": m,
-            "metrics": ranked_lists.metrics_from_ranks(ir, tr, min(ir_ids.shape[1],
-                                                                   tr_ids.shape[1])),
-            "ms": {"t2i": ms_t2i, "i2t": ms_i2t}}
+    metrics = ranked_lists.metrics_from_ranks(ir, tr, min(ir_ids.shape[1], tr_ids.shape[1]))
+    if split.truth is not None:
+        metrics.update(recall.caption_true_metrics(*ranked_lists.caption_true_list_ranks(
+            ir_ids, queries["t2i"], tr_ids, queries["i2t"], split.truth)))
+    return {"stage": stage, "m": m, "metrics": metrics, "ms": {"t2i": ms_t2i, "i2t": ms_i2t}}
 
 
 def _reranked_rows(reranker: rerank.CrossEncoderReranker, split: Split,
@@ -251,7 +272,7 @@ def rerank_recall(dual, cross, images, captions, config, mesh, top: int = 20,
     of the dual encoder (model, params): the cross-encoder's evaluation during training."""
     split = prepare_split(dual, images, captions, config, mesh, progress)
     reranker = rerank.CrossEncoderReranker(
-        cross[0], cross[1], split.images, split.captions, mesh=mesh,
+        cross[0], cross[1], split.image_store(*cross), split.captions, mesh=mesh,
         text_buckets=tuple(config.pipeline.text_buckets))
     indexes = {}
     for side, vectors in (("image", split.image_vectors), ("text", split.text_vectors)):
@@ -314,7 +335,8 @@ def _reranker_factory(reranker_dir: str, config, mesh, pairs_per_batch: int):
 
     def make(split: Split) -> rerank.CrossEncoderReranker:
         return rerank.CrossEncoderReranker(
-            cross, cross_params, split.images, split.captions, mesh=mesh,
+            cross, cross_params, split.image_store(cross, cross_params), split.captions,
+            mesh=mesh,
             pairs_per_batch=pairs_per_batch, text_buckets=tuple(config.pipeline.text_buckets))
     return make
 
@@ -355,6 +377,7 @@ def evaluate_workdir(workdir: str, reranker_dir: str | None = None, split: str =
     dual, fingerprint = _load_dual(workdir, mesh)
     dataset = index_build.open_dataset(config)
     data = prepare_split(dual, *_open_split(config, dataset, split), config, mesh, progress)
+    data.truth = dataset.caption_truth(split)
     dot, coarse = _indexes(workdir, data, split, config, fingerprint, backend)
     reranker, alpha, alpha_choice = None, None, None
     if reranker_dir:

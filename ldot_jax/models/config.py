@@ -198,10 +198,30 @@ class DualEncoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CrossEncoderConfig:
-    """UNITER ITM cross-encoder: one single-stream transformer over text tokens and regions."""
+    """UNITER ITM cross-encoder: one single-stream transformer over text tokens and regions.
+
+    image_tower None: the regions are detector regions (the image input "regions"); "vit":
+    the re-ranker reads pixels through its own ViT (`image`, `pixels`), whose class and patch
+    tokens [B, 1 + g², W] are its regions (boxes: the whole image, then the patch cells;
+    region.feat_dim must be the ViT's width W) — the patch re-ranker.
+    """
 
     transformer: TransformerConfig = TransformerConfig()
     region: RegionConfig = RegionConfig()
+    image_tower: str | None = None
+    image: TransformerConfig = TransformerConfig()
+    pixels: PixelConfig = PixelConfig()
+
+    def __post_init__(self):
+        if self.image_tower not in (None, "vit"):
+            raise ValueError(f"CrossEncoderConfig.image_tower={self.image_tower!r}: expected "
+                             f"None (detector regions) or 'vit' (patches)")
+        if self.image_tower == "vit" and (self.region.feat_dim, self.region.box_dim) != (
+                self.image.hidden_size, 7):
+            raise ValueError(f"a patch re-ranker's regions are its ViT's tokens: "
+                             f"region.feat_dim={self.region.feat_dim} and box_dim="
+                             f"{self.region.box_dim} must be image.hidden_size="
+                             f"{self.image.hidden_size} and 7")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 
 from ldot_jax.models.config import CrossEncoderConfig
 from ldot_jax.models.layers import dense
+from ldot_jax.models.inputs import pixel_fields
 from ldot_jax.models.towers import UniterTrunk, region_fields, text_fields
+from ldot_jax.models.vit import VisionTransformer, tokens_as_regions
 
 
 class CrossEncoderOutput(NamedTuple):
@@ -27,7 +29,8 @@ class CrossEncoder(nn.Module):
     """UNITER single stream over a caption and an image's regions.
 
     Params: {"uniter": {"embeddings", "region_embeddings", "encoder"}, "pooler", "itm_output",
-    "rank_output"}. The re-ranking score is the raw `rank_output` logit.
+    "rank_output"} (+ "vit", the patch re-ranker's ViT: models/vit.VisionTransformer's
+    params). The re-ranking score is the raw `rank_output` logit.
     """
 
     config: CrossEncoderConfig
@@ -38,12 +41,26 @@ class CrossEncoder(nn.Module):
         self.pooler = dense(c, c.hidden_size)
         self.itm_output = dense(c, 2)
         self.rank_output = dense(c, 1)
+        if self.config.image_tower == "vit":
+            self.vit = VisionTransformer(self.config.image, self.config.pixels)
+
+    def patch_regions(self, image: Mapping[str, Any], deterministic: bool = True) -> dict:
+        """The patch re-ranker's regions of pixels {"pixels": uint8[B, S, S, 3]}: its ViT's
+        class and patch tokens as a region input (vit.tokens_as_regions), R = 1 + g²."""
+        if self.config.image_tower != "vit":
+            raise ValueError("patch_regions: this cross-encoder reads detector regions "
+                             "(config.image_tower is None), not pixels")
+        return tokens_as_regions(self.vit(pixel_fields(image), deterministic),
+                                 self.config.pixels.grid)
 
     def __call__(self, text: Mapping[str, Any], image: Mapping[str, Any],
                  deterministic: bool = True) -> CrossEncoderOutput:
         """text: {"input_ids": i32[B, L], "attention_mask": [B, L] prefix mask}; image: the
         region input {"region_feat": f[B, R, F], "boxes": f[B, R, 7], "region_mask": [B, R]
-        prefix mask}. Pair i is (caption i, image i)."""
+        prefix mask} (a patch re-ranker also takes pixels, {"pixels": uint8[B, S, S, 3]},
+        and reads them through `patch_regions`). Pair i is (caption i, image i)."""
+        if "pixels" in image:
+            image = self.patch_regions(image, deterministic)
         input_ids, text_mask = text_fields(text)
         region_feat, boxes, region_mask = region_fields(image)
         sequence, mask = self.uniter(input_ids, text_mask, region_feat, boxes, region_mask,

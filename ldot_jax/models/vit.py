@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from ldot_jax.core import numerics
 from ldot_jax.models.config import PixelConfig, TransformerConfig
@@ -33,6 +34,16 @@ def normalize_pixels(pixels, config: PixelConfig):
     mean = jnp.asarray(config.mean, jnp.float32)
     std = jnp.asarray(config.std, jnp.float32)
     return (pixels.astype(jnp.float32) / 255.0 - mean) / std
+
+
+def _batch_reshape(x, shape):
+    """x.reshape(shape) keeping dim 0's sharding (a [B@data, …] batch under a mesh with
+    Explicit axes: JAX cannot infer the output sharding of a reshape that splits or merges
+    several other dims)."""
+    spec = tuple(jax.typeof(x).sharding.spec)
+    if all(axis is None for axis in spec):
+        return x.reshape(shape)
+    return jax.lax.reshape(x, shape, out_sharding=P(spec[0], *([None] * (len(shape) - 1))))
 
 
 class PatchEmbed(nn.Module):
@@ -51,8 +62,9 @@ class PatchEmbed(nn.Module):
         g = side // p
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (p, p, channels, c.hidden_size), c.params_dtype)
-        patches = images.reshape(batch, g, p, g, p, channels).transpose(0, 1, 3, 2, 4, 5)
-        patches = patches.reshape(batch, g * g, p * p * channels).astype(c.compute_dtype)
+        patches = _batch_reshape(images, (batch, g, p, g, p, channels))
+        patches = _batch_reshape(patches.transpose(0, 1, 3, 2, 4, 5),
+                                 (batch, g * g, p * p * channels)).astype(c.compute_dtype)
         return patches @ kernel.reshape(p * p * channels, c.hidden_size).astype(c.compute_dtype)
 
 
@@ -112,6 +124,26 @@ class ViTTower(nn.Module):
             embedding = numerics.l2_normalize(embedding)
         mask = jnp.ones(states.shape[:2], bool)
         return TowerOutput(states, mask, states[:, 0], embedding)
+
+
+def patch_boxes(grid: int) -> np.ndarray:
+    """f32[1 + g², 7]: the boxes [x1, y1, x2, y2, w, h, w·h] (normalized) of a ViT's tokens as
+    regions: the class token covers the whole image, then the g × g patch cells row-major."""
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    side = 1.0 / grid
+    cells = np.stack([cols * side, rows * side, (cols + 1) * side, (rows + 1) * side,
+                      np.full(grid * grid, side), np.full(grid * grid, side),
+                      np.full(grid * grid, side * side)], axis=1)
+    return np.concatenate([[[0, 0, 1, 1, 1, 1, 1]], cells]).astype(np.float32)
+
+
+def tokens_as_regions(states, grid: int) -> dict:
+    """A ViT's states [B, 1 + g², W] as a region input {"region_feat": [B, 1 + g², W],
+    "boxes": f32[B, 1 + g², 7] (patch_boxes), "region_mask": i32[B, 1 + g²] all ones}."""
+    boxes = jnp.asarray(patch_boxes(grid))
+    ones = jnp.ones_like(states[..., 0], jnp.int32)  # sharded like the batch
+    return {"region_feat": states, "boxes": ones[..., None] * boxes,
+            "region_mask": ones}
 
 
 def dummy_pixels(config: PixelConfig, batch: int = 1) -> dict:

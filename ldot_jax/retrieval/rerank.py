@@ -134,7 +134,28 @@ class ImageStore:
         return {k: v[index] for k, v in self.image.items()}
 
 
-class RecordImageStore:
+class _OnDemandStore:
+    """What the stores that read a split's records on demand share: their size and the
+    shape of the region input they give (set by the subclass: _records, _regions, _feat_dim,
+    _box_dim)."""
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def num_regions(self) -> int:
+        return self._regions
+
+    @property
+    def feat_dim(self) -> int:
+        return self._feat_dim
+
+    @property
+    def box_dim(self) -> int:
+        return self._box_dim
+
+
+class RecordImageStore(_OnDemandStore):
     """The image input of a split's images read on demand from its records, for corpora
     whose regions do not fit in memory (COCO's 123k images at 100 regions are ~100 GB as
     padded float32): `records` is any random-access sequence of records (the dataset's
@@ -158,20 +179,6 @@ class RecordImageStore:
         feat, boxes = self._image(0)
         self._feat_dim, self._box_dim = feat.shape[1], boxes.shape[1]
 
-    def __len__(self) -> int:
-        return len(self._records)
-
-    @property
-    def num_regions(self) -> int:
-        return self._regions
-
-    @property
-    def feat_dim(self) -> int:
-        return self._feat_dim
-
-    @property
-    def box_dim(self) -> int:
-        return self._box_dim
 
     @property
     def resident_bytes(self) -> int:
@@ -219,6 +226,106 @@ class RecordImageStore:
             out["boxes"][row, :len(feat)] = boxes
             out["region_mask"][row, :len(feat)] = 1
         return out
+
+
+class PatchImageStore(_OnDemandStore):
+    """The patch re-ranker's image side: a split's pictures read on demand from its records
+    ("image" uint8[S, S, 3]) and turned into the re-ranker's regions, its own ViT's class and
+    patch tokens (CrossEncoder.patch_regions: R = 1 + g² regions of dim W, boxes the patch
+    cells), in jitted batches of `batch_size` pictures (one compiled program). At most
+    `cache_images` images' tokens stay in memory (least recently used leave first), so memory
+    is bounded by the cache, not the corpus. The interface of `ImageStore` (len, num_regions,
+    feat_dim, box_dim, rows, resident_bytes); row i is record i. Thread-unsafe."""
+
+    def __init__(self, records: Sequence[dict], model: CrossEncoder, params,
+                 cache_images: int = 1024, batch_size: int = 32):
+        config = model.config
+        if config.image_tower != "vit":
+            raise ValueError("PatchImageStore needs a patch re-ranker (a CrossEncoder with "
+                             "image_tower='vit'); this one reads detector regions")
+        if not len(records):
+            raise ValueError("PatchImageStore: no images")
+        if int(cache_images) < 1 or int(batch_size) < 1:
+            raise ValueError(f"PatchImageStore: cache_images={cache_images} and batch_size="
+                             f"{batch_size} must be ≥ 1")
+        self._records, self._capacity, self._batch = records, int(cache_images), int(batch_size)
+        self._side = config.pixels.image_size
+        self._regions = config.pixels.grid ** 2 + 1
+        self._feat_dim, self._box_dim = config.region.feat_dim, config.region.box_dim
+        self._boxes = None
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._params = jax.device_put(params)
+        self._encode = jax.jit(lambda p, image: model.apply(
+            {"params": p}, image, method=CrossEncoder.patch_regions))
+
+
+    @property
+    def resident_bytes(self) -> int:
+        """The bytes of the tokens the cache holds now (≤ cache_images images)."""
+        return sum(v.nbytes for v in self._cache.values())
+
+    def warmup(self) -> None:
+        """Compiles the patch encoder's one program (on black pictures; nothing cached)."""
+        black = np.zeros((self._batch, self._side, self._side, 3), np.uint8)
+        jax.block_until_ready(self._encode(self._params, {"pixels": black}))
+
+    def _pixels(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self._records):
+            raise IndexError(f"PatchImageStore: image id {i} is outside [0, "
+                             f"{len(self._records)})")
+        record = self._records[i]
+        if "image" not in record:
+            raise ValueError(f"PatchImageStore: record {i} has no picture ('image'); prepare "
+                             f"the dataset with image_size={self._side}")
+        pixels = np.asarray(record["image"])
+        if pixels.shape != (self._side, self._side, 3) or pixels.dtype != np.uint8:
+            raise ValueError(f"PatchImageStore: image {i} has pixels {pixels.dtype}"
+                             f"{list(pixels.shape)}, the re-ranker reads uint8"
+                             f"[{self._side}, {self._side}, 3]")
+        return pixels
+
+    def _fill(self, missing: list[int]) -> None:
+        """Encodes the pictures of `missing` (batches of batch_size, the last padded)."""
+        for start in range(0, len(missing), self._batch):
+            chunk = missing[start:start + self._batch]
+            pixels = np.zeros((self._batch, self._side, self._side, 3), np.uint8)
+            pixels[:len(chunk)] = [self._pixels(i) for i in chunk]
+            out = jax.device_get(self._encode(self._params, {"pixels": pixels}))
+            if self._boxes is None:
+                self._boxes = np.asarray(out["boxes"][0], np.float32)
+            for row, i in enumerate(chunk):
+                self._cache[i] = np.asarray(out["region_feat"][row], np.float32)
+            while len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+
+    def rows(self, index: np.ndarray) -> dict:
+        """The region input of images `index` (i64[n]): {"region_feat": f32[n, R, W],
+        "boxes": f32[n, R, 7], "region_mask": i32[n, R] all ones}."""
+        index = [int(i) for i in np.asarray(index, np.int64).reshape(-1)]
+        missing = list(dict.fromkeys(i for i in index if i not in self._cache))
+        self._fill(missing)
+        feats = []
+        for i in index:
+            if i not in self._cache:  # evicted by this very call (n > cache_images)
+                self._fill([i])
+            self._cache.move_to_end(i)
+            feats.append(self._cache[i])
+        feat = np.stack(feats) if feats else np.zeros((0, self._regions, self._feat_dim),
+                                                      np.float32)
+        boxes = np.broadcast_to(self._boxes if self._boxes is not None else
+                                np.zeros((self._regions, 7), np.float32),
+                                (len(index), self._regions, 7)).copy()
+        return {"region_feat": feat, "boxes": boxes,
+                "region_mask": np.ones((len(index), self._regions), np.int32)}
+
+
+def image_store(model: CrossEncoder, params, records: Sequence[dict], region_bucket: int,
+                cache_images: int = 1024):
+    """The image side a re-ranker reads for a split's records: a PatchImageStore for a patch
+    re-ranker, else a RecordImageStore of the detector regions padded to region_bucket."""
+    if model.config.image_tower == "vit":
+        return PatchImageStore(records, model, params, cache_images)
+    return RecordImageStore(records, region_bucket, cache_images)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -642,3 +749,5 @@ class CrossEncoderReranker:
         image = collate_regions([stub] * size, (regions,))
         for width in self.text_buckets:
             self._fetch(self._run(collate_text([[0] * width] * size, (width,)), image))
+        if hasattr(self.images, "warmup"):  # a patch store's ViT program too
+            self.images.warmup()

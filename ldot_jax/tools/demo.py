@@ -13,6 +13,11 @@
      recall-versus-latency plot.
 A stage whose result exists in the workdir is reused (delete it to redo it). `--tiny` runs
 the same on a 48-image dataset with tiny models (the test's seconds-long version).
+
+`--pixels` runs the pixel system instead (ldot_jax/configs/demo_pixels.py): a ViT image tower
+and a text tower trained from scratch on the scenes' pictures (64 × 64), the patch re-ranker
+over its own ViT's patch tokens, the indexes and the same two-stage evaluation, with the
+caption-true recall the scenes generator can judge.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import numpy as np
 
 from ldot_jax.checkpoints import convert, pretrained
 from ldot_jax.configs import demo as demo_configs
+from ldot_jax.configs import demo_pixels as demo_pixels_configs
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import datasets, preview
 from ldot_jax.data.batching import prefix_mask
@@ -81,27 +87,51 @@ def parity_check(workdir: str, fixtures: pathlib.Path = FIXTURES) -> dict[str, f
     }
 
 
-def stage_config(stage: str, workdir: str, data_dir: str, tiny: bool):
-    """ldot_jax/configs/demo.py:<stage>[,tiny] wired to the previous stages' outputs."""
-    config = demo_configs.get_config(stage + (",tiny" if tiny else ""))
+# Per system: its config module, its training stages (stage, what it does), the run whose
+# towers are the fast stage, and where each stage is initialized from ({stage: {config key:
+# the run whose model it reads}}).
+SYSTEMS = {
+    "regions": dict(
+        configs=demo_configs, fast="finetune",
+        stages=(("pretrain", "pre-training: VMLM + MRFR + MRC-kl + CMR"),
+                ("finetune", "fine-tuning: CMR + Matryoshka prefix"),
+                ("rerank", "the re-ranker: UNITER ITM + rank hinge, hard negatives from the "
+                           "fine-tuned towers")),
+        wiring={"finetune": {"init.model": "pretrain"},
+                "rerank": {"init.model": "pretrain", "itm.dual": "finetune"}}),
+    "pixels": dict(
+        configs=demo_pixels_configs, fast="towers",
+        stages=(("towers", "ViT + text towers from scratch on the pictures: CMR + "
+                           "Matryoshka prefix"),
+                ("rerank", "the patch re-ranker: UNITER single stream over the caption and "
+                           "its ViT's patch tokens, hard negatives from the towers")),
+        wiring={"rerank": {"init.model": "towers", "itm.dual": "towers"}}),
+}
+
+
+def stage_config(stage: str, workdir: str, data_dir: str, tiny: bool,
+                 system: str = "regions"):
+    """ldot_jax/configs/demo.py:<stage>[,tiny] (demo_pixels.py for the pixel system) wired to
+    the previous stages' outputs."""
+    spec = SYSTEMS[system]
+    config = spec["configs"].get_config(stage + (",tiny" if tiny else ""))
     config.data.data_dir = data_dir
     config.train.progress_bar = sys.stderr.isatty()
-    if stage == "finetune":
-        config.init.model = os.path.join(workdir, "pretrain", workdir_lib.MODEL_DIR)
-    if stage == "rerank":
-        config.init.model = os.path.join(workdir, "pretrain", workdir_lib.MODEL_DIR)
-        config.itm.dual = os.path.join(workdir, "finetune", workdir_lib.MODEL_DIR)
+    for key, source in spec["wiring"].get(stage, {}).items():
+        section, field = key.split(".")
+        config[section][field] = os.path.join(workdir, source, workdir_lib.MODEL_DIR)
     return config
 
 
-def _train(stage: str, workdir: str, data_dir: str, tiny: bool) -> str:
+def _train(stage: str, workdir: str, data_dir: str, tiny: bool, system: str = "regions") -> str:
     run_dir = os.path.join(workdir, stage)
     model_dir = os.path.join(run_dir, workdir_lib.MODEL_DIR)
     if os.path.isfile(os.path.join(model_dir, "ldot_config.json")):
         print(f"      reusing {model_dir}")
         return run_dir
     start = time.perf_counter()
-    summary = train.train_and_evaluate(stage_config(stage, workdir, data_dir, tiny), run_dir)
+    summary = train.train_and_evaluate(stage_config(stage, workdir, data_dir, tiny, system),
+                                       run_dir)
     shown = {k: round(v, 3) for k, v in summary["train"].items()
              if k.endswith(("_loss", "accuracy")) or k == "steps_per_sec"}
     print(f"      {summary['step']} steps in {time.perf_counter() - start:.0f} s: {shown}")
@@ -111,9 +141,13 @@ def _train(stage: str, workdir: str, data_dir: str, tiny: bool) -> str:
 
 
 def run(workdir: str, data_dir: str | None = None, tiny: bool = False,
-        fixtures: pathlib.Path = FIXTURES) -> dict:
-    """Runs the demo; returns {"parity": worst differences, "report": report_lib.Report,
-    "paths": what the evaluation wrote, "seconds": per step}."""
+        fixtures: pathlib.Path = FIXTURES, pixels: bool = False) -> dict:
+    """Runs the demo (the region system, or with `pixels` the pixel system); returns
+    {"parity": worst differences (the region system's; {} for pixels), "report":
+    report_lib.Report, "paths": what the evaluation wrote, "seconds": per step}."""
+    system = "pixels" if pixels else "regions"
+    spec = SYSTEMS[system]
+    steps = len(spec["stages"]) + (4 if not pixels else 3)
     workdir = os.path.abspath(workdir)
     data_dir = data_dir or os.path.join(os.path.dirname(workdir), "data")
     os.makedirs(workdir, exist_ok=True)
@@ -125,11 +159,13 @@ def run(workdir: str, data_dir: str | None = None, tiny: bool = False,
         seconds[name] = round(now - clock, 1)
         clock = now
 
-    print(f"[0/6] scenes dataset in {data_dir} (generated on first use, then reused)")
-    config = stage_config("finetune", workdir, data_dir, tiny)
+    print(f"[0/{steps - 1}] scenes dataset in {data_dir} (generated on first use, then "
+          f"reused)")
+    config = stage_config(spec["fast"], workdir, data_dir, tiny, system)
     dataset = datasets.load_for_run(config.data)
     print("      " + ", ".join(f"{k} {len(v)}" for k, v in sorted(dataset.splits.items()))
-          + f" images; {dataset.spec.feat_dim}-d regions")
+          + f" images; {dataset.spec.feat_dim}-d regions, {dataset.spec.image_size}² "
+            f"pictures")
     test = dataset.split("test")
     print(f"      test image 0: {test[0]['captions'][0].decode()!r}")
     picture = preview.plot_examples(test, os.path.join(workdir, "scenes.png"))
@@ -137,29 +173,31 @@ def run(workdir: str, data_dir: str | None = None, tiny: bool = False,
         print(f"      examples drawn to {picture}")
     lap("data")
 
-    print(f"[1/6] faithfulness: the original PyTorch checkpoints in {fixtures} converted")
-    diffs = parity_check(workdir, fixtures)
-    print("      worst difference to the original outputs: " + ", ".join(
-        f"{k} {v:.1e}" for k, v in diffs.items()))
-    lap("parity")
+    diffs, step = {}, 1
+    if not pixels:
+        print(f"[1/{steps - 1}] faithfulness: the original PyTorch checkpoints in {fixtures} "
+              f"converted")
+        diffs = parity_check(workdir, fixtures)
+        print("      worst difference to the original outputs: " + ", ".join(
+            f"{k} {v:.1e}" for k, v in diffs.items()))
+        lap("parity")
+        step += 1
 
-    for step, stage, what in ((2, "pretrain", "pre-training: VMLM + MRFR + MRC-kl + CMR"),
-                              (3, "finetune", "fine-tuning: CMR + Matryoshka prefix"),
-                              (4, "rerank", "the re-ranker: UNITER ITM + rank hinge, hard "
-                                            "negatives from the fine-tuned towers")):
-        print(f"[{step}/6] {what}")
-        _train(stage, workdir, data_dir, tiny)
+    for stage, what in spec["stages"]:
+        print(f"[{step}/{steps - 1}] {what}")
+        _train(stage, workdir, data_dir, tiny, system)
         lap(stage)
+        step += 1
 
-    finetune = os.path.join(workdir, "finetune")
-    print("[5/6] extraction and ScaNN indexes of the test split")
+    finetune = os.path.join(workdir, spec["fast"])
+    print(f"[{step}/{steps - 1}] extraction and ScaNN indexes of the test split")
     built = index_build.build_from_workdir(finetune, progress=False)
     for side, report in built.health.items():
         print(f"      {side} index: recall vs exact "
               + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k.startswith("recall")))
     lap("index")
 
-    print("[6/6] two-stage evaluation of the test split")
+    print(f"[{step + 1}/{steps - 1}] two-stage evaluation of the test split")
     options = demo_configs.EVAL_TINY if tiny else demo_configs.EVAL
     report, paths = two_stage.evaluate_workdir(
         finetune, os.path.join(workdir, "rerank", workdir_lib.MODEL_DIR), "test",
@@ -179,11 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", default=None,
                         help="where datasets live (default: data/ beside the workdir)")
     parser.add_argument("--tiny", action="store_true", help="a tiny run (what the test runs)")
+    parser.add_argument("--pixels", action="store_true",
+                        help="the pixel system: ViT towers and the patch re-ranker on the "
+                             "scenes' pictures (default workdir runs/demo_pixels)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
-    result = run(args.workdir, args.data_dir, args.tiny)
-    worst = max(result["parity"].values())
+    workdir = args.workdir
+    if args.pixels and workdir == parser.get_default("workdir"):
+        workdir = "runs/demo_pixels"
+    result = run(workdir, args.data_dir, args.tiny, pixels=args.pixels)
+    worst = max(result["parity"].values(), default=0.0)
     if worst > 1e-5:
         print(f"parity FAILED: worst difference {worst:.2e} > 1e-5", file=sys.stderr)
         return 1

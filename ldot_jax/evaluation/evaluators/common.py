@@ -21,6 +21,7 @@ from ldot_jax.evaluation import recall
 from ldot_jax.retrieval import extract
 
 RECALL_METRICS = tuple([f"{d}_r{k}" for d in ("ir", "tr") for k in recall.KS] + ["ar"])
+CAPTION_TRUE_METRICS = tuple("ct_" + m for m in RECALL_METRICS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,15 @@ class EvalContext:
     dataset: Any
     models: LoadedModels
     _splits: dict = dataclasses.field(default_factory=dict)
+    _truth: dict = dataclasses.field(default_factory=dict)
+
+    def caption_truth(self, name: str):
+        """bool[T, N] caption-true-of-image of split `name` (the split's captions in order),
+        or None when the dataset cannot tell; computed once."""
+        if name not in self._truth:
+            judge = getattr(self.dataset, "caption_truth", None)
+            self._truth[name] = judge(name) if judge else None
+        return self._truth[name]
 
     def split(self, name: str):
         """(images, tokenized captions) of split `name`: every image and every caption once, each

@@ -3,7 +3,9 @@
     config.evals.val = dict(type="dot_recall", split="val", every=2000)
 
 Every image and caption of the split is embedded once (extract.embed_split) and each query
-ranks the whole other side (recall.retrieval_metrics). Keys: split (default data.eval_split).
+ranks the whole other side (recall.retrieval_metrics); on data that knows which captions are
+true of which images (the scenes), caption-true recall too (ct_*). Keys: split (default
+data.eval_split).
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ class Evaluator:
         if not self.split:
             raise ValueError("dot_recall needs a split (or data.eval_split)")
         self.images, self.captions = context.split(self.split)
+        # Data that can tell which captions are true of which images adds caption-true recall.
+        self.truth = context.caption_truth(self.split)
+        if self.truth is not None:
+            self.metrics = common.RECALL_METRICS + common.CAPTION_TRUE_METRICS
 
     def run(self, params, progress: bool = False) -> dict[str, float]:
         c = self.context
         image_vectors, text_vectors, caption_image = extract.embed_split(
             c.model, params, self.images, self.captions, c.config, c.mesh, progress)
-        return recall.retrieval_metrics(text_vectors, image_vectors, caption_image)
+        return recall.retrieval_metrics(text_vectors, image_vectors, caption_image,
+                                        truth=self.truth)

@@ -114,14 +114,19 @@ def loss(params, batch, rng, setup: common.TaskSetup):
                                                image_key, temperature, k)
     captions, images = batch["text"], batch["image"]
     model, weights = setup.model, params["model"]
+    if "pixels" in images:
+        # The patch re-ranker: its ViT runs once per image (trained with the rest); the
+        # negative pairs gather these tokens rather than encode the pictures again.
+        images = model.apply({"params": weights}, images, method=CrossEncoder.patch_regions)
+    sides = {"text": captions, "image": images}
     positive = common.cross_outputs(model, weights, captions, images, positive_key, False)
     # One fixed-shape pass of B pairs per negative slot (k is small; a Python loop keeps
     # every pass sharded B@data like the batch).
     with_neg_image = [common.cross_outputs(
-        model, weights, captions, common.take(setup, batch, "image", neg_image[:, j]),
+        model, weights, captions, common.take(setup, sides, "image", neg_image[:, j]),
         dropout[j], False) for j in range(k)]
     with_neg_text = [common.cross_outputs(
-        model, weights, common.take(setup, batch, "text", neg_text[:, j]), images,
+        model, weights, common.take(setup, sides, "text", neg_text[:, j]), images,
         dropout[k + j], False) for j in range(k)]
     logits = jnp.concatenate([positive.itm_logits]
                              + [o.itm_logits for o in with_neg_image + with_neg_text])

@@ -1,0 +1,89 @@
+"""The pixel demo: a ViT image tower and a BERT text tower trained from scratch on the scenes'
+rendered pictures (64 × 64, 8 × 8 patches), beside the region demo (configs/demo.py).
+
+    ldot train --config=ldot_jax/configs/demo_pixels.py:towers --workdir=runs/pixels/towers
+
+Stages (the first part of the argument):
+  towers  CMR (in-batch contrastive) with the fine-tuning recipe, from scratch: the ViT reads
+          the stored pictures ({"pixels": uint8[B, 64, 64, 3]}), the text tower is the region
+          demo's (`scenes_small`'s 2 layers, 128 wide); Matryoshka loss on the 32-d prefix.
+  rerank  the patch re-ranker (UNITER single stream over the caption and its own ViT's
+          patch tokens, initialized from the towers), trained as the region demo's re-ranker:
+    ldot train --config=ldot_jax/configs/demo_pixels.py:rerank --workdir=runs/pixels/rerank \\
+        --config.init.model=runs/pixels/towers/model --config.itm.dual=runs/pixels/towers/model
+Add `,tiny` for a seconds-long run on a 48-image scenes set at 16 × 16 pixels (the tests).
+"""
+
+import ml_collections
+
+from ldot_jax.configs import base
+from ldot_jax.configs import demo
+from ldot_jax.data import scenes_builder
+
+# The ViT for 64 × 64 scenes pictures: 8 × 8 patches of 8 px (an object spans one to a few
+# patches), the text tower's width and depth, GELU, class-token pooling.
+IMAGE_SIZE, PATCH_SIZE = 64, 8
+
+
+def _vit(c, width: int, layers: int, heads: int, image_size: int, patch_size: int) -> None:
+    c.model.image_tower = "vit"
+    c.model.image = ml_collections.ConfigDict(dict(
+        c.model.image.to_dict(), hidden_size=width, num_layers=layers, num_heads=heads,
+        intermediate_size=4 * width))
+    c.model.pixels = ml_collections.ConfigDict(
+        {"image_size": image_size, "patch_size": patch_size, "pool": "tok"})
+    if image_size != scenes_builder.IMAGE_SIZE:  # else the region demo's data as it is
+        c.data.overrides.image_size = image_size
+    if "transformer" in c.model:  # the patch re-ranker: its regions are the ViT's tokens
+        c.model.region.feat_dim = width
+
+
+def _towers(c) -> None:
+    """The region demo's fine-tuning recipe, from scratch."""
+    demo._finetune(c)
+    c.model_kind = "lightningdot"
+
+
+def _rerank(c) -> None:
+    """The patch re-ranker: UNITER's single stream over a caption and its own ViT's class and
+    patch tokens (initialized from the pixel towers, --config.init.model: the ViT from the
+    image tower, words and layers from the text tower), hard negatives from the same towers
+    (--config.itm.dual); the region demo's objective."""
+    demo._rerank(c)
+
+
+def _distill(c) -> None:
+    """Thinking Fast and Slow on pixels: the towers (--config.init.model) learn the patch
+    re-ranker's scores (--config.distill.teacher) of each query's positive and hard
+    candidates; the region demo's distillation settings."""
+    demo._distill(c)
+    c.model_kind = "lightningdot"
+
+
+STAGES = {"towers": ("scenes_small", "lightningdot", _towers),
+          "rerank": ("scenes_small_uniter", None, _rerank),
+          "distill": ("scenes_small", "lightningdot", _distill)}
+
+
+def get_config(arg: str = "towers"):
+    stage, options = base.parse_arg(arg, tuple(STAGES), "towers",
+                                    "ldot_jax/configs/demo_pixels.py")
+    preset, kind, apply_stage = STAGES[stage]
+    cross = stage == "rerank"
+    c = base.base_config(preset, kind)
+    if cross:  # the re-ranker's own ViT, configured like the towers' image side
+        c.model.image = ml_collections.ConfigDict(dict(c.model.transformer.to_dict()))
+    demo._shared(c, cross)
+    apply_stage(c)
+    c.train.checkpoint_every = c.train.eval_every = c.train.num_steps
+    if "tiny" in options:
+        demo._tiny(c, cross)
+        if cross:
+            c.model.image = ml_collections.ConfigDict(dict(c.model.transformer.to_dict()))
+        image = c.model.image
+        _vit(c, image.hidden_size, image.num_layers, image.num_heads, 16, 4)
+    else:
+        _vit(c, 128, 2, 4, IMAGE_SIZE, PATCH_SIZE)
+    if cross:
+        c.model.image_tower = "vit"
+    return c
