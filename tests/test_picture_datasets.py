@@ -191,3 +191,16 @@ def test_pixel_collate_checks():
         batching.collate_pixels([{"pixels": np.zeros((4, 5, 3), np.uint8)}])
     with pytest.raises(ValueError, match="has no picture"):
         batching.image_input("pixels").from_record({"image_id": "x", "region_feat": 0})
+
+
+def test_bench_images_runs_and_reports(tmp_path):
+    """`ldot bench images` (decode vs stored pictures, BENCHMARKS.md) on a few small files."""
+    from ldot_jax.bench import images as bench_images
+
+    out = tmp_path / "images.json"
+    assert bench_images.main(["--count", "6", "--width", "40", "--height", "30", "--size",
+                              "16", "--workers", "1", "--batch_size", "4", "--vit_steps", "0",
+                              "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["count"] == 6 and result["stored_bytes_per_image"] == 16 * 16 * 3
+    assert all(result[k] > 0 for k in ("decode_per_core", "prepare", "read"))

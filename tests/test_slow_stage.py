@@ -192,7 +192,7 @@ def slow_models():
             "batch": batch}
 
 
-@pytest.mark.parametrize("variant", ["itm", "itm_listwise", "distill"])
+@pytest.mark.parametrize("variant", ["itm", "itm_listwise", "distill", "distill_residual"])
 def test_slow_tasks_equal_on_8_devices_and_one(slow_models, variant):
     dual, dual_params = slow_models["dual"]
     cross, cross_params = slow_models["cross"]
@@ -206,8 +206,8 @@ def test_slow_tasks_equal_on_8_devices_and_one(slow_models, variant):
             negatives=3, list_weight=1.0, residual_scale=5.0)}}
     else:
         model, params = dual, {"model": dual_params, "teacher": cross_params}
-        extra = {"frozen": {"teacher": cross},
-                 "configs": {"distill": tasks.DistillConfig(candidates=4)}}
+        extra = {"frozen": {"teacher": cross}, "configs": {"distill": tasks.DistillConfig(
+            candidates=4, residual=variant == "distill_residual")}}
     fn = tasks.get(task).loss
     key = jax.random.key(10)
     results = []
@@ -239,6 +239,25 @@ def test_slow_tasks_equal_on_8_devices_and_one(slow_models, variant):
         assert float(one_metrics["distill_loss"]) > 0
     if variant == "itm_listwise":
         assert float(one_metrics["list_loss"]) > 0
+
+
+def test_residual_distillation_adds_the_teachers_correction(slow_models):
+    """distill.residual: the teacher's target is the student's own score + the cross score,
+    so a teacher whose score is the same for every pair asks for no change (KL 0), and the
+    plain teacher (its constant alone, a uniform target) for one."""
+    dual, dual_params = slow_models["dual"]
+    cross, cross_params = slow_models["cross"]
+    flat = jax.tree.map(np.asarray, cross_params)
+    flat["rank_output"] = jax.tree.map(np.zeros_like, flat["rank_output"])
+    params = {"model": dual_params, "teacher": flat}
+    out = {}
+    for residual in (False, True):
+        setup = tasks.TaskSetup(dual, None, frozen={"teacher": cross}, configs={
+            "distill": tasks.DistillConfig(candidates=4, residual=residual)})
+        _, metrics = tasks.get("distill").loss(params, slow_models["batch"],
+                                               jax.random.key(3), setup)
+        out[residual] = float(metrics["distill_loss"])
+    assert abs(out[True]) < 1e-6 and out[False] > 1e-3
 
 
 def test_slow_tasks_refuse_the_wrong_model(slow_models):

@@ -1,11 +1,12 @@
-"""ldot bench {data,train,search,scann_rule,two_stage,accelerator} [flags]: runs one benchmark (see
+"""ldot bench {data,images,train,search,scann_rule,two_stage,accelerator} [flags]: runs one benchmark (see
 ldot_jax/bench/)."""
 
 import importlib
 import sys
 
 
-BENCHMARKS = {"data": "ldot_jax.bench.data", "train": "ldot_jax.bench.train",
+BENCHMARKS = {"data": "ldot_jax.bench.data", "images": "ldot_jax.bench.images",
+              "train": "ldot_jax.bench.train",
               "search": "ldot_jax.bench.search", "scann_rule": "ldot_jax.bench.scann_rule",
               "two_stage": "ldot_jax.bench.two_stage",
               "accelerator": "ldot_jax.bench.accelerator"}

@@ -327,9 +327,13 @@ def _corpus(corpus: str, size: int, dim: int, num_queries: int, embeddings: str 
         from ldot_jax.retrieval import extract
         images = extract.read_embeddings(os.path.join(embeddings, "image"))
         captions = extract.read_embeddings(os.path.join(embeddings, "text"))
-        if len(images.vectors) >= size:
-            return (images.vectors[:size], captions.vectors[:num_queries],
-                    captions.vectors[num_queries:2 * num_queries], "trained model")
+        if len(images.vectors) < size or len(captions.vectors) < 2 * num_queries:
+            raise ValueError(f"{embeddings}: {len(images.vectors):,} image and "
+                             f"{len(captions.vectors):,} caption vectors; --sizes {size:,} "
+                             f"needs that many images and --queries {num_queries:,} twice "
+                             f"as many captions (measured + tuning)")
+        return (images.vectors[:size], captions.vectors[:num_queries],
+                captions.vectors[num_queries:2 * num_queries], "trained model")
     database, queries = vectors.GENERATORS[corpus](size, dim, 2 * num_queries, seed=size)
     return database, queries[:num_queries], queries[num_queries:], f"{corpus} synthetic"
 

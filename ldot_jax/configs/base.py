@@ -173,6 +173,7 @@ def _distill() -> ml_collections.ConfigDict:
     s.candidates = 8
     s.sample_temperature = 1.0
     s.head = "rank"
+    s.residual = False  # teacher = the student's own score + the cross-encoder's (fused)
     return s
 
 

@@ -88,8 +88,10 @@ def default_prefix(name: str) -> str:
 
 
 def declared_metrics(config) -> list[str]:
-    """The metric names a run's evaluators write, from their types' declarations (nothing
-    is built: no data or model is loaded)."""
+    """The metric names a run's evaluators write on any dataset, from their types'
+    declarations (nothing is built: no data or model is loaded). Built evaluators may add
+    what their data allows (dot_recall on the scenes: caption-true recall, ct_*);
+    `metric_names` of the built ones is the full list."""
     return [entry.get("prefix", default_prefix(name)) + metric
             for name, entry in evals_config(config).items()
             for metric in get(entry["type"]).metrics]

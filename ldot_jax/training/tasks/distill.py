@@ -25,7 +25,11 @@ class DistillConfig:
     weight: of the KL term (added to the CMR loss); temperature: T of both softmaxes;
     candidates: K per query (its positive + K − 1 drawn from the batch ∝ softmax(dual score /
     sample_temperature), other images only), in both directions; head: the teacher's score,
-    "rank" or "itm" (the match log-odds).
+    "rank" or "itm" (the match log-odds). residual: the teacher's score of a pair is the
+    student's own (scaled, not differentiated) score plus the cross-encoder's — the fused
+    score a re-ranker trained as a correction to the fast stage (itm.residual_scale) is meant
+    for — so the KL asks the towers to add the re-ranker's correction, not to copy a score
+    that was never trained to rank alone.
     """
 
     weight: float = 1.0
@@ -33,6 +37,7 @@ class DistillConfig:
     candidates: int = 8
     sample_temperature: float | None = 1.0
     head: str = "rank"
+    residual: bool = False
 
     def __post_init__(self):
         if self.weight < 0 or self.temperature <= 0 or self.candidates < 2:
@@ -77,6 +82,8 @@ def _direction_loss(setup: common.TaskSetup, params, batch, direction: str, quer
             captions, images = common.take(setup, batch, "text", candidates[:, j]), batch["image"]
         teacher.append(_teacher_scores(setup, params, captions, images))
     teacher = jnp.stack(teacher, axis=1)
+    if cfg.residual:
+        teacher = teacher + jax.lax.stop_gradient(student)
     per_row = losses.distillation_loss_per_row(student, teacher, mask, cfg.temperature)
     return jnp.sum(per_row * valid) / jnp.maximum(jnp.sum(valid), 1)
 
