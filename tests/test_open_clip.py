@@ -12,6 +12,7 @@ import pytest
 import ldot_jax
 from ldot_jax.checkpoints import convert, pretrained
 from ldot_jax.data.clip_tokenizer import ClipTokenizer
+from ldot_jax.models import vit
 from ldot_jax.models.dual_encoder import DualEncoder
 
 FIXTURE = pathlib.Path(__file__).parent / "data" / "open_clip" / "small_clip.npz"
@@ -166,3 +167,39 @@ def test_bfloat16_compute_keeps_float32_params(converted, fixture):
     np.testing.assert_allclose(image, fixture["image_features"], atol=3e-2)
     np.testing.assert_allclose(text, fixture["text_features"], atol=3e-2)
     assert np.abs(np.asarray(image) - fixture["image_features"]).max() > 1e-6  # really bf16
+
+
+def test_convert_for_another_image_size(fixture, converted, tmp_path):
+    """image_size=48 (`ldot convert --image_size`): the 4 × 4 grid of positions resized to
+    6 × 6 (class row kept), the model runs on 48 × 48 pictures; the same size changes
+    nothing; a size that is not a multiple of the patch, or a region model, is refused."""
+    out, model, params = converted
+    source = tmp_path / "clip.npz"
+    np.savez(source, **{k[len("state/"):]: v for k, v in fixture.items()
+                        if k.startswith("state/")})
+    options = dict(activation="quick_gelu", num_heads=4, text_num_heads=2)
+    big = convert.convert_checkpoint("open_clip", source, tmp_path / "big", image_size=48,
+                                     **options)
+    big_model, big_params = ldot_jax.load_dual_encoder(big)
+    assert big_model.config.pixels.image_size == 48 and big_model.config.pixels.grid == 6
+    old = params["image_tower"]["visual"]["positional_embedding"]
+    new = big_params["image_tower"]["visual"]["positional_embedding"]
+    assert new.shape == (37, old.shape[1])
+    np.testing.assert_array_equal(new[0], old[0])
+    np.testing.assert_allclose(new[1:], vit.resize_positional_embedding(old, 6)[1:])
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    vectors = big_model.apply({"params": big_params}, {"pixels": jnp.asarray(pixels)},
+                              method=DualEncoder.encode_image)
+    assert vectors.shape == (2, 24) and np.isfinite(np.asarray(vectors)).all()
+    assert pretrained.load_pretrained(big).metadata["image_size_converted_from"] == 32
+    same = convert.convert_checkpoint("open_clip", source, tmp_path / "same", image_size=32,
+                                      **options)
+    np.testing.assert_array_equal(
+        ldot_jax.load_dual_encoder(same)[1]["image_tower"]["visual"]["positional_embedding"],
+        old)
+    with pytest.raises(ValueError, match="image_size=50: expected a positive multiple of "
+                                         "the patch size 8"):
+        convert.convert_checkpoint("open_clip", source, tmp_path / "bad", image_size=50,
+                                   **options)
+    with pytest.raises(ValueError, match="only a ViT image tower"):
+        convert.resize_image_input(ldot_jax.DualEncoderConfig(), {}, 224)

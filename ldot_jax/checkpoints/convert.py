@@ -31,6 +31,7 @@ import numpy as np
 
 from ldot_jax.checkpoints import kinds, pretrained, torch_files, torch_names
 from ldot_jax.core import fileutil, numerics
+from ldot_jax.models import vit
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ def convert_checkpoint(kind: str, input_path: str | os.PathLike, output_dir: str
     """Converts a PyTorch / .npz state_dict of `kind` into an ldot_jax model directory.
 
     `options`: what the kind's files do not record (kinds' Converter.options; open_clip:
-    activation="quick_gelu" | "gelu", text_num_heads, pool). A kind with a tokenizer of its
+    activation="quick_gelu" | "gelu", text_num_heads, pool), and image_size: a ViT model for
+    pictures of another size (`resize_image_input`). A kind with a tokenizer of its
     own (open_clip: CLIP's BPE) saves it in the directory. Returns the output directory;
     load it with `ldot_jax.load_dual_encoder`, `load_cross_encoder`, `load_pretraining_model`
     or `load_pretrained`. The output is written
@@ -273,6 +275,7 @@ def convert_checkpoint(kind: str, input_path: str | os.PathLike, output_dir: str
     if kind not in kinds.KINDS:  # before the file is read
         raise ValueError(f"unknown checkpoint kind {kind!r}; valid kinds are {list(kinds.NAMES)}")
     fileutil.check_not_inside(output_dir, [input_path])  # replacing the output would delete it
+    image_size = options.pop("image_size", None)
     state = normalize_keys(read_state_dict(input_path, trust_pickle))
     config = infer_config(kind, state, num_heads, **options)
     conversion = state_dict_to_params(kind, state, config)
@@ -280,7 +283,36 @@ def convert_checkpoint(kind: str, input_path: str | os.PathLike, output_dir: str
         log.info("ignored %d key(s) the Flax model does not use: %s", len(conversion.ignored),
                  conversion.ignored)
     metadata = {"source": os.path.abspath(input_path), "ignored_keys": conversion.ignored}
+    params = conversion.params
+    if image_size is not None:
+        metadata["image_size_converted_from"] = getattr(getattr(config, "pixels", None),
+                                                        "image_size", None)
+        config, params = resize_image_input(config, params, int(image_size))
     make_tokenizer = kinds.get(kind).converter.tokenizer
     tokenizer = make_tokenizer(config) if make_tokenizer else None
-    return pretrained.save_pretrained(output_dir, kind, config, conversion.params, metadata,
+    return pretrained.save_pretrained(output_dir, kind, config, params, metadata,
                                       tokenizer=tokenizer, inputs=[input_path])
+
+
+def resize_image_input(config, params, image_size: int):
+    """(config, params) of a ViT dual encoder for pictures of `image_size` (a multiple of the
+    patch size): the learned patch positions resized bicubically to the new grid, the class
+    token's row kept (vit.resize_positional_embedding, as open_clip and big_vision do when
+    fine-tuning at another resolution). The patch embedding is unchanged."""
+    if getattr(config, "image_tower", None) != "vit":
+        raise ValueError(f"image_size={image_size}: only a ViT image tower (open_clip) reads "
+                         f"pictures; this model's image tower is "
+                         f"{getattr(config, 'image_tower', None)!r}")
+    patch = config.pixels.patch_size
+    if image_size <= 0 or image_size % patch:
+        raise ValueError(f"image_size={image_size}: expected a positive multiple of the "
+                         f"patch size {patch}")
+    grid = image_size // patch
+    visual = dict(params["image_tower"]["visual"])
+    visual["positional_embedding"] = vit.resize_positional_embedding(
+        visual["positional_embedding"], grid)
+    params = {**params, "image_tower": {**params["image_tower"], "visual": visual}}
+    config = dataclasses.replace(
+        config, pixels=dataclasses.replace(config.pixels, image_size=image_size),
+        image=dataclasses.replace(config.image, max_position_embeddings=grid * grid + 1))
+    return config, params

@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", choices=("tok", "avg"), default=None,
                         help="open_clip: the image vector's pool (default tok, the class "
                              "token)")
+    parser.add_argument("--image_size", "--image-size", type=int, default=None,
+                        help="open_clip: convert for pictures of this size (a multiple of the "
+                             "patch): the position embeddings are resized bicubically")
     parser.add_argument("--trust_pickle", "--trust-pickle", action="store_true",
                         help="allow arbitrary pickled objects in a .pt file you trust")
     args = parser.parse_args(argv)
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert.convert_checkpoint(args.kind, args.input, args.output, args.num_heads,
                                          args.trust_pickle, activation=args.activation,
-                                         text_num_heads=args.text_num_heads, pool=args.pool)
+                                         text_num_heads=args.text_num_heads, pool=args.pool,
+                                         image_size=args.image_size)
     except (ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
