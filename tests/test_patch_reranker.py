@@ -166,3 +166,36 @@ def test_a_pixel_dual_encoder_warm_starts_the_patch_reranker(tmp_path):
     # The region embeddings and the heads keep their initialization.
     assert same(params["uniter"]["region_embeddings"], fresh["uniter"]["region_embeddings"])
     assert same(params["rank_output"], fresh["rank_output"])
+
+
+def test_distillation_from_a_patch_reranker_reads_each_picture_once(setup):
+    """The distill task encodes the batch's pictures with the teacher's ViT once and gathers
+    the tokens per candidate: the KL equals the teacher reading the pixels of every pair."""
+    from ldot_jax.training import tasks
+    from ldot_jax.training.tasks import distill
+
+    dual_config = DualEncoderConfig(text=TEXT, image=VIT, project_dim=8, image_tower="vit",
+                                    pixels=PixelConfig(SIDE, PATCH))
+    dual = pretrained.build_model("lightningdot", dual_config)
+    dual_params = _random_params("lightningdot", dual_config, seed=3)
+    rng = np.random.default_rng(4)
+    b = 6
+    ids = np.concatenate([np.ones((b, 1)), rng.integers(3, 64, (b, 7))], 1).astype(np.int32)
+    batch = {"text": {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+             "image": {"pixels": rng.integers(0, 256, (b, SIDE, SIDE, 3), dtype=np.uint8)},
+             "image_index": np.arange(b, dtype=np.int32), "valid": np.ones(b, bool)}
+    params = {"model": dual_params, "teacher": setup["params"]}
+    task_setup = tasks.TaskSetup(dual, None, frozen={"teacher": setup["model"]},
+                                 configs={"distill": tasks.DistillConfig(candidates=3)})
+    text, image = (np.asarray(x) for x in tasks.common.embed_pair(
+        dual, dual_params, batch, jax.random.key(0), deterministic=True))
+    inputs = distill._teacher_inputs(task_setup, params, batch)
+    assert inputs["image"]["region_feat"].shape == (b, 17, WIDTH)
+    for direction, (queries, keys) in (("t2i", (text, image)), ("i2t", (image, text))):
+        args = (direction, queries, keys, jax.random.key(5), 20.0)
+        once = distill._direction_loss(task_setup, params, batch, inputs, *args)
+        every_pair = distill._direction_loss(task_setup, params, batch,
+                                             {"text": batch["text"], "image": batch["image"]},
+                                             *args)
+        assert float(once) > 0
+        np.testing.assert_allclose(float(once), float(every_pair), rtol=1e-5)

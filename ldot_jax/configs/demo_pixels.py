@@ -98,6 +98,4 @@ def get_config(arg: str = "towers"):
         _vit(c, image.hidden_size, image.num_layers, image.num_heads, 16, 4)
     else:
         _vit(c, 128, 2, 4, IMAGE_SIZE, PATCH_SIZE)
-    if cross:
-        c.model.image_tower = "vit"
     return c

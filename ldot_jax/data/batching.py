@@ -162,11 +162,11 @@ def split_pixels(image: Mapping) -> list[dict]:
 
 
 def _record_pixels(record: Mapping) -> dict:
-    """A stored record's picture ("image", schema) or a query's {"pixels"} as the input."""
-    if "image" not in record and "pixels" not in record:
+    """A stored record's picture ("image", schema) as the pixel input."""
+    if "image" not in record:
         raise ValueError(f"record {record.get('image_id', '')!r} has no picture ('image'; "
                          f"has {sorted(record)}): prepare the dataset with image_size > 0")
-    return {"pixels": np.asarray(record["image"] if "image" in record else record["pixels"])}
+    return {"pixels": np.asarray(record["image"])}
 
 
 def _record_regions(record: Mapping) -> dict:

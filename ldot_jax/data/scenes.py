@@ -243,12 +243,14 @@ def soft_labels(kinds, objects, rng) -> np.ndarray:
 # Captions
 
 
-def _noun(obj: SceneObject, rng, plural=False) -> str:
+def plural(word: str) -> str:
+    """The plural of a shape word, as captions write it."""
+    return {"box": "boxes", "cross": "crosses", "plus sign": "plus signs"}.get(word, word + "s")
+
+
+def _noun(obj: SceneObject, rng, plural_form=False) -> str:
     word = SHAPE_WORDS[obj.shape][rng.integers(len(SHAPE_WORDS[obj.shape]))]
-    if plural:
-        word = {"box": "boxes", "cross": "crosses", "plus sign": "plus signs"}.get(word,
-                                                                                     word + "s")
-    return word
+    return plural(word) if plural_form else word
 
 
 def _phrase(obj: SceneObject, rng, with_size=None, article=True) -> str:
@@ -290,7 +292,7 @@ def _count_caption(objects, rng):
     parts = []
     for (color, _), members in groups.items():
         n = len(members)
-        parts.append(f"{NUMBERS[n]} {color} {_noun(members[0], rng, plural=True)}" if n > 1
+        parts.append(f"{NUMBERS[n]} {color} {_noun(members[0], rng, plural_form=True)}" if n > 1
                      else _phrase(members[0], rng, with_size=False))
     if len(parts) == 1:
         lead = ("there is " if len(objects) == 1 else "there are ") if rng.random() < 0.5 else ""

@@ -20,8 +20,9 @@ from ldot_jax.data.tokenizer import Tokenizer
 
 VOCAB_SIZE = 1000
 _CHUNK = 64
-# The stored picture's side: the render size, so a ViT patch (8 px: 8 × 8 patches) sees an
-# object's part and its colour, not a blur of several objects.
+# The stored picture's side: the render size, so a ViT reads the objects at the resolution
+# they were drawn (the pixel demo's 16-px patches span one small object each; 8-px patches
+# see an object's part), not averaged together.
 IMAGE_SIZE = 64
 
 

@@ -31,15 +31,11 @@ from ldot_jax.data import scenes
 _ARTICLE = r"(?:an? )"
 
 
-def _plural(word: str) -> str:
-    return {"box": "boxes", "cross": "crosses", "plus sign": "plus signs"}.get(word, word + "s")
-
-
 @functools.cache
 def _vocabulary():
     """Word → meaning tables, from the generator's own lists."""
     nouns = {w: shape for shape, words in scenes.SHAPE_WORDS.items() for w in words}
-    plurals = {_plural(w): shape for w, shape in nouns.items()}
+    plurals = {scenes.plural(w): shape for w, shape in nouns.items()}
     sizes = {w: size for size, words in scenes.SIZE_WORDS.items() for w in words}
     relations = {w: rel for rel, words in scenes.RELATIONS.items() for w in words}
     numbers = {w: n for n, w in enumerate(scenes.NUMBERS)}
@@ -48,14 +44,13 @@ def _vocabulary():
     phrase = rf"{_ARTICLE}?(?:({alt(sizes)}) )?({colors}) ({alt(nouns)})"
     return {
         "nouns": nouns, "plurals": plurals, "sizes": sizes, "relations": relations,
-        "numbers": numbers, "phrase": phrase,
+        "numbers": numbers,
         "relation": re.compile(rf"^{phrase} ({alt(relations)}) {phrase}$"),
         "partial": re.compile(rf"^(?:a picture with )?{phrase}"
                               rf"(?: on a dark background| in the scene)?$"),
         "count_all": re.compile(rf"^({alt(numbers)}) objects? colored (.+)$"),
         "group": re.compile(rf"^(?:({alt(numbers)}) ({colors}) ({alt(plurals)})"
                             rf"|{_ARTICLE}({colors}) ({alt(nouns)}))$"),
-        "colors": colors,
     }
 
 
@@ -114,6 +109,12 @@ def _phrase(groups, offset: int = 0) -> Phrase:
     return Phrase(color, v["nouns"][noun], v["sizes"][size] if size else None)
 
 
+def _listed(text: str) -> list[str]:
+    """"a, b and c" → ["a", "b", "c"] (how captions list groups and colours)."""
+    head, _, last = text.rpartition(" and ")
+    return (head.split(", ") + [last]) if head else [text]
+
+
 def _parse_groups(text: str):
     """The count maker's reading: (lead, sorted groups) or None."""
     v = _vocabulary()
@@ -121,8 +122,7 @@ def _parse_groups(text: str):
     for candidate in ("there is ", "there are "):
         if text.startswith(candidate):
             lead, text = candidate.strip(), text[len(candidate):]
-    head, _, last = text.rpartition(" and ")
-    parts = (head.split(", ") + [last]) if head else [text]
+    parts = _listed(text)
     if lead is not None and len(parts) != 1:
         return None
     groups = []
@@ -146,9 +146,7 @@ def _parse_count_all(text: str):
     found = v["count_all"].match(text)
     if not found:
         return None
-    listed = found.group(2)
-    head, _, last = listed.rpartition(" and ")
-    colors = (head.split(", ") + [last]) if head else [listed]
+    colors = _listed(found.group(2))
     if any(c not in scenes.COLORS for c in colors):
         return None
     return v["numbers"][found.group(1)], tuple(sorted(colors))

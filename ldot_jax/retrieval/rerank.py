@@ -34,6 +34,7 @@ from ldot_jax.data.batching import bucket_size, collate_regions, collate_text, p
 from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.models.inputs import check_prefix_mask
 from ldot_jax.models.towers import region_fields, text_fields
+from ldot_jax.models.vit import patch_boxes
 
 if TYPE_CHECKING:
     from ldot_jax.data.pipeline import TokenizedCaptions
@@ -252,7 +253,7 @@ class PatchImageStore(_OnDemandStore):
         self._side = config.pixels.image_size
         self._regions = config.pixels.grid ** 2 + 1
         self._feat_dim, self._box_dim = config.region.feat_dim, config.region.box_dim
-        self._boxes = None
+        self._boxes = patch_boxes(config.pixels.grid)  # the same for every picture
         self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._params = jax.device_put(params)
         self._encode = jax.jit(lambda p, image: model.apply(
@@ -291,8 +292,6 @@ class PatchImageStore(_OnDemandStore):
             pixels = np.zeros((self._batch, self._side, self._side, 3), np.uint8)
             pixels[:len(chunk)] = [self._pixels(i) for i in chunk]
             out = jax.device_get(self._encode(self._params, {"pixels": pixels}))
-            if self._boxes is None:
-                self._boxes = np.asarray(out["boxes"][0], np.float32)
             for row, i in enumerate(chunk):
                 self._cache[i] = np.asarray(out["region_feat"][row], np.float32)
             while len(self._cache) > self._capacity:
@@ -312,20 +311,9 @@ class PatchImageStore(_OnDemandStore):
             feats.append(self._cache[i])
         feat = np.stack(feats) if feats else np.zeros((0, self._regions, self._feat_dim),
                                                       np.float32)
-        boxes = np.broadcast_to(self._boxes if self._boxes is not None else
-                                np.zeros((self._regions, 7), np.float32),
-                                (len(index), self._regions, 7)).copy()
+        boxes = np.broadcast_to(self._boxes, (len(index),) + self._boxes.shape).copy()
         return {"region_feat": feat, "boxes": boxes,
                 "region_mask": np.ones((len(index), self._regions), np.int32)}
-
-
-def image_store(model: CrossEncoder, params, records: Sequence[dict], region_bucket: int,
-                cache_images: int = 1024):
-    """The image side a re-ranker reads for a split's records: a PatchImageStore for a patch
-    re-ranker, else a RecordImageStore of the detector regions padded to region_bucket."""
-    if model.config.image_tower == "vit":
-        return PatchImageStore(records, model, params, cache_images)
-    return RecordImageStore(records, region_bucket, cache_images)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ldot_jax.core import numerics
+from ldot_jax.models.cross_encoder import CrossEncoder
 from ldot_jax.training import hard_negatives, losses
 from ldot_jax.training.tasks import cmr, common
 from ldot_jax.training.tasks.common import LossConfig
@@ -59,10 +60,21 @@ def _teacher_scores(setup: common.TaskSetup, params, captions, images):
     return out.rank_score
 
 
-def _direction_loss(setup: common.TaskSetup, params, batch, direction: str, queries, keys,
-                    key, scale):
+def _teacher_inputs(setup: common.TaskSetup, params, batch) -> dict:
+    """{"text", "image"}: the batch's inputs as the teacher reads them. A patch re-ranker's
+    ViT runs once per batch image here, so the candidate pairs gather its tokens rather than
+    encode the same pictures again for every candidate and direction."""
+    image = batch["image"]
+    if "pixels" in image:
+        image = setup.frozen["teacher"].apply({"params": params["teacher"]}, image,
+                                              method=CrossEncoder.patch_regions)
+    return {"text": batch["text"], "image": image}
+
+
+def _direction_loss(setup: common.TaskSetup, params, batch, teacher_inputs, direction: str,
+                    queries, keys, key, scale):
     """f32[]: the KL term of one direction ("t2i": captions over images, "i2t": images over
-    captions), averaged over the valid queries."""
+    captions), averaged over the valid queries; teacher_inputs: `_teacher_inputs`."""
     cfg = setup.config("distill", DistillConfig)
     group, valid = batch["image_index"], batch["valid"]
     rows = hard_negatives.row_ids(setup.mesh, group.shape[0])
@@ -77,9 +89,11 @@ def _direction_loss(setup: common.TaskSetup, params, batch, direction: str, quer
     teacher = []
     for j in range(cfg.candidates):
         if direction == "t2i":
-            captions, images = batch["text"], common.take(setup, batch, "image", candidates[:, j])
+            captions = teacher_inputs["text"]
+            images = common.take(setup, teacher_inputs, "image", candidates[:, j])
         else:
-            captions, images = common.take(setup, batch, "text", candidates[:, j]), batch["image"]
+            captions = common.take(setup, teacher_inputs, "text", candidates[:, j])
+            images = teacher_inputs["image"]
         teacher.append(_teacher_scores(setup, params, captions, images))
     teacher = jnp.stack(teacher, axis=1)
     if cfg.residual:
@@ -99,10 +113,12 @@ def loss(params, batch, rng, setup: common.TaskSetup):
     text, image = common.embed_pair(setup.model, params["model"], batch, dropout_key)
     value, metrics = cmr.loss_of_embeddings(params, batch, setup, text, image)
     scale, _ = common.scale_bias(setup, params)
+    teacher_inputs = _teacher_inputs(setup, params, batch)
     kd = []
     for direction, (queries, keys), key in zip(
             ("t2i", "i2t"), ((text, image), (image, text)), jax.random.split(sample_key)):
-        kd.append(_direction_loss(setup, params, batch, direction, queries, keys, key, scale))
+        kd.append(_direction_loss(setup, params, batch, teacher_inputs, direction, queries,
+                                  keys, key, scale))
         metrics[f"distill_{direction}"] = kd[-1]
     kd_loss = 0.5 * (kd[0] + kd[1])
     metrics["distill_loss"] = kd_loss
