@@ -323,6 +323,8 @@ def test_the_export_takes_the_best_checkpoint(data_dir, tmp_path):
     assert kept == sorted({best, 6})  # the latest and the best
     model = pretrained.load_pretrained(os.path.join(workdir, workdir_lib.MODEL_DIR))
     assert model.metadata["step"] == best
+    # How the run's vectors are compared, for galleries built from the model alone.
+    assert model.metadata["normalize"] == bool(c.loss.normalize)
     np.testing.assert_allclose(model.metadata["best_metric"]["ar"], scores[best], rtol=1e-6)
     jax.tree.map(np.testing.assert_array_equal, model.params, final_params(workdir, best)["model"])
     out = str(tmp_path / "best")

@@ -31,17 +31,17 @@ from ldot_jax.data import scenes_builder
 # depth, GELU, mean pooling of the patch tokens. Measured on val at equal time (BENCHMARKS.md):
 # 16-px patches train ~2.5× faster per step than 8-px ones and reach the same recall, mean
 # pooling is a little better than the class token, batch 256 a little better than 128.
-IMAGE_SIZE, PATCH_SIZE, POOL = 64, 16, "avg"
+IMAGE_SIZE, PATCH_SIZE, POOL, STEM = 64, 16, "avg", "patch"
 
 
 def _vit(c, width: int, layers: int, heads: int, image_size: int, patch_size: int,
-         pool: str = POOL) -> None:
+         pool: str = POOL, stem: str = STEM) -> None:
     c.model.image_tower = "vit"
     c.model.image = ml_collections.ConfigDict(dict(
         c.model.image.to_dict(), hidden_size=width, num_layers=layers, num_heads=heads,
         intermediate_size=4 * width))
     c.model.pixels = ml_collections.ConfigDict(
-        {"image_size": image_size, "patch_size": patch_size, "pool": pool})
+        {"image_size": image_size, "patch_size": patch_size, "pool": pool, "stem": stem})
     if image_size != scenes_builder.IMAGE_SIZE:  # else the region demo's data as it is
         c.data.overrides.image_size = image_size
     if "transformer" in c.model:  # the patch re-ranker: its regions are the ViT's tokens

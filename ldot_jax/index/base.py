@@ -140,6 +140,19 @@ class VectorIndex(abc.ABC):
             raise KeyError(f"ids not in the index: {ids[~found][:10].tolist()}")
         return rows.astype(np.int64)
 
+    def vectors_of(self, ids) -> np.ndarray | None:
+        """f32[n, D]: the stored vectors of `ids` (a KeyError names ids not in the index), or
+        None when the backend does not keep its vectors (ScaNN without keep_vectors). The
+        filters' exact search of a small allowed subset reads them."""
+        table = self._vector_table()
+        if table is None:
+            return None
+        return np.asarray(table[self.positions_of(ids)], np.float32)
+
+    def _vector_table(self) -> np.ndarray | None:
+        """The stored vectors [N, D] in row order (`ids`' order), or None."""
+        return None
+
     # -- the interface ------------------------------------------------------------------------
 
     def add(self, vectors, ids=None) -> "VectorIndex":

@@ -174,6 +174,9 @@ class ExactIndex(base.VectorIndex):
         view.flags.writeable = False
         return view
 
+    def _vector_table(self):
+        return self._vectors
+
     def _add(self, vectors, ids):
         self._vectors = np.concatenate([self._vectors, vectors])
         self._ids = np.concatenate([self._ids, ids])

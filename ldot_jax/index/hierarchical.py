@@ -48,6 +48,9 @@ class HierarchicalIndex(scann_index.ScannIndex):
         # deleted row replaced by the last), so a coarse row indexes them directly.
         self._vectors = np.zeros((0, dim), np.float32) if normalize_prefix else None
 
+    def _vector_table(self):
+        return self._vectors if self._vectors is not None else super()._vector_table()
+
     def params(self) -> dict:
         return {"d_low": self.d_low, "candidates": self.candidates,
                 "normalize_prefix": self.normalize_prefix, "scann": super().params()}

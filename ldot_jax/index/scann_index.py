@@ -21,6 +21,7 @@ from ldot_jax.index import base
 
 SCANN_DIR = "scann"
 ASSETS = "scann_assets.pbtxt"
+KEPT_VECTORS = "vectors.npy"  # keep_vectors: the full vectors in ScaNN's row order
 # Below this many vectors ScaNN recommends brute force; below AH_TREE_MIN, hashing without
 # partitioning (docs/algorithms.md).
 BRUTE_FORCE_MAX = 20_000
@@ -37,7 +38,9 @@ class ScannParams:
     hashing: score with anisotropic hashing (else exact float scoring of every candidate).
     dims_per_block, anisotropic_threshold: the hashing (2 and 0.2, as ScaNN advises).
     reorder: candidates re-scored exactly after hashing (at search time, at least 4k).
-    num_threads: search threads for batched queries (0: every core)."""
+    num_threads: search threads for batched queries (0: every core).
+    keep_vectors: also keep the vectors as given (saved as vectors.npy, read memory-mapped),
+    so filtered searches can score a small allowed subset exactly (`vectors_of`)."""
 
     num_leaves: int = 0
     leaves_to_search: int = 0
@@ -47,6 +50,7 @@ class ScannParams:
     anisotropic_threshold: float = 0.2
     reorder: int = 100
     num_threads: int = 0
+    keep_vectors: bool = False
 
     def __post_init__(self):
         if self.num_leaves < 0 or (self.num_leaves and not
@@ -123,6 +127,10 @@ class ScannIndex(base.VectorIndex):
         self._params = params
         self._overrides = overrides
         self._searcher = None
+        self._kept = None  # keep_vectors: f32[N, D] in ScaNN's row order
+
+    def _vector_table(self):
+        return self._kept
 
     def params(self) -> dict:
         return dataclasses.asdict(self._params) if self._params else dict(self._overrides)
@@ -162,6 +170,8 @@ class ScannIndex(base.VectorIndex):
             builder = builder.score_brute_force()
         self._searcher = builder.build().searcher  # the pybind object; we keep our own ids
         self._ids = ids.copy()
+        if p.keep_vectors:
+            self._kept = vectors.copy()
 
     def _add(self, vectors, ids):
         if self._searcher is None:
@@ -170,11 +180,15 @@ class ScannIndex(base.VectorIndex):
         # upsert with no row number appends.
         self._searcher.upsert([None] * len(ids), self._coarse(vectors), 1)
         self._ids = np.concatenate([self._ids, ids])
+        if self._kept is not None:
+            self._kept = np.concatenate([self._kept, vectors])
 
     def _delete_positions(self, positions):
         rows, order = swap_delete(len(self._ids), positions)
         self._searcher.delete(rows)
         self._ids = self._ids[order]
+        if self._kept is not None:
+            self._kept = self._kept[order]
         return order
 
     def set_search_defaults(self, leaves_to_search: int | None = None,
@@ -224,6 +238,8 @@ class ScannIndex(base.VectorIndex):
         os.makedirs(path)
         # Relative asset paths: the directory is renamed into place after saving.
         self._searcher.serialize(path, True)
+        if self._kept is not None:
+            np.save(os.path.join(directory, KEPT_VECTORS), self._kept)
 
     @classmethod
     def _load_files(cls, directory, dim, ids, params):
@@ -239,6 +255,15 @@ class ScannIndex(base.VectorIndex):
         if self._searcher.size() != len(ids):
             raise base.IndexFormatError(f"{path}: ScaNN holds {self._searcher.size()} vectors, "
                                         f"ids.npy {len(ids)}")
+        if self._params.keep_vectors:
+            kept = os.path.join(directory, KEPT_VECTORS)
+            if not os.path.isfile(kept):
+                raise base.IndexFormatError(f"{directory}: {KEPT_VECTORS} is missing (the "
+                                            f"index keeps its vectors)")
+            self._kept = np.load(kept, mmap_mode="r")  # read only where a filter needs rows
+            if self._kept.shape != (len(ids), self.dim) or self._kept.dtype != np.float32:
+                raise base.IndexFormatError(f"{kept}: {self._kept.dtype}{list(self._kept.shape)},"
+                                            f" expected float32{[len(ids), self.dim]}")
 
 
 def _load_searcher(path: str):

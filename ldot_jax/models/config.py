@@ -104,6 +104,9 @@ class RegionConfig:
 
 
 POOLS = ("tok", "avg")
+# How pixels become patch tokens: open_clip's linear p × p patch embedding, or a convolutional
+# stem (Xiao et al. 2021) of log2(p) 3 × 3 stride-2 convolutions, then a 1 × 1 projection.
+STEMS = ("patch", "conv")
 # OpenAI CLIP's normalization of RGB values in [0, 1] (open_clip's OPENAI_DATASET_MEAN / STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -130,11 +133,16 @@ class PixelConfig:
     as data/images.py does); it normalizes them itself, (x / 255 - mean) / std per channel, so
     what is stored and sent to the devices stays uint8. pool: the image vector's source, the
     class token ("tok") or the mean of the patch tokens ("avg"), as open_clip's pool_type.
+    stem: "patch" (open_clip's, the only one its checkpoints have) or "conv" (STEMS; the patch
+    size a power of 2); stem_channels: the conv stem's channels per stride-2 convolution,
+    log2(patch_size) of them (empty: width / 2^k, doubling up to the width).
     """
 
     image_size: int = 224
     patch_size: int = 32
     pool: str = "tok"
+    stem: str = "patch"
+    stem_channels: tuple = ()
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
 
@@ -145,6 +153,23 @@ class PixelConfig:
                              f"patch_size={self.patch_size}")
         if self.pool not in POOLS:
             raise ValueError(f"PixelConfig.pool={self.pool!r}: expected one of {POOLS}")
+        if self.stem not in STEMS:
+            raise ValueError(f"PixelConfig.stem={self.stem!r}: expected one of {STEMS}")
+        object.__setattr__(self, "stem_channels", tuple(self.stem_channels))
+        if self.stem == "conv":
+            p = self.patch_size
+            if p & (p - 1):
+                raise ValueError(f"PixelConfig.patch_size={p}: the conv stem halves the image "
+                                 f"per convolution, so the patch size must be a power of 2")
+            if self.stem_channels and (
+                    len(self.stem_channels) != self.conv_layers
+                    or not all(isinstance(n, int) and n > 0 for n in self.stem_channels)):
+                raise ValueError(f"PixelConfig.stem_channels={self.stem_channels}: expected "
+                                 f"{self.conv_layers} positive ints (log2(patch_size="
+                                 f"{p})), or none for the default")
+        elif self.stem_channels:
+            raise ValueError(f"PixelConfig.stem_channels={self.stem_channels}: only the conv "
+                             f"stem has channels (stem={self.stem!r})")
         _floats(self, "mean", 3)
         _floats(self, "std", 3)
         if min(self.std) <= 0:
@@ -154,6 +179,11 @@ class PixelConfig:
     def grid(self) -> int:
         """Patches per side."""
         return self.image_size // self.patch_size
+
+    @property
+    def conv_layers(self) -> int:
+        """The conv stem's stride-2 convolutions: log2(patch_size)."""
+        return self.patch_size.bit_length() - 1
 
 
 # Image towers whose input starts with a text token (`cls_token_id`, from their own table).

@@ -3,10 +3,12 @@
 uint8 RGB [B, S, S, 3] → (x / 255 − mean) / std → non-overlapping p × p patches, each
 linearly embedded ("conv1", no bias) → [class token; patches] + learned positions → LN_pre →
 pre-LN blocks → LN_post → pool (class token, or the patches' mean) → `proj` (no bias).
+With PixelConfig.stem "conv", the patch embedding is a convolutional stem instead (ConvStem).
 
 Params (open_clip's `visual.*` names): visual/{conv1/kernel [p, p, 3, W], class_embedding [W],
 positional_embedding [1 + g², W] (g = S / p), ln_pre, transformer/resblocks_{n}/…, ln_post},
-proj [W, P].
+proj [W, P]; the conv stem's: visual/stem/{conv_{i} [3, 3, C_{i-1}, C_i], norm_{i}, proj
+[C_k, W]} in place of conv1.
 
 Shapes: B batch, S image side, p patch, g patches per side, W width, P projection dim.
 """
@@ -68,6 +70,52 @@ class PatchEmbed(nn.Module):
         return patches @ kernel.reshape(p * p * channels, c.hidden_size).astype(c.compute_dtype)
 
 
+def conv3x3_stride2(x, kernel):
+    """f[B, H, H, C] x [3, 3, C, D] → [B, H/2, H/2, D]: a 3 × 3 convolution with stride 2 and
+    zero padding 1 (lax.conv_general_dilated's), as 9 strided slices and one matmul. Under a
+    mesh with Explicit axes JAX has no sharding rule for a convolution's kernel gradient; slices
+    and a matmul keep the batch sharding with none needed."""
+    side, channels = x.shape[1], x.shape[3]
+    if side % 2:
+        raise ValueError(f"conv3x3_stride2: image side {side} is odd")
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    taps = [padded[:, dy:dy + side:2, dx:dx + side:2] for dy in range(3) for dx in range(3)]
+    return jnp.concatenate(taps, axis=-1) @ kernel.reshape(9 * channels, kernel.shape[-1])
+
+
+class ConvStem(nn.Module):
+    """Xiao et al. 2021 ("Early convolutions help transformers see better"): in place of the
+    linear p × p patch embedding, log2(p) 3 × 3 stride-2 convolutions, each followed by a
+    LayerNorm over channels (their BatchNorm would need batch statistics in the params) and
+    GELU, then a 1 × 1 projection to the width: the same g × g grid of tokens, each seeing
+    overlapping neighbourhoods."""
+
+    config: TransformerConfig
+    pixels: PixelConfig
+
+    def channels(self) -> tuple:
+        pc, width = self.pixels, self.config.hidden_size
+        depth = pc.conv_layers
+        return pc.stem_channels or tuple(max(8, width >> (depth - 1 - i))
+                                         for i in range(depth))
+
+    @nn.compact
+    def __call__(self, images):
+        """images: f[B, S, S, 3] → [B, g², W]."""
+        c = self.config
+        x = images.astype(c.compute_dtype)
+        for i, out in enumerate(self.channels()):
+            kernel = self.param(f"conv_{i}", nn.initializers.lecun_normal(),
+                                (3, 3, x.shape[-1], out), c.params_dtype)
+            x = nn.gelu(layer_norm(c, f"norm_{i}")(conv3x3_stride2(x, kernel.astype(x.dtype))),
+                        approximate=False)
+        batch, grid, _, channels = x.shape
+        x = _batch_reshape(x, (batch, grid * grid, channels))
+        proj = self.param("proj", nn.initializers.lecun_normal(), (channels, c.hidden_size),
+                          c.params_dtype)
+        return x @ proj.astype(x.dtype)
+
+
 class VisionTransformer(nn.Module):
     """The ViT trunk: pixels → LN_post(states) [B, 1 + g², W] (class token first)."""
 
@@ -80,7 +128,11 @@ class VisionTransformer(nn.Module):
         c, pc = self.config, self.pixels
         check_pixels(pixels, pc)
         width, scale = c.hidden_size, c.hidden_size ** -0.5
-        x = PatchEmbed(c, pc.patch_size, name="conv1")(normalize_pixels(pixels, pc))
+        images = normalize_pixels(pixels, pc)
+        if pc.stem == "conv":
+            x = ConvStem(c, pc, name="stem")(images)
+        else:
+            x = PatchEmbed(c, pc.patch_size, name="conv1")(images)
         cls = self.param("class_embedding", nn.initializers.normal(scale), (width,),
                          c.params_dtype)
         positions = self.param("positional_embedding", nn.initializers.normal(scale),

@@ -13,6 +13,15 @@ import tqdm
 from ldot_jax.core import parallel
 
 
+def fitting_text_buckets(model_config, buckets) -> tuple[int, ...]:
+    """The text buckets (padded lengths) a model's text tower can read: those within its
+    position table (CLIP's context of 77, a small model's 16), or that table's length."""
+    text = getattr(model_config, "text", None)
+    if text is None:  # no text tower of its own to bound the length
+        return tuple(buckets)
+    positions = text.max_position_embeddings
+    return tuple(b for b in buckets if b <= positions) or (positions,)
+
 
 @functools.partial(jax.jit, static_argnames=("model", "side"))
 def encode_batch(model, params, inputs, side: str):

@@ -5,6 +5,7 @@
     hits = retriever.search_text(["a red circle left of a blue square"], k=5)
     hits.ids, hits.scores, hits.names, hits.timings_ms       # i64[Q, k], f32[Q, k], …
     hits = retriever.search_image([{"region_feat": f, "boxes": b}], k=5)   # image → captions
+    hits = retriever.search_text(["a dog"], k=5, where={"tags": ["beach"]})  # filters.py
 
 Queries are encoded by a jitted tower at fixed shapes (the batch padded to a power of two,
 text to a length bucket, regions to a region bucket), so repeated queries never recompile.
@@ -31,7 +32,7 @@ from ldot_jax.index import backends
 from ldot_jax.index import base as index_base
 from ldot_jax.models import config as model_config_lib
 from ldot_jax.models import towers
-from ldot_jax.retrieval import encode
+from ldot_jax.retrieval import encode, filters
 
 class Reranker(Protocol):
     """The slow stage. Called with the direction, the queries' input pytree (the text input
@@ -46,12 +47,14 @@ class Reranker(Protocol):
 class Results:
     """ids i64[Q, k] and scores f32[Q, k], best first; names[q][j] the catalog name of
     ids[q, j] (image ids, or caption texts); timings_ms: encode / search / rerank / total for
-    the whole batch, and per_query (total / Q)."""
+    the whole batch, and per_query (total / Q); filter: how a `where` search ran
+    (filters.FilterInfo.to_json()), None without one."""
 
     ids: np.ndarray
     scores: np.ndarray
     names: list[list[str]]
     timings_ms: dict[str, float]
+    filter: dict | None = None
 
 
 def _batch_size(n: int) -> int:
@@ -59,25 +62,71 @@ def _batch_size(n: int) -> int:
 
 
 class Catalog:
-    """Names of the ids of an index (names.json written by the index build)."""
+    """What the ids of an index are: names (names.json, written by every index build), and
+    for a gallery (items.json, retrieval/gallery.py) each item's key and metadata fields,
+    which `where` filters match."""
 
-    def __init__(self, ids=(), names=(), owners=()):
+    def __init__(self, ids=(), names=(), owners=(), items: dict | None = None):
         self.names = dict(zip((int(i) for i in ids), names))
         self.owners = dict(zip((int(i) for i in ids), (int(o) for o in owners)))
+        items = items or {"ids": [], "keys": [], "fields": []}
+        self.keys = {str(k): int(i) for i, k in zip(items["ids"], items["keys"])}
+        self.fields = filters.FieldTable(dict(zip((int(i) for i in items["ids"]),
+                                                  items["fields"])))
 
     @classmethod
     def read(cls, index_dir: str) -> "Catalog":
         """From an index directory (saved with the index; local, or the local copy of a
         gs:// one: `index.base.readable`)."""
-        path = os.path.join(index_dir, "names.json")
-        if not os.path.isfile(path):
-            return cls()
-        with open(path) as f:
-            body = json.load(f)
-        return cls(body["ids"], body["names"], body.get("owners", ()))
+        bodies = {}
+        for name in ("names.json", "items.json"):
+            path = os.path.join(index_dir, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    bodies[name] = json.load(f)
+        names = bodies.get("names.json", {})
+        return cls(names.get("ids", ()), names.get("names", ()), names.get("owners", ()),
+                   bodies.get("items.json"))
 
     def name(self, i: int) -> str:
         return self.names.get(int(i), str(int(i)) if i >= 0 else "")
+
+    def add(self, ids, names, keys=None, fields=None, owners=None) -> None:
+        """Records new items (ids i64[n]; keys: gallery ids, refused when already taken)."""
+        ids = [int(i) for i in ids]
+        keys = [str(k) for k in keys] if keys is not None else None
+        if keys is not None:
+            taken = [k for k in keys if k in self.keys]
+            if taken or len(set(keys)) != len(keys):
+                raise ValueError(f"keys already in the gallery (or repeated): "
+                                 f"{(taken or keys)[:10]}")
+        for n, i in enumerate(ids):
+            self.names[i] = str(names[n])
+            self.owners[i] = -1 if owners is None else int(owners[n])
+            if keys is not None:
+                self.keys[keys[n]] = i
+            self.fields.add(i, dict(fields[n]) if fields is not None else {})
+
+    def remove(self, ids) -> None:
+        gone = {int(i) for i in ids}
+        for i in gone:
+            self.names.pop(i, None)
+            self.owners.pop(i, None)
+            self.fields.remove(i)
+        self.keys = {k: i for k, i in self.keys.items() if i not in gone}
+
+    def files(self) -> dict[str, str]:
+        """names.json (and items.json when the catalog has keys or fields), as saved with an
+        index."""
+        ids = sorted(self.names)
+        out = {"names.json": json.dumps({"ids": ids, "names": [self.names[i] for i in ids],
+                                         "owners": [self.owners.get(i, -1) for i in ids]})}
+        key_of = {i: k for k, i in self.keys.items()}
+        if key_of or self.fields.fields:
+            out["items.json"] = json.dumps({
+                "ids": ids, "keys": [key_of.get(i, str(i)) for i in ids],
+                "fields": [self.fields.fields_of(i) for i in ids]})
+        return out
 
 
 class Retriever:
@@ -99,11 +148,14 @@ class Retriever:
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.indexes = {"image": image_index, "text": text_index}
         self.catalogs = catalogs or {}
-        self.text_buckets, self.region_buckets = tuple(text_buckets), tuple(region_buckets)
+        self.text_buckets = encode.fitting_text_buckets(model.config, text_buckets)
+        self.region_buckets = tuple(region_buckets)
         # How the image tower's input is padded and split (data/batching.IMAGE_INPUTS).
         self.image_input = batching.image_input(towers.image_input_name(model.config))
         self.normalize = normalize
         self.reranker, self.rerank_top = reranker, int(rerank_top)
+        # Where each side's index was read from (from_dirs): updates are saved back there.
+        self.index_dirs: dict[str, str] = {}
 
     @classmethod
     def from_dirs(cls, model_dir: str, index_dir: str, tokenizer=None, force: bool = False,
@@ -134,8 +186,10 @@ class Retriever:
         tokenizer = _tokenizer(tokenizer, model_dir)
         normalized = {bool(i.info.get("normalized", False)) for i in indexes.values()}
         kwargs.setdefault("normalize", normalized.pop() if len(normalized) == 1 else False)
-        return cls(model, loaded.params, tokenizer, indexes.get("image"), indexes.get("text"),
-                   catalogs, **kwargs)
+        retriever = cls(model, loaded.params, tokenizer, indexes.get("image"),
+                        indexes.get("text"), catalogs, **kwargs)
+        retriever.index_dirs = {side: sides[side] for side in indexes}
+        return retriever
 
     @classmethod
     def load(cls, workdir: str, split: str | None = None, model_dir: str | None = None,
@@ -207,7 +261,7 @@ class Retriever:
     # -- searching ----------------------------------------------------------------------------
 
     def _search(self, direction: str, inputs: dict, count: int, k: int,
-                rerank_top: int | None, search_options: dict) -> Results:
+                rerank_top: int | None, search_options: dict, where=None) -> Results:
         query_side, target = ("text", "image") if direction == "text_to_image" else (
             "image", "text")
         index = self.indexes[target]
@@ -218,7 +272,14 @@ class Retriever:
         t1 = time.perf_counter()
         m = self.rerank_top if rerank_top is None else int(rerank_top)
         m = m if self.reranker is not None else 0
-        hits = index.search(vectors, max(k, m), **search_options)
+        catalog = self.catalogs.get(target, Catalog())
+        info = None
+        if where is None:
+            hits = index.search(vectors, max(k, m), **search_options)
+        else:
+            allowed = filters.allowed_ids(where, index.ids, catalog.fields, catalog.keys)
+            hits, info = filters.search(index, vectors, max(k, m), allowed, **search_options)
+            info = info.to_json()
         t2 = time.perf_counter()
         ids, scores = hits.ids, hits.scores
         if m:
@@ -236,27 +297,123 @@ class Retriever:
         t3 = time.perf_counter()
         k = min(k, ids.shape[1])
         ids, scores = ids[:, :k], scores[:, :k]
-        catalog = self.catalogs.get(target, Catalog())
         names = [[catalog.name(i) for i in row] for row in ids]
         ms = lambda a, b: round(1000 * (b - a), 3)
         timings = {"encode": ms(t0, t1), "search": ms(t1, t2), "rerank": ms(t2, t3),
                    "total": ms(t0, t3)}
         timings["per_query"] = round(timings["total"] / count, 3)
-        return Results(ids, scores, names, timings)
+        return Results(ids, scores, names, timings, info)
 
     def search_text(self, captions: Sequence[str], k: int = 10, rerank_top: int | None = None,
-                    **search_options) -> Results:
-        """Text → image: the top-k images of each caption. search_options go to the index
-        (e.g. leaves_to_search, candidates)."""
+                    where=None, **search_options) -> Results:
+        """Text → image: the top-k images of each caption; `where` restricts them to items
+        whose metadata matches (filters.py), then the re-ranker re-orders what is allowed.
+        search_options go to the index (e.g. leaves_to_search, candidates)."""
         inputs = self.text_inputs(captions)
         return self._search("text_to_image", inputs, len(captions), k, rerank_top,
-                            search_options)
+                            search_options, where)
 
-    def search_image(self, images, k: int = 10, rerank_top: int | None = None,
+    def search_image(self, images, k: int = 10, rerank_top: int | None = None, where=None,
                      **search_options) -> Results:
-        """Image → text: the top-k captions of each image (`images` as in `image_inputs`)."""
+        """Image → text: the top-k captions of each image (`images` as in `image_inputs`);
+        `where` as in search_text (captions: an allow-list of ids)."""
         inputs, count = self.image_inputs(images)
-        return self._search("image_to_text", inputs, count, k, rerank_top, search_options)
+        return self._search("image_to_text", inputs, count, k, rerank_top, search_options,
+                            where)
+
+    # -- live updates -------------------------------------------------------------------------
+
+    def add_images(self, images, names: Sequence[str] | None = None,
+                   keys: Sequence[str] | None = None, fields: Sequence[dict] | None = None,
+                   save: bool = True) -> np.ndarray:
+        """Adds images (per-image inputs, as `image_inputs` takes) to the image index: their
+        vectors from the image tower, ids after the largest, and their names / gallery keys /
+        metadata fields in the catalog. Returns the new ids i64[n]. save: write the index
+        back to its directory (atomically: a crash leaves the old index or the new one)."""
+        index = self._index("image")
+        per_image = (self.image_input.split(images) if isinstance(images, Mapping)
+                     else list(images))
+        count = len(per_image)
+        for what, values in (("names", names), ("keys", keys), ("fields", fields)):
+            if values is not None and len(values) != count:
+                raise ValueError(f"{what}: {len(values)} for {count} images")
+        if fields is not None:
+            for n, f in enumerate(fields):
+                for field, value in dict(f).items():
+                    filters.check_value(value, f"fields[{n}][{field!r}]")
+        vectors = np.concatenate([self.encode_image(per_image[i:i + 64])
+                                  for i in range(0, count, 64)]) if count else None
+        if not count:
+            return np.zeros(0, np.int64)
+        start = int(index.ids.max()) + 1 if len(index) else 0
+        ids = np.arange(start, start + count, dtype=np.int64)
+        catalog = self.catalogs.setdefault("image", Catalog())
+        if names is None:  # shown in results: the key, else the id
+            names = [str(k) for k in (keys if keys is not None else ids)]
+        catalog.add(ids, names, keys, fields)  # checks the keys before the index changes
+        index.add(vectors, ids)
+        if save:
+            self.save("image")
+        return ids
+
+    def delete(self, ids=None, keys: Sequence[str] | None = None, side: str = "image",
+               save: bool = True) -> np.ndarray:
+        """Removes items by index id or gallery key (an error names any not there; nothing is
+        removed then). Returns the removed ids; save as in add_images."""
+        index = self._index(side)
+        catalog = self.catalogs.setdefault(side, Catalog())
+        chosen = [int(i) for i in (ids if ids is not None else [])]
+        if keys is not None:
+            unknown = [k for k in keys if str(k) not in catalog.keys]
+            if unknown:
+                raise ValueError(f"keys not in the gallery: {unknown[:10]}")
+            chosen += [catalog.keys[str(k)] for k in keys]
+        chosen = np.unique(np.asarray(chosen, np.int64))
+        index.positions_of(chosen)  # a KeyError names ids not in the index, before any change
+        index.delete(chosen)
+        catalog.remove(chosen)
+        if save:
+            self.save(side)
+        return chosen
+
+    def save(self, side: str = "image") -> str:
+        """Writes one side's index and catalog back to the directory it was loaded from
+        (index.save: atomic)."""
+        if side not in self.index_dirs:
+            raise ValueError(f"the {side} index was not loaded from a directory "
+                             f"(Retriever.from_dirs): nowhere to save it")
+        index = self._index(side)
+        index.info["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        return index.save(self.index_dirs[side], self.catalogs.get(side, Catalog()).files())
+
+    def check_health(self, side: str = "image", queries: np.ndarray | None = None,
+                     count: int = 1000) -> dict:
+        """Recall of the index against exact search over its own vectors (it must keep them:
+        ExactIndex, ScaNN with keep_vectors) for `queries` f32[Q, D] (default: up to `count`
+        of its own vectors); stored in info["health"], saved with the next save."""
+        from ldot_jax.index import health
+        from ldot_jax.index.exact import ExactIndex
+        index = self._index(side)
+        vectors = index.vectors_of(index.ids)
+        if vectors is None:
+            raise ValueError(f"the {side} index ({index.type}) does not keep its vectors, so "
+                             f"its recall cannot be measured here (build it with "
+                             f"scann.keep_vectors, or measure it with `ldot index build`)")
+        given = queries is not None
+        queries = queries if given else health.sample_queries(vectors, count)
+        exact = ExactIndex(index.dim).add(vectors, index.ids)
+        report = health.recall_against_exact(index, exact, queries)
+        report.update({"query_side": "given" if given else "own vectors",
+                       "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        index.info["health"] = report
+        return report
+
+    def _index(self, side: str):
+        if side not in self.indexes:
+            raise ValueError(f"side {side!r}: expected 'image' or 'text'")
+        if self.indexes[side] is None:
+            raise ValueError(f"no {side} index loaded")
+        return self.indexes[side]
 
     def warmup(self) -> None:
         """Compiles the single-query shapes of every bucket (so the first query is fast)."""

@@ -4,9 +4,14 @@
          [--d_low 64] [--candidates 100] [--num_leaves N --leaves_to_search N --reorder N]
          [--shard_size 4096] [--health_queries 1000] [--model DIR] [--overwrite]
          [--target_recall 0.95 [--target_k 10]]   the cheapest settings reaching that recall
+  build  --model DIR --gallery photos.jsonl|photos/ --out DIR [--bad_images error|skip]
+         [--workers N] [index flags as above]      your own gallery, no training run
+         (retrieval/gallery.py: the JSONL's keys; Retriever.from_dirs(model, out) queries it)
   info   INDEX_DIR                      what an index holds (its files checked), parameters, health
   query  --workdir DIR --text "a red circle" [--text …] [-k 5]     text → image
   query  --workdir DIR --image 12 [-k 5]      image 12 of the split → captions
+  query  --model DIR --index_dir DIR --text "…"  a gallery (or any model + index), no run;
+         --image a picture file (or a region .npz) of your own → captions
 Defaults come from the run's config (its `index` section); flags override them.
 """
 
@@ -28,9 +33,16 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="extract embeddings and build the split's indexes")
-    b.add_argument("--workdir", required=True)
+    b.add_argument("--workdir", help="a training run (its model, dataset and index settings)")
+    b.add_argument("--gallery", help="instead of --workdir: a JSONL file listing pictures or "
+                                     "region-feature files, or a folder of pictures")
     b.add_argument("--model", help="model directory (default: <workdir>/model)")
     b.add_argument("--out", help="index directory (default: <workdir>/index/<split>)")
+    b.add_argument("--bad_images", choices=("error", "skip"), default="error",
+                   help="--gallery: pictures that cannot be read stop the build, naming them "
+                        "(error) or are left out with a warning (skip)")
+    b.add_argument("--workers", type=int, default=0,
+                   help="--gallery: processes decoding pictures (0: one per CPU)")
     b.add_argument("--split")
     b.add_argument("--backend", choices=backends.NAMES,
                    help="; ".join(f"{b.name}: {b.summary}" for b in backends.BACKENDS.values()))
@@ -54,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "metadata")
     i.add_argument("path")
     q = sub.add_parser("query", help="search from the command line")
-    q.add_argument("--workdir", required=True)
+    q.add_argument("--workdir")
     q.add_argument("--split")
     q.add_argument("--index_dir")
     q.add_argument("--model")
@@ -69,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _build(args) -> int:
     from ldot_jax.retrieval import index_build
+    if (args.gallery is None) == (args.workdir is None):
+        raise SystemExit("ldot index build: give --workdir (a training run) or --gallery "
+                         "(your own pictures, with --model and --out)")
     scann = {name: getattr(args, name) for name in
              ("num_leaves", "leaves_to_search", "training_sample_size", "reorder", "num_threads")
              if getattr(args, name) is not None}
@@ -79,12 +94,15 @@ def _build(args) -> int:
                  "health_queries": args.health_queries, "target_recall": args.target_recall,
                  "target_k": args.target_k,
                  "sides": tuple(args.sides.split(",")) if args.sides else None}
-    if scann:
-        base = backends.index_options(workdir_lib.load_config(args.workdir))["scann"]
-        overrides["scann"] = {**base, **scann}
-    built = index_build.build_from_workdir(args.workdir, model_dir=args.model, out_dir=args.out,
-                                           overwrite=args.overwrite, progress=not args.no_progress,
-                                           **overrides)
+    if args.gallery is not None:
+        built = _build_gallery(args, overrides, scann)
+    else:
+        if scann:
+            base = backends.index_options(workdir_lib.load_config(args.workdir))["scann"]
+            overrides["scann"] = {**base, **scann}
+        built = index_build.build_from_workdir(
+            args.workdir, model_dir=args.model, out_dir=args.out, overwrite=args.overwrite,
+            progress=not args.no_progress, **overrides)
     for side, path in built.indexes.items():
         print(f"{side} index: {path}")
         report = built.health.get(side, {})
@@ -102,6 +120,24 @@ def _build(args) -> int:
     return 0
 
 
+def _build_gallery(args, overrides: dict, scann: dict):
+    from ldot_jax.retrieval import gallery
+    if not args.model or not args.out:
+        raise SystemExit("ldot index build --gallery: --model (a model directory) and --out "
+                         "(where the index goes) are required")
+    ignored = [f"--{k}" for k in ("split", "sides") if overrides.get(k) is not None]
+    if ignored or args.overwrite:
+        raise SystemExit(f"ldot index build --gallery: {', '.join(ignored or ['--overwrite'])} "
+                         f"only apply to --workdir builds")
+    options = {k: v for k, v in overrides.items() if v is not None and k not in ("split", "sides")}
+    if scann:
+        options["scann"] = scann
+    backend = options.pop("backend", "scann")
+    return gallery.build_gallery(args.model, args.gallery, args.out, backend=backend,
+                                 bad_images=args.bad_images, workers=args.workers,
+                                 progress=not args.no_progress, **options)
+
+
 def _info(args) -> int:
     from ldot_jax.index.base import read_metadata
     meta = read_metadata(args.path, full=True)  # every file's SHA-256 against its manifest
@@ -112,13 +148,24 @@ def _info(args) -> int:
 
 def _query(args) -> int:
     from ldot_jax.retrieval.retriever import Retriever
-    retriever = Retriever.load(args.workdir, split=args.split, model_dir=args.model,
-                               index_dir=args.index_dir, force=args.force)
+    if args.workdir is None:
+        if not (args.model and args.index_dir):
+            raise SystemExit("ldot index query: give --workdir, or --model and --index_dir")
+        retriever = Retriever.from_dirs(args.model, args.index_dir, force=args.force)
+    else:
+        retriever = Retriever.load(args.workdir, split=args.split, model_dir=args.model,
+                                   index_dir=args.index_dir, force=args.force)
     retriever.warmup()
+    owners = None
     if args.text:
         results = retriever.search_text(args.text, k=args.k)
         queries = args.text
         kind = "image"
+    elif args.workdir is None:
+        from ldot_jax.retrieval import gallery
+        query = gallery.image_file_input(retriever.model.config, args.image)
+        results = retriever.search_image([query], k=args.k)
+        queries, kind = [args.image], "caption"
     else:
         from ldot_jax.retrieval import index_build
         config = workdir_lib.load_config(args.workdir)

@@ -66,10 +66,14 @@ def checkpoint_params(workdir: str, step: int):
 
 def write(workdir: str, kind: str, model_cfg, params, step: int, tokenizer=None,
           out: str | None = None, exported_by: str = "export",
-          score: dict | None = None) -> str:
-    """Writes the model directory (default <workdir>/model) of host `params`."""
+          score: dict | None = None, normalize: bool | None = None) -> str:
+    """Writes the model directory (default <workdir>/model) of host `params`. normalize: the
+    run's loss.normalize, recorded so a gallery built from the model alone normalizes its
+    vectors as the run's indexes do (retrieval/gallery.query_normalization)."""
     metadata = {"source": paths.absolute(workdir), "step": int(step),
                 "exported_by": exported_by}
+    if normalize is not None:
+        metadata["normalize"] = bool(normalize)
     if score:
         metadata["best_metric"] = score
     path = pretrained.save_pretrained(out or workdir_lib.model_dir(workdir), kind, model_cfg,
@@ -110,7 +114,9 @@ def export(workdir: str, step: int | None = None, best: bool = False, out: str |
         log.warning("%s saved no tokenizer (older run, or pre-tokenized data): the model "
                     "directory will hold none; pass a vocabulary to include one", workdir)
     params = checkpoint_params(workdir, chosen)
-    return write(workdir, kind, model_cfg, params, chosen, tokenizer, out, score=score), chosen
+    normalize = bool(config.loss.get("normalize", False))
+    return write(workdir, kind, model_cfg, params, chosen, tokenizer, out, score=score,
+                 normalize=normalize), chosen
 
 
 def score_of(ckpt: checkpoint.TrainCheckpointer, step: int) -> dict | None:

@@ -509,7 +509,8 @@ def export_at_end(run: TrainContext, step: int) -> str | None:
                 host = parallel.to_host(run.state.params["model"])
             path = export_lib.write(run.workdir, run.kind, run.model_config, host, step,
                                     run.data.tokenizer, exported_by="train",
-                                    score=export_lib.score_of(run.checkpointer, step))
+                                    score=export_lib.score_of(run.checkpointer, step),
+                                    normalize=bool(run.config.loss.get("normalize", False)))
         except Exception as e:  # every process learns of it below, instead of waiting forever
             error = e
     if jax.process_count() > 1:
