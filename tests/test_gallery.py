@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ldot_jax
-from ldot_jax.checkpoints import convert, pretrained
+from ldot_jax.checkpoints import pretrained
 from ldot_jax.configs import demo
 from ldot_jax.core import numerics
 from ldot_jax.data import images, picture_files
@@ -28,61 +28,21 @@ from ldot_jax.tools import index_cli
 from ldot_jax.training import train
 
 import faults
+import gallery_fixtures
+from gallery_fixtures import HERE, PICTURES
 
-HERE = pathlib.Path(__file__).parent / "data" / "open_clip"
-PICTURES = sorted(p.name for p in (HERE / "images").iterdir())
 
 pytestmark = pytest.mark.xdist_group("test_gallery")
 
 
 @pytest.fixture(scope="module")
 def clip_model(tmp_path_factory):
-    """The converted open_clip fixture, its text table widened to CLIP's tokenizer: the fixture
-    has 1,000 token ids and CLIP's BPE 49,408, so real captions need more rows (random ones);
-    the image tower, which embeds the gallery, is the converted one unchanged."""
-    tmp = tmp_path_factory.mktemp("clip")
-    with np.load(HERE / "small_clip.npz") as data:
-        np.savez(tmp / "clip.npz", **{k[len("state/"):]: data[k] for k in data.files
-                                      if k.startswith("state/")})
-    converted = convert.convert_checkpoint("open_clip", tmp / "clip.npz", tmp / "converted",
-                                           activation="quick_gelu", num_heads=4,
-                                           text_num_heads=2)
-    loaded = pretrained.load_pretrained(converted)
-    tokenizer = pretrained.load_tokenizer(converted)
-    rows = tokenizer.vocab_size
-    config = dataclasses.replace(loaded.config, text=dataclasses.replace(
-        loaded.config.text, vocab_size=rows))
-    rng = np.random.default_rng(0)
-
-    def widen(leaf):
-        leaf = np.asarray(leaf)
-        if leaf.shape[:1] != (loaded.config.text.vocab_size,) or leaf.ndim != 2:
-            return leaf
-        extra = rng.normal(0, 0.02, (rows - leaf.shape[0], leaf.shape[1]))
-        return np.concatenate([leaf, extra.astype(leaf.dtype)])
-    params = dict(loaded.params)
-    params["text_tower"] = jax.tree.map(widen, params["text_tower"])
-    return str(pretrained.save_pretrained(tmp / "model", loaded.kind, config, params,
-                                          tokenizer=tokenizer))
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+    return gallery_fixtures.clip_model(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
-    """A gallery folder with the fixture's nine pictures and a JSONL listing them."""
-    root = tmp_path_factory.mktemp("photos")
-    shutil.copytree(HERE / "images", root / "photos")
-    rows = [{"id": f"p{i}", "image": f"photos/{name}", "name": f"picture {name}",
-             "source": "flickr" if i % 2 else "coco", "tags": ["even" if i % 2 == 0 else "odd",
-                                                              f"t{i % 3}"],
-             "year": 2000 + i % 4, **({"captions": [f"caption {i}", f"another {i}"]}
-                                      if i < 5 else {})}
-            for i, name in enumerate(PICTURES)]
-    return root, _write_jsonl(root / "gallery.jsonl", rows), rows
+    return gallery_fixtures.pictures(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +154,7 @@ def region_gallery(region_model, tmp_path_factory):
                  boxes=corners.astype(np.float32))
         rows.append({"id": i * 10, "features": f"feats/{i}.npz", "shard": f"s{i % 7}",
                      "rare": i in (5, 123, 250)})
-    path = _write_jsonl(root / "regions.jsonl", rows)
+    path = gallery_fixtures.write_jsonl(root / "regions.jsonl", rows)
     out = root / "out"
     built = gallery.build_gallery(model_dir, path, str(out), backend="scann", progress=False,
                                   shard_size=128)
@@ -298,7 +258,7 @@ def test_region_files_checked_before_any_vector(region_model, tmp_path):
              boxes=np.full((2, 4), 40.0, np.float32))
     rows = [{"id": n, "features": f"{n}.npz"} for n in ("good", "wide", "nan", "pixel_boxes",
                                                        "absent")]
-    path = _write_jsonl(tmp_path / "g.jsonl", rows)
+    path = gallery_fixtures.write_jsonl(tmp_path / "g.jsonl", rows)
     with pytest.raises(gallery.GalleryError) as error:
         gallery.build_gallery(model_dir, path, str(tmp_path / "out"), backend="exact",
                               progress=False)
@@ -316,7 +276,7 @@ def test_bad_pictures_named_or_skipped(clip_model, tmp_path):
     (tmp_path / "text.png").write_text("not a picture")
     rows = [{"id": "good", "image": "good.png"}, {"id": "cut", "image": "truncated.jpg"},
             {"id": "text", "image": "text.png"}, {"id": "gone", "image": "absent.png"}]
-    path = _write_jsonl(tmp_path / "g.jsonl", rows)
+    path = gallery_fixtures.write_jsonl(tmp_path / "g.jsonl", rows)
     out = tmp_path / "out"
     with pytest.raises(gallery.GalleryError) as error:
         gallery.build_gallery(clip_model, path, str(out), backend="exact", workers=1,

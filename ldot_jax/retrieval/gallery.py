@@ -307,9 +307,9 @@ def query_normalization(loaded: pretrained.Pretrained) -> bool:
 
 def items_json(items: Sequence[Item]) -> str:
     """items.json, saved with the gallery's image index: {"ids": positions, "keys",
-    "fields"} by id (the filters read the fields)."""
+    "fields", "paths"} by id (the filters read the fields; a service shows the pictures)."""
     return json.dumps({"ids": list(range(len(items))), "keys": [i.key for i in items],
-                       "fields": [i.fields for i in items]})
+                       "fields": [i.fields for i in items], "paths": [i.path for i in items]})
 
 
 def _catalog(ids, names, owners) -> str:

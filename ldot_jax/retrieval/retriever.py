@@ -73,6 +73,8 @@ class Catalog:
         self.keys = {str(k): int(i) for i, k in zip(items["ids"], items["keys"])}
         self.fields = filters.FieldTable(dict(zip((int(i) for i in items["ids"]),
                                                   items["fields"])))
+        # The file each item was embedded from (gallery builds), e.g. to show its picture.
+        self.paths = dict(zip((int(i) for i in items["ids"]), items.get("paths", ())))
 
     @classmethod
     def read(cls, index_dir: str) -> "Catalog":
@@ -91,8 +93,9 @@ class Catalog:
     def name(self, i: int) -> str:
         return self.names.get(int(i), str(int(i)) if i >= 0 else "")
 
-    def add(self, ids, names, keys=None, fields=None, owners=None) -> None:
-        """Records new items (ids i64[n]; keys: gallery ids, refused when already taken)."""
+    def add(self, ids, names, keys=None, fields=None, owners=None, paths=None) -> None:
+        """Records new items (ids i64[n]; keys: gallery ids, refused when already taken;
+        paths: the files they came from, if any)."""
         ids = [int(i) for i in ids]
         keys = [str(k) for k in keys] if keys is not None else None
         if keys is not None:
@@ -106,6 +109,8 @@ class Catalog:
             if keys is not None:
                 self.keys[keys[n]] = i
             self.fields.add(i, dict(fields[n]) if fields is not None else {})
+            if paths is not None and paths[n]:
+                self.paths[i] = str(paths[n])
 
     def remove(self, ids) -> None:
         gone = {int(i) for i in ids}
@@ -113,6 +118,7 @@ class Catalog:
             self.names.pop(i, None)
             self.owners.pop(i, None)
             self.fields.remove(i)
+            self.paths.pop(i, None)
         self.keys = {k: i for k, i in self.keys.items() if i not in gone}
 
     def files(self) -> dict[str, str]:
@@ -122,10 +128,11 @@ class Catalog:
         out = {"names.json": json.dumps({"ids": ids, "names": [self.names[i] for i in ids],
                                          "owners": [self.owners.get(i, -1) for i in ids]})}
         key_of = {i: k for k, i in self.keys.items()}
-        if key_of or self.fields.fields:
+        if key_of or self.fields.fields or self.paths:
             out["items.json"] = json.dumps({
                 "ids": ids, "keys": [key_of.get(i, str(i)) for i in ids],
-                "fields": [self.fields.fields_of(i) for i in ids]})
+                "fields": [self.fields.fields_of(i) for i in ids],
+                "paths": [self.paths.get(i, "") for i in ids]})
         return out
 
 
@@ -154,8 +161,10 @@ class Retriever:
         self.image_input = batching.image_input(towers.image_input_name(model.config))
         self.normalize = normalize
         self.reranker, self.rerank_top = reranker, int(rerank_top)
-        # Where each side's index was read from (from_dirs): updates are saved back there.
+        # Where each side's index was read from (from_dirs): updates are saved back there;
+        # the model's kind and fingerprint (from_dirs), for a service's /info.
         self.index_dirs: dict[str, str] = {}
+        self.kind = self.fingerprint = None
 
     @classmethod
     def from_dirs(cls, model_dir: str, index_dir: str, tokenizer=None, force: bool = False,
@@ -189,6 +198,7 @@ class Retriever:
         retriever = cls(model, loaded.params, tokenizer, indexes.get("image"),
                         indexes.get("text"), catalogs, **kwargs)
         retriever.index_dirs = {side: sides[side] for side in indexes}
+        retriever.kind, retriever.fingerprint = loaded.kind, fingerprint
         return retriever
 
     @classmethod
@@ -262,14 +272,31 @@ class Retriever:
 
     def _search(self, direction: str, inputs: dict, count: int, k: int,
                 rerank_top: int | None, search_options: dict, where=None) -> Results:
-        query_side, target = ("text", "image") if direction == "text_to_image" else (
-            "image", "text")
+        t0 = time.perf_counter()
+        vectors = self._encode(inputs, "text" if direction == "text_to_image" else "image",
+                               count)
+        return self.search_encoded(direction, vectors, inputs, k, rerank_top, where,
+                                   1000 * (time.perf_counter() - t0), **search_options)
+
+    def search_encoded(self, direction: str, vectors: np.ndarray, inputs: dict, k: int = 10,
+                       rerank_top: int | None = None, where=None, encode_ms: float = 0.0,
+                       **search_options) -> Results:
+        """The search of already encoded queries (what a server batching many requests into
+        one encoder call does): vectors f32[Q, D] from `encode_text` / `encode_image`, inputs
+        the queries' padded input pytree (rows ≥ Q are padding; the re-ranker reads rows < Q)
+        and encode_ms the time their encoding took (for the timings)."""
+        target = "image" if direction == "text_to_image" else "text"
+        if direction not in ("text_to_image", "image_to_text"):
+            raise ValueError(f"direction {direction!r}: expected 'text_to_image' or "
+                             f"'image_to_text'")
+        if int(k) != k or k < 1:
+            raise ValueError(f"k={k}: expected a positive integer")
         index = self.indexes[target]
         if index is None:
             raise ValueError(f"no {target} index loaded: {direction} search needs one")
-        t0 = time.perf_counter()
-        vectors = self._encode(inputs, query_side, count)
+        count = len(vectors)
         t1 = time.perf_counter()
+        t0 = t1 - encode_ms / 1000
         m = self.rerank_top if rerank_top is None else int(rerank_top)
         m = m if self.reranker is not None else 0
         catalog = self.catalogs.get(target, Catalog())
@@ -325,7 +352,7 @@ class Retriever:
 
     def add_images(self, images, names: Sequence[str] | None = None,
                    keys: Sequence[str] | None = None, fields: Sequence[dict] | None = None,
-                   save: bool = True) -> np.ndarray:
+                   save: bool = True, paths: Sequence[str] | None = None) -> np.ndarray:
         """Adds images (per-image inputs, as `image_inputs` takes) to the image index: their
         vectors from the image tower, ids after the largest, and their names / gallery keys /
         metadata fields in the catalog. Returns the new ids i64[n]. save: write the index
@@ -334,7 +361,8 @@ class Retriever:
         per_image = (self.image_input.split(images) if isinstance(images, Mapping)
                      else list(images))
         count = len(per_image)
-        for what, values in (("names", names), ("keys", keys), ("fields", fields)):
+        for what, values in (("names", names), ("keys", keys), ("fields", fields),
+                             ("paths", paths)):
             if values is not None and len(values) != count:
                 raise ValueError(f"{what}: {len(values)} for {count} images")
         if fields is not None:
@@ -350,7 +378,8 @@ class Retriever:
         catalog = self.catalogs.setdefault("image", Catalog())
         if names is None:  # shown in results: the key, else the id
             names = [str(k) for k in (keys if keys is not None else ids)]
-        catalog.add(ids, names, keys, fields)  # checks the keys before the index changes
+        # The catalog refuses taken keys before anything changes.
+        catalog.add(ids, names, keys, fields, paths=paths)
         index.add(vectors, ids)
         if save:
             self.save("image")
