@@ -313,3 +313,41 @@ def test_the_page_in_a_real_browser(running):
         pixels = np.asarray(image.convert("RGB"))
     # The pictures were drawn: far more colours than a page of text on white.
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+
+
+def test_the_serve_command_starts_answers_and_stops_on_sigterm(built, tmp_path):
+    import signal
+    import socket
+    import sys
+    model, out, _, _ = built
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "ldot_jax.tools.cli", "serve", "--model",
+                             model, "--index", str(out), "--port", str(port), "--max_batch",
+                             "4"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "ldot serve did not start"
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("POST", "/search", json.dumps({"text": ["a dog"], "k": 2}))
+                response = connection.getresponse()
+                body = json.loads(response.read())
+                break
+            except (ConnectionRefusedError, OSError):
+                time.sleep(0.5)
+        assert response.status == 200 and len(body["results"][0]) == 2
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal (exit status -SIGTERM).
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    text = (tmp_path / "serve.log").read_text()
+    assert "programs compiled; serving on http://127.0.0.1" in text
+    assert "Application shutdown complete" in text and "Finished server process" in text
