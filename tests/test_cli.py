@@ -13,7 +13,8 @@ from ldot_jax.tools import cli
 
 def test_every_command_has_a_main():
     assert set(cli.COMMANDS) == {"train", "convert", "export", "index", "evaluate", "mine",
-                                 "demo", "launch", "bench", "serve"}
+                                 "demo", "launch", "bench", "serve",
+                                 "export-serving"}
     for command, module in cli.COMMANDS.items():
         assert callable(importlib.import_module(module).main), command
 

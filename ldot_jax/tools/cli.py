@@ -5,6 +5,7 @@
     ldot export   --workdir runs/ft [--step N | --best] [--out DIR]               checkpoint → model dir
     ldot index    build|info|query ...                                           indexes
     ldot serve    --model DIR --index DIR [--port 8080]                          HTTP search
+    ldot export-serving MODEL_DIR OUT [--reranker DIR]                           jax.export programs
     ldot evaluate --workdir runs/ft --reranker runs/rr/model                     two-stage report
     ldot mine     --workdir runs/ft --out mined.npz                              hard negatives
     ldot demo     [--tiny] [--workdir runs/demo]                                 the demo
@@ -28,6 +29,7 @@ COMMANDS = {
     "export": "ldot_jax.tools.export_cli",
     "index": "ldot_jax.tools.index_cli",
     "serve": "ldot_jax.tools.serve_cli",
+    "export-serving": "ldot_jax.tools.export_serving_cli",
     "evaluate": "ldot_jax.tools.evaluate_cli",
     "mine": "ldot_jax.tools.mine_cli",
     "demo": "ldot_jax.tools.demo",
