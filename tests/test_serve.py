@@ -351,3 +351,79 @@ def test_the_serve_command_starts_answers_and_stops_on_sigterm(built, tmp_path):
     text = (tmp_path / "serve.log").read_text()
     assert "programs compiled; serving on http://127.0.0.1" in text
     assert "Application shutdown complete" in text and "Finished server process" in text
+
+
+@pytest.fixture(scope="module")
+def region_service(tmp_path_factory):
+    """A region gallery of 40 items from a tiny random LightningDOT model, with a tiny random
+    re-ranker, served."""
+    import jax
+
+    from ldot_jax.checkpoints import pretrained
+    from ldot_jax.configs import demo
+    from ldot_jax.training import train
+    root = tmp_path_factory.mktemp("region_serve")
+    models = {}
+    for stage, seed in (("finetune", 0), ("rerank", 1)):
+        kind, model_cfg, _ = train.model_and_config(demo.get_config(f"{stage},tiny"))
+        params = pretrained.init_params(kind, model_cfg, jax.random.key(seed))
+        models[stage] = (pretrained.save_pretrained(root / stage, kind, model_cfg, params),
+                         model_cfg)
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red",
+                                "blue", "circle", "square", "left", "of"]) + "\n")
+    rng = np.random.default_rng(0)
+    (root / "feats").mkdir()
+    dim = models["finetune"][1].region.feat_dim
+    rows = []
+    for i in range(40):
+        n = int(rng.integers(2, 7))
+        xs, ys = np.sort(rng.uniform(0, 1, (2, n, 2)), axis=2)
+        np.savez(root / "feats" / f"{i}.npz", features=rng.normal(size=(n, dim)),
+                 boxes=np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], 1))
+        rows.append({"id": f"r{i}", "features": f"feats/{i}.npz", "half": i % 2})
+    jsonl = gallery_fixtures.write_jsonl(root / "regions.jsonl", rows)
+    out = root / "gallery"
+    gallery.build_gallery(models["finetune"][0], jsonl, str(out), backend="exact",
+                          progress=False)
+    retriever = Retriever.from_dirs(models["finetune"][0], str(out), tokenizer=str(vocab))
+    retriever.reranker = gallery.gallery_reranker(models["rerank"][0],
+                                                  retriever.catalogs["image"], 8)
+    retriever.rerank_top = 5
+    service = app.Service(retriever, requests.Limits(max_queries=8), max_wait_ms=30)
+    service.warmup()
+    server = Running(service)
+    yield server, retriever, out, dim
+    server.stop()
+
+
+def test_reranking_through_the_service(region_service):
+    server, retriever, out, dim = region_service
+    captions = ["a red circle", "blue square left of a circle", "a square"]
+    direct = retriever.search_text(captions, k=5, rerank_top=5)
+    plain = retriever.search_text(captions, k=5, rerank_top=0)
+    assert not np.array_equal(direct.ids, plain.ids)  # the re-ranker changed the order
+    compiles = retriever.reranker.compiles
+
+    def client(i):
+        status, payload = server.request("POST", "/search", {"text": [captions[i % 3]],
+                                                             "k": 5, "rerank_top": 5})
+        assert status == 200, payload
+        return [h["id"] for h in payload["results"][0]], payload["timings_ms"]["rerank"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(client, range(24)))
+    for i, (ids, rerank_ms) in enumerate(got):
+        assert ids == direct.ids[i % 3].tolist() and rerank_ms > 0
+    assert retriever.reranker.compiles == compiles  # no compile under load
+    # An item added through the API is kept as a file beside the index and re-ranked.
+    boxes = [[0.1, 0.1, 0.5, 0.6, 0.4, 0.5, 0.2]] * 3
+    status, payload = server.request("POST", "/items", {"items": [{
+        "key": "new", "image": {"region_feat": np.ones((3, dim)).tolist(), "boxes": boxes},
+        "fields": {"half": 2}}]})
+    assert status == 200 and payload["ids"] == [40]
+    assert len(list((out / "added").iterdir())) == 1
+    status, payload = server.request("POST", "/search", {"text": ["a red circle"], "k": 1,
+                                                         "rerank_top": 5,
+                                                         "where": {"half": 2}})
+    assert status == 200 and [h["id"] for h in payload["results"][0]] == [40]
+    assert payload["timings_ms"]["rerank"] > 0

@@ -401,3 +401,79 @@ def build_gallery(model_dir: str, gallery: str, out_dir: str, backend: str = "sc
     extracted = {side: os.path.join(build_dir, "embeddings", side) for side in corpora}
     return index_build.BuiltIndexes(extracted, built, reports, tuned)
 
+
+
+class GalleryRecords:
+    """A gallery's items by id, read on demand from the files they were embedded from (the
+    catalog's paths: a region .npz → {"region_feat", "boxes"}, a picture → {"image":
+    uint8[S, S, 3]} at `image_size`): what the re-ranker's stores read
+    (rerank.RecordImageStore, PatchImageStore). Items added later are found through the same
+    catalog; an item without a file is an error naming it."""
+
+    def __init__(self, catalog, feat_dim: int | None = None, image_size: int | None = None):
+        self.catalog, self.image_size = catalog, image_size
+        self.spec = schema.RecordSpec(feat_dim=feat_dim) if feat_dim else None
+
+    def __len__(self) -> int:
+        return max(self.catalog.names, default=-1) + 1
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.catalog.paths.get(int(i))
+        if not path:
+            raise ValueError(f"gallery item {i} has no file to re-rank it from (not in the "
+                             f"gallery, or added without one)")
+        if path.endswith(".npz"):
+            if self.spec is None:
+                raise ValueError(f"gallery item {i} ({path}) holds regions; this re-ranker "
+                                 f"reads pictures")
+            return {"image_id": str(i), **region_file_input(path, self.spec, str(i))}
+        if self.image_size is None:
+            raise ValueError(f"gallery item {i} ({path}) is a picture; this re-ranker reads "
+                             f"regions")
+        return {"image_id": str(i), "image": images.load_pixels(path, self.image_size)}
+
+
+def gallery_reranker(reranker_dir: str, catalog, region_bucket: int = 100,
+                     pairs_per_batch: int = 64):
+    """A CrossEncoderReranker (text → image) over a gallery's items, their inputs read on
+    demand from their files (`GalleryRecords`; a region re-ranker pads to region_bucket, a
+    patch re-ranker reads the pictures at its own image size)."""
+    from ldot_jax.retrieval import rerank
+    loaded = pretrained.load_pretrained(reranker_dir)
+    if loaded.kind != "uniter_itm":
+        raise ValueError(f"{reranker_dir} holds a {loaded.kind!r} model, not a re-ranker "
+                         f"(uniter_itm)")
+    cross = pretrained.build_model(loaded.kind, loaded.config)
+    config = loaded.config
+    if config.image_tower == "vit":
+        records = GalleryRecords(catalog, image_size=config.pixels.image_size)
+        store = rerank.PatchImageStore(records, cross, loaded.params)
+    else:
+        records = GalleryRecords(catalog, feat_dim=config.region.feat_dim)
+        store = rerank.RecordImageStore(records, region_bucket)
+    positions = config.transformer.max_position_embeddings
+    buckets = tuple(b for b in (16, 24, 32, 48, 64) if b <= positions) or (positions,)
+    return rerank.CrossEncoderReranker(cross, loaded.params, store,
+                                       pairs_per_batch=pairs_per_batch, text_buckets=buckets)
+
+
+def save_inputs(directory: str, keys: Sequence[str], inputs: Sequence[dict]) -> list[str]:
+    """Writes per-image inputs given inline (a service's new items) as files under
+    `directory`, so the re-ranker and the page can read them like the gallery's own: pixels
+    as PNG (lossless: the same pixels come back), regions as .npz. Returns their paths."""
+    from PIL import Image
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for key, value in zip(keys, inputs):
+        stem = hashlib.sha256(str(key).encode()).hexdigest()[:20]
+        if "pixels" in value:
+            path = os.path.join(directory, stem + ".png")
+            with fileutil.atomic_file(path, "wb") as f:
+                Image.fromarray(np.asarray(value["pixels"], np.uint8)).save(f, "PNG")
+        else:
+            path = os.path.join(directory, stem + ".npz")
+            with fileutil.atomic_file(path, "wb") as f:
+                np.savez(f, features=np.asarray(value["region_feat"], np.float32),
+                         boxes=np.asarray(value["boxes"], np.float32))
+        out.append(path)
+    return out

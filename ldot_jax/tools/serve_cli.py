@@ -32,6 +32,13 @@ def main(argv=None) -> int:
                    help="how long a request waits for others to share its batch")
     p.add_argument("--max_queue", type=int, default=256, help="waiting requests; more: 503")
     p.add_argument("--max_k", type=int, default=1000)
+    p.add_argument("--reranker", help="a re-ranker model directory (uniter_itm): re-scores "
+                                      "the top --rerank_top images of caption queries")
+    p.add_argument("--rerank_top", type=int, default=20,
+                   help="with --reranker: candidates re-scored per query (a request's "
+                        "rerank_top overrides it; 0: none)")
+    p.add_argument("--region_bucket", type=int, default=100,
+                   help="with a region re-ranker: the regions candidates are padded to")
     p.add_argument("--force", action="store_true",
                    help="serve an index built from another model fingerprint")
     args = p.parse_args(argv)
@@ -45,6 +52,11 @@ def main(argv=None) -> int:
     from ldot_jax.retrieval.retriever import Retriever
     retriever = Retriever.from_dirs(args.model, args.index, tokenizer=args.tokenizer,
                                     force=args.force)
+    if args.reranker:
+        from ldot_jax.retrieval import gallery
+        retriever.reranker = gallery.gallery_reranker(args.reranker, retriever.catalogs["image"],
+                                                      args.region_bucket)
+        retriever.rerank_top = args.rerank_top
     limits = requests.Limits(max_queries=args.max_batch, max_k=args.max_k)
     service = app.Service(retriever, limits, args.max_wait_ms, args.max_queue,
                           model_dir=args.model)

@@ -62,9 +62,21 @@ class Service:
         self.compiled_after_warmup = None
 
     def warmup(self) -> int:
-        """Compiles the encoders for every batch shape; returns the programs compiled."""
+        """Compiles the encoders for every batch shape (and the re-ranker for every text
+        bucket); returns the encoder programs compiled."""
         self.compiled_after_warmup = self.batcher.warmup()
+        if hasattr(self.retriever.reranker, "warmup"):
+            self.retriever.reranker.warmup()
         return self.compiled_after_warmup
+
+    @property
+    def added_dir(self) -> str | None:
+        """Where the pictures / regions of items added through the API are kept (beside the
+        image index, so the re-ranker and the page read them as the gallery's own)."""
+        index_dir = self.retriever.index_dirs.get("image")
+        if index_dir is None or "://" in index_dir:
+            return None
+        return os.path.join(os.path.dirname(os.path.abspath(index_dir)), "added")
 
     def close(self) -> None:
         self.batcher.close()
@@ -195,8 +207,20 @@ def make_app(service: Service) -> Starlette:
                 return {"deleted": removed.tolist()}
             new = requests.items_request(await body(request), service.limits,
                                          retriever.model.config)
-            ids = await run(batcher_lib.Call(lambda: retriever.add_images(
-                new.images, new.names, new.keys, new.fields)))
+
+            def add():
+                catalog = retriever.catalogs.get("image")
+                taken = [k for k in new.keys if catalog is not None and k in catalog.keys]
+                if taken or len(set(new.keys)) != len(new.keys):
+                    raise ValueError(f"keys already in the gallery (or repeated): "
+                                     f"{(taken or new.keys)[:10]}")
+                paths = None
+                if service.added_dir is not None:
+                    from ldot_jax.retrieval import gallery
+                    paths = gallery.save_inputs(service.added_dir, new.keys, new.images)
+                return retriever.add_images(new.images, new.names, new.keys, new.fields,
+                                            paths=paths)
+            ids = await run(batcher_lib.Call(add))
             return {"ids": ids.tolist()}
         return await answer("items", request, handle)
 
