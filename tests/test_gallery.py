@@ -318,7 +318,13 @@ def test_decoded_pictures_reused_until_a_file_changes(clip_model, tmp_path, monk
     assert calls == [3, 3]
     after = ldot_jax.load_index(again.indexes["image"]).vectors_of(np.arange(3))
     assert not np.allclose(before[0], after[0]) and np.allclose(before[1:], after[1:])
-    # A folder gallery's ids are the files' relative paths.
+    # A folder gallery's ids are the files' relative paths; the build's own output inside
+    # the folder (here: a picture an API added) is not part of it.
+    assert json.loads((out / "image" / "items.json").read_text())["keys"] == sorted(PICTURES[:3])
+    (out / "added").mkdir()
+    shutil.copy(HERE / "images" / PICTURES[4], out / "added" / "x.png")
+    gallery.build_gallery(clip_model, str(tmp_path), str(out), backend="exact", workers=1,
+                          progress=False)
     assert json.loads((out / "image" / "items.json").read_text())["keys"] == sorted(PICTURES[:3])
 
 

@@ -42,22 +42,8 @@ def built(tmp_path_factory):
     return model, out, root, rows
 
 
-class Running:
-    """A service on a free port of 127.0.0.1, in a thread; stop() shuts it down as SIGTERM
-    would (uvicorn finishes the requests in flight, then the lifespan closes the batcher)."""
-
-    def __init__(self, service):
-        self.service = service
-        config = uvicorn.Config(app.make_app(service), host="127.0.0.1", port=0,
-                                log_level="warning", timeout_graceful_shutdown=30)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+class Running(app.Background):
+    """The service on a free port of 127.0.0.1, with a JSON client."""
 
     def request(self, method, path, body=None, raw=None):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
@@ -69,11 +55,6 @@ class Running:
         connection.close()
         kind = response.getheader("content-type", "")
         return response.status, (json.loads(payload) if "json" in kind else payload)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(60)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +269,8 @@ def _headless(browser, *flags, url):
 def test_the_page_in_a_real_browser(running):
     """Headless Chromium loads the page from the service, which runs the query of its link
     (the form's own submit); the rendered DOM holds the service's hits in order, with their
-    pictures, and a screenshot is kept as a test artifact."""
+    pictures; a click on a picture lists its captions; a screenshot is kept as a test
+    artifact."""
     browser = _browser()
     url = f"http://127.0.0.1:{running.port}/?q=a+red+square&k=4"
     dom = _headless(browser, "--dump-dom", url=url)
@@ -305,6 +287,14 @@ def test_the_page_in_a_real_browser(running):
     np.testing.assert_allclose([float(c[5]) for c in cards], [h["score"] for h in want],
                                atol=1e-4)
     assert re.search(r'<div id="timings">encode [\d.]+ ms · search [\d.]+ ms', dom)
+    # Picking the second picture (a click on its card) lists the captions the service gives
+    # for that gallery item.
+    dom = _headless(browser, "--dump-dom", url=url + "&pick=2")
+    assert 'data-state="captions"' in dom, dom[-3000:]
+    status, captions = running.request("POST", "/search", {"item": want[1]["id"], "k": 5})
+    items = re.findall(r"<li>([^<]*) \((-?[\d.]+)\)</li>", dom)
+    assert [name for name, _ in items] == [h["name"] for h in captions["results"][0]]
+    assert len(items) == 5 and items[0][0].split()[0] in ("caption", "another")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / "serve_page.png"
     _headless(browser, "--window-size=1000,700", f"--screenshot={shot}", url=url)

@@ -26,8 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = ("ldot_jax", "setup.cfg", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in",
            "LICENSE", "NOTICE")
 ARTIFACTS = ("build", "dist")  # what a build in the repository would leave there
-COMMANDS = ("train", "convert", "export", "index", "evaluate", "mine", "demo", "launch",
-            "bench")
+COMMANDS = ("train", "convert", "export", "index", "serve", "export-serving", "evaluate",
+            "mine", "demo", "launch", "bench")
 
 
 def _run(args, **kwargs):
@@ -80,6 +80,7 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
         assert f"ldot_jax/tools/parity_fixtures/{fixture}" in names
     assert "ldot_jax/configs/demo.py" in names and "ldot_jax/configs/demo_pixels.py" in names
     assert "ldot_jax/data/vocab/bpe_simple_vocab_16e6.txt.gz" in names
+    assert "ldot_jax/tools/serving/page.html" in names
 
     venv = _make_venv(tmp_path)
     python = venv / "bin" / "python"
@@ -112,6 +113,11 @@ def test_wheel_installs_and_runs_the_demo(tmp_path):
     helped = _run([ldot, "--help"], env=env, cwd=cwd, timeout=120).stdout
     for command in COMMANDS:
         assert f"ldot {command}" in helped
+    # The service's page is read from the installed package.
+    page = _run([python, "-c", "from ldot_jax.tools.serving import app; "
+                 "print(app.PAGE); print(open(app.PAGE).read(200))"], env=env, cwd=cwd).stdout
+    path = pathlib.Path(page.splitlines()[0]).resolve()
+    assert path.is_relative_to(site.resolve()) and "ldot_jax search" in page, page
 
     workdir = tmp_path / "demo"
     done = subprocess.run([str(ldot), "demo", "--tiny", "--workdir", str(workdir),

@@ -1,5 +1,5 @@
-"""ldot bench {data,images,train,search,scann_rule,two_stage,accelerator} [flags]: runs one benchmark (see
-ldot_jax/bench/)."""
+"""ldot bench {data,images,train,search,scann_rule,two_stage,serve,accelerator} [flags]: runs
+one benchmark (see ldot_jax/bench/)."""
 
 import importlib
 import sys
@@ -8,7 +8,7 @@ import sys
 BENCHMARKS = {"data": "ldot_jax.bench.data", "images": "ldot_jax.bench.images",
               "train": "ldot_jax.bench.train",
               "search": "ldot_jax.bench.search", "scann_rule": "ldot_jax.bench.scann_rule",
-              "two_stage": "ldot_jax.bench.two_stage",
+              "two_stage": "ldot_jax.bench.two_stage", "serve": "ldot_jax.bench.serve",
               "accelerator": "ldot_jax.bench.accelerator"}
 
 

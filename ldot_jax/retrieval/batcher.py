@@ -10,9 +10,10 @@ One worker thread owns the devices. It takes the oldest job and gathers those th
 within `max_wait_ms` after it (the same direction, up to `max_batch` queries in all), encodes
 their queries in one call — padded to a power of two ≤ max_batch, and text to a length bucket,
 so the encoder compiles one program per (batch size, bucket), all of them in `warmup` — and
-then searches each job's vectors with its own k, rerank_top and where. Other work (updates:
-`Call`) runs on the same thread between batches, so a search never sees half an update. A
-full queue raises QueueFull at submit (a service answers 503).
+then searches: jobs asking the same (k, rerank_top, where) in one call to the index and the
+re-ranker (whose fixed-shape pair batches they then share), the others each with their own.
+Other work (updates: `Call`) runs on the same thread between batches, so a search never sees
+half an update. A full queue raises QueueFull at submit (a service answers 503).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import queue
 import threading
 import time
@@ -240,19 +242,44 @@ class QueryBatcher:
                     self._serve([job], side)
             return
         self.observer.batch(sum(job.size for job in group))
-        start = 0
+        rows, start = {}, 0
         for job in group:
-            stop, w = start + job.size, job.work
-            try:
-                if isinstance(w, Embed):
-                    job.future.set_result(vectors[start:stop])
-                else:
-                    rows = jax.tree.map(lambda x, a=start, b=stop: x[a:b], inputs)
-                    job.future.set_result(self.retriever.search_encoded(
-                        w.direction, vectors[start:stop], rows, w.k, w.rerank_top, w.where,
-                        encode_ms))
-            except Exception as e:
-                job.future.set_exception(e)
+            rows[id(job)] = (start, start + job.size)
+            start += job.size
+        searches: dict[str, list[_Job]] = {}
+        for job in group:
+            if isinstance(job.work, Embed):
+                a, b = rows[id(job)]
+                job.future.set_result(vectors[a:b])
+            else:  # jobs asking the same search go to the index and the re-ranker together
+                w = job.work
+                key = json.dumps([w.direction, w.k, w.rerank_top, w.where], sort_keys=True,
+                                 default=str)
+                searches.setdefault(key, []).append(job)
+        for jobs in searches.values():
+            self._search(jobs, rows, vectors, inputs, encode_ms)
+
+    def _search(self, jobs: list[_Job], rows: dict, vectors, inputs, encode_ms: float) -> None:
+        """One search (and re-ranking) of several jobs' queries, split back per job."""
+        take = np.concatenate([np.arange(*rows[id(job)]) for job in jobs])
+        w = jobs[0].work
+        try:
+            results = self.retriever.search_encoded(
+                w.direction, vectors[take], jax.tree.map(lambda x: x[take], inputs), w.k,
+                w.rerank_top, w.where, encode_ms)
+        except Exception as e:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(e)
+            else:  # each alone, so that the error goes to the job that caused it
+                for job in jobs:
+                    self._search([job], rows, vectors, inputs, encode_ms)
+            return
+        start = 0
+        for job in jobs:
+            stop = start + job.size
+            job.future.set_result(dataclasses.replace(
+                results, ids=results.ids[start:stop], scores=results.scores[start:stop],
+                names=results.names[start:stop]))
             start = stop
 
     def _encode(self, group: list[_Job], side: str):

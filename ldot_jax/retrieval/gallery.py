@@ -111,14 +111,18 @@ def _item(body: Any, base_dir: str, where: str) -> Item:
     return Item(str(key), name, os.path.abspath(path), kind, fields, tuple(captions))
 
 
-def read_gallery(source: str) -> list[Item]:
+def read_gallery(source: str, exclude: str | None = None) -> list[Item]:
     """The items of a gallery JSONL file or picture folder (see the module docstring). Errors
-    name the file, the line and the key; duplicate ids name both lines."""
+    name the file, the line and the key; duplicate ids name both lines. exclude: a directory
+    inside the folder that is not part of it (the build's own output)."""
     source = os.fspath(source)
     if os.path.isdir(source):
+        skip = os.path.abspath(exclude) if exclude else None
         found = sorted(os.path.relpath(os.path.join(root, f), source)
                        for root, _, files in os.walk(source) for f in files
-                       if os.path.splitext(f)[1].lower() in picture_files.EXTENSIONS)
+                       if os.path.splitext(f)[1].lower() in picture_files.EXTENSIONS
+                       and not (skip and os.path.commonpath([os.path.abspath(root), skip])
+                                == skip))
         if not found:
             raise GalleryError(f"{source}: no pictures ({', '.join(picture_files.EXTENSIONS)})")
         return [Item(rel, rel, os.path.abspath(os.path.join(source, rel)), "image", {})
@@ -327,7 +331,7 @@ def build_gallery(model_dir: str, gallery: str, out_dir: str, backend: str = "sc
     else for a sample of its own vectors. options: any `index` option (shard_size, d_low,
     candidates, health_queries, target_recall, target_k, scann={...}). normalize: L2-normalize
     the vectors (default `query_normalization`)."""
-    items = read_gallery(gallery)
+    items = read_gallery(gallery, exclude=out_dir)
     loaded = pretrained.load_pretrained(model_dir)
     if not kinds.get(loaded.kind).is_dual_encoder:
         raise ValueError(f"{model_dir} holds a {loaded.kind!r} model, not a dual encoder "

@@ -284,3 +284,32 @@ def serve(service: Service, host: str = "127.0.0.1", port: int = 8080,
     config = uvicorn.Config(make_app(service), host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=graceful_s)
     uvicorn.Server(config).run()
+
+
+class Background:
+    """A service on 127.0.0.1 in a thread of this process (tests, benchmarks): `port` once
+    started; stop() shuts it down as SIGTERM would (requests in flight finish, then the
+    lifespan closes the batcher)."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0,
+                 timeout: float = 120.0):
+        import threading
+        import uvicorn
+        config = uvicorn.Config(make_app(service), host=host, port=port, log_level="warning",
+                                timeout_graceful_shutdown=30)
+        self.service, self.server = service, uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="ldot-serve", daemon=True)
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the service did not start")
+            time.sleep(0.02)
+        self.host = host
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RuntimeError("the service did not stop")
