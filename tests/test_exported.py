@@ -33,12 +33,17 @@ for key in sorted({k.split("/")[0] for k in inputs.files}):
     side, bucket = key.split(":")
     arrays = {k.split("/")[1]: inputs[k] for k in inputs.files if k.startswith(key + "/")}
     out[key] = programs[side][int(bucket)](**arrays)
-try:
-    programs["text"][min(programs["text"])](input_ids=np.zeros((2, 3), np.int32),
-                                            attention_mask=np.zeros((2, 3), np.int32))
-    refused = ""
-except ValueError as e:
-    refused = str(e)
+refused = []
+text = programs["text"][min(programs["text"])]
+length = min(programs["text"])
+for bad in ({"input_ids": np.zeros((2, 3), np.int32), "attention_mask": np.zeros((2, 3))},
+            {"input_ids": np.full((2, length), 0.5), "attention_mask": np.ones((2, length))},
+            {"input_ids": np.ones((2, length), np.int32)}):
+    try:
+        text(**bad)
+        refused.append("")
+    except ValueError as e:
+        refused.append(str(e))
 np.savez(sys.argv[3], **out)
 print(json.dumps({"modules": sorted(m for m in sys.modules if m.split(".")[0] in
                                    ("flax", "ldot_jax", "optax", "tensorflow_datasets")),
@@ -84,7 +89,10 @@ def test_a_pixel_model_exported_runs_without_flax(tmp_path):
         want[key] = np.asarray(model.apply({"params": loaded.params}, arrays, method=method))
     got, report = _run(out, cases, tmp_path)
     assert report["modules"] == [], report
-    assert "input_ids has shape [2, 3], expected ['b', 16]" in report["refused"]
+    shape, floats, missing = report["refused"]
+    assert "input_ids has shape [2, 3], expected ['b', 16]" in shape
+    assert "input_ids: dtype float64, expected int32" in floats
+    assert "missing ['attention_mask']" in missing
     for key in cases:
         np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
 

@@ -91,6 +91,20 @@ def test_pictures_indexed_and_queried_without_a_run(clip_model, pictures, pictur
     assert text_hits.ids.shape == (1, 3) and text_hits.names[0][0].split()[-1].isdigit()
 
 
+def test_deleting_a_picture_deletes_its_captions(clip_model, picture_gallery, tmp_path):
+    out, _ = picture_gallery
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("build"))
+    retriever = Retriever.from_dirs(clip_model, str(copy))
+    assert len(retriever.indexes["text"]) == 10  # two captions of each of the first five
+    retriever.delete(keys=["p0"])
+    reloaded = Retriever.from_dirs(clip_model, str(copy))
+    owners = reloaded.catalogs["text"].owners
+    assert len(reloaded.indexes["text"]) == 8 and 0 not in owners.values()
+    assert sorted(owners) == sorted(reloaded.indexes["text"].ids.tolist())
+    assert len(reloaded.indexes["image"]) == 8 and "p0" not in reloaded.catalogs["image"].keys
+
+
 def test_filters_on_a_picture_gallery(clip_model, picture_gallery):
     out, _ = picture_gallery
     retriever = Retriever.from_dirs(clip_model, str(out))
@@ -366,6 +380,14 @@ retriever.add_images([image], keys=["new"], fields=[{"shard": "s9"}])
 """
 
 
+def _consistent_ids(model_dir, out, vocab):
+    """The gallery as saved: its index and its names hold the same ids."""
+    retriever = Retriever.from_dirs(model_dir, str(out), tokenizer=vocab)
+    assert sorted(retriever.catalogs["image"].names) == sorted(
+        retriever.indexes["image"].ids.tolist())
+    return retriever
+
+
 def _consistent(model_dir, out, vocab):
     """The gallery as saved: its index and its catalog hold the same ids."""
     retriever = Retriever.from_dirs(model_dir, str(out), tokenizer=vocab)
@@ -417,9 +439,16 @@ def test_live_updates_persist_and_a_kill_leaves_old_or_new(region_model, region_
     assert hits.ids[0][hits.ids[0] >= 0].tolist() == [300]
     report = after.check_health()
     assert report["recall@1"] == 1.0 and report["query_side"] == "own vectors"
+    # Ids are never given again: the largest (302) deleted, the next item still gets 303;
+    # an item without a key has none after a reload.
+    after.delete(ids=[302])
+    assert after.add_images(new[:1]).tolist() == [303]
+    again = _consistent_ids(model_dir, out, vocab)
+    assert 303 in again.catalogs["image"].names and "303" not in again.catalogs["image"].keys
+    again.delete(ids=[303])
     # A kill -9 while an update is saved: the old gallery before the swap, the new after.
     dim = model_cfg.region.feat_dim
-    for point, count in [("before_swap", 301), ("after_swap", 302)]:
+    for point, count in [("before_swap", 300), ("after_swap", 301)]:
         faults.kill_at(point, [model_dir, out, vocab, dim], tmp_path, UPDATER)
         assert len(_consistent(model_dir, out, vocab).indexes["image"]) == count, point
 

@@ -137,6 +137,11 @@ def test_bad_requests_are_named_and_the_service_goes_on(running):
          "image[0].picture:"),
         ({"item": "2"}, None, "item: expected an item id"),
         ({"item": 123}, None, "123"),
+        ({"item": 10 ** 30}, None, "item: expected an item id"),
+        ({"text": ["a"], "where": {"id": [10 ** 30]}}, None, "expected integer ids"),
+        ({"text": ["a"], "where": {"id": [2.5]}}, None, "expected integer ids"),
+        ({"text": ["a"], "where": {"year": 10 ** 20}}, None, "is not a string, a finite"),
+        ({"text": ["a"], "where": {"key": [["p1"]]}}, None, "expected gallery keys"),
     ]
     for body, raw, message in cases:
         status, payload = running.request("POST", "/search", body, raw)
@@ -150,9 +155,15 @@ def test_bad_requests_are_named_and_the_service_goes_on(running):
                                            "fields": {"tags": [1]}}]}, "list field"),
             ("POST", "/items", {"items": [{"key": "p0", "image": picture}]}, "already"),
             ("DELETE", "/items", {"keys": ["nope"]}, "keys not in the gallery"),
-            ("DELETE", "/items", {"ids": [1, "2"]}, "ids: expected a non-empty list of int")]:
+            ("DELETE", "/items", {"ids": [1, "2"]}, "ids: expected a non-empty list of int"),
+            ("DELETE", "/items", {"ids": [10 ** 30]}, "ids: expected a non-empty list of int")]:
         status, payload = running.request(method, path, body)
         assert status == 400 and message in payload["error"], (path, body, payload)
+    # A search the service's batcher cannot group (a where with odd keys) fails alone.
+    odd = running.service.batcher.submit(batcher_lib.Search("text_to_image", ["a"], 3, None,
+                                                            {1: "a", "b": 2}))
+    with pytest.raises(ValueError, match="unknown field"):
+        odd.result(timeout=60)
     status, payload = running.request("POST", "/search", {"text": ["a red square"]})
     assert status == 200 and len(payload["results"][0]) == 9
     status, metrics = running.request("GET", "/metrics")
@@ -405,6 +416,21 @@ def test_reranking_through_the_service(region_service):
     for i, (ids, rerank_ms) in enumerate(got):
         assert ids == direct.ids[i % 3].tolist() and rerank_ms > 0
     assert retriever.reranker.compiles == compiles  # no compile under load
+    # A region model's image queries: wrong widths, counts or boxes are named.
+    boxes7 = [[0.1, 0.1, 0.5, 0.6, 0.4, 0.5, 0.2]]
+    for image, message in [
+            ({"region_feat": np.ones((1, dim + 1)).tolist(), "boxes": boxes7},
+             f"image[0].region_feat: shape [1, {dim + 1}], expected [n ≥ 1, {dim}]"),
+            ({"region_feat": np.ones((2, dim)).tolist(), "boxes": boxes7},
+             "image[0]: 2 regions but 1 boxes"),
+            ({"region_feat": np.ones((1, dim)).tolist(), "boxes": [[0, 0, 40, 30, 40, 30, 1]]},
+             "image[0].boxes"),
+            ({"region_feat": [[float("nan")] * dim], "boxes": boxes7}, "non-finite"),
+            ({"picture": "AAAA"}, "image[0].region_feat: missing (this model reads regions"),
+            ({"region_feat": "x", "boxes": boxes7}, "image[0].region_feat: expected a list")]:
+        status, payload = server.request("POST", "/search",
+                                         raw=json.dumps({"image": [image], "k": 2}))
+        assert status == 400 and message in payload["error"], (message, payload)
     # An item added through the API is kept as a file beside the index and re-ranked.
     boxes = [[0.1, 0.1, 0.5, 0.6, 0.4, 0.5, 0.2]] * 3
     status, payload = server.request("POST", "/items", {"items": [{

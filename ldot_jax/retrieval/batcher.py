@@ -121,6 +121,7 @@ class QueryBatcher:
         self._queue: queue.Queue = queue.Queue()
         self._held: collections.deque = collections.deque()
         self._closed = False
+        self._current: list = []  # the jobs the worker is serving (failed if it errs)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="ldot-batcher", daemon=True)
         self._thread.start()
@@ -137,7 +138,7 @@ class QueryBatcher:
         if isinstance(work, (Search, Embed)) and not 1 <= len(work.queries) <= self.max_batch:
             raise ValueError(f"{len(work.queries)} queries: expected 1 to {self.max_batch}")
         with self._lock:
-            if self._closed:
+            if self._closed or not self._thread.is_alive():
                 raise Closed("the batcher is closed")
             if self._queue.qsize() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting already")
@@ -168,7 +169,8 @@ class QueryBatcher:
                 for length in r.text_buckets:
                     inputs = batching.collate_text([[0] * length] * size, (length,), size)
                     r._encode(inputs, "text", size)
-            if r.indexes.get("text") is not None:
+            # The image tower: for image queries, and for items added while serving.
+            if r.indexes.get("text") is not None or r.indexes.get("image") is not None:
                 dummy = towers.image_tower(r.model.config.image_tower).dummy_input(
                     r.model.config)
                 stub = r.image_input.split(jax.tree.map(np.asarray, dummy))
@@ -191,26 +193,41 @@ class QueryBatcher:
 
     def _run(self) -> None:
         while True:
-            job = self._next(None)
-            if job is None:  # closed, and everything before it is done
-                return
-            if job.side is None:
-                self._run_call(job)
-                continue
-            group, size = [job], job.size
-            deadline = time.perf_counter() + self.max_wait
-            while size < self.max_batch:
-                nxt = self._next(deadline - time.perf_counter())
-                if nxt is _EMPTY:
-                    break
-                # The end of the queue, work of the other side or an update, or too many
-                # queries: the next batch starts with it.
-                if nxt is None or nxt.side != job.side or size + nxt.size > self.max_batch:
-                    self._held.append(nxt)
-                    break
-                group.append(nxt)
-                size += nxt.size
-            self._run_group(group, job.side)
+            try:
+                if not self._step():
+                    return
+            except BaseException as e:  # never die: fail what was being done, go on
+                for job in self._current:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+            finally:
+                self._current = []
+
+    def _step(self) -> bool:
+        """Serves the next job (and those that join its batch); False once closed."""
+        job = self._next(None)
+        if job is None:  # closed, and everything before it is done
+            return False
+        self._current = [job]
+        if job.side is None:
+            self._run_call(job)
+            return True
+        group, size = [job], job.size
+        deadline = time.perf_counter() + self.max_wait
+        while size < self.max_batch:
+            nxt = self._next(deadline - time.perf_counter())
+            if nxt is _EMPTY:
+                break
+            # The end of the queue, work of the other side or an update, or too many
+            # queries: the next batch starts with it.
+            if nxt is None or nxt.side != job.side or size + nxt.size > self.max_batch:
+                self._held.append(nxt)
+                break
+            group.append(nxt)
+            self._current.append(nxt)
+            size += nxt.size
+        self._run_group(group, job.side)
+        return True
 
     def _run_call(self, job: _Job) -> None:
         self.observer.waited(time.perf_counter() - job.queued)
@@ -252,10 +269,7 @@ class QueryBatcher:
                 a, b = rows[id(job)]
                 job.future.set_result(vectors[a:b])
             else:  # jobs asking the same search go to the index and the re-ranker together
-                w = job.work
-                key = json.dumps([w.direction, w.k, w.rerank_top, w.where], sort_keys=True,
-                                 default=str)
-                searches.setdefault(key, []).append(job)
+                searches.setdefault(_search_key(job), []).append(job)
         for jobs in searches.values():
             self._search(jobs, rows, vectors, inputs, encode_ms)
 
@@ -296,3 +310,13 @@ class QueryBatcher:
 
 
 _EMPTY = object()
+
+
+def _search_key(job: _Job):
+    """Jobs with equal keys are searched together: the same direction, k, rerank_top and
+    where. A `where` that is not plain JSON (arrays, odd keys) gets a key of its own."""
+    w = job.work
+    try:
+        return json.dumps([w.direction, w.k, w.rerank_top, w.where], sort_keys=True)
+    except (TypeError, ValueError):
+        return ("alone", id(job))

@@ -41,7 +41,8 @@ class Program:
                              f"unexpected {extra}")
         values, batch = [], None
         for spec in self.inputs:
-            value = np.asarray(arrays[spec["name"]], dtype=spec["dtype"])
+            value = _conform(np.asarray(arrays[spec["name"]]), np.dtype(spec["dtype"]),
+                             f"{self.name}: {spec['name']}")
             shape = spec["shape"]
             if value.ndim != len(shape) or any(
                     want != "b" and got != want for got, want in zip(value.shape, shape)):
@@ -53,6 +54,28 @@ class Program:
             batch = value.shape[0]
             values.append(value)
         return np.asarray(self.exported.call(self.params, *values))
+
+
+def _conform(value: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """value as `dtype`, refusing what a cast would change: floats to ints, values outside
+    the integer range (uint8 pixels), non-finite floats."""
+    if value.dtype == dtype:
+        out = value
+    elif np.issubdtype(dtype, np.integer):
+        if not np.issubdtype(value.dtype, np.integer) and value.dtype != bool:
+            raise ValueError(f"{what}: dtype {value.dtype}, expected {dtype} (integers)")
+        info = np.iinfo(dtype)
+        if value.size and (value.min() < info.min or value.max() > info.max):
+            raise ValueError(f"{what}: values in [{value.min()}, {value.max()}] do not fit "
+                             f"{dtype}")
+        out = value.astype(dtype)
+    else:
+        if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+            raise ValueError(f"{what}: dtype {value.dtype}, expected {dtype}")
+        out = value.astype(dtype)
+    if np.issubdtype(dtype, np.floating) and not np.isfinite(out).all():
+        raise ValueError(f"{what}: non-finite values")
+    return out
 
 
 def load(directory: str) -> dict[str, dict[int, Program]]:

@@ -23,6 +23,7 @@ Two ways to search, chosen per call by the size of the allowed set:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -38,11 +39,17 @@ def _token(value: Any, where: str):
     """A field value as a hashable token that keeps True apart from 1 and 1 apart from "1"."""
     if isinstance(value, bool):
         return ("b", value)
-    if isinstance(value, (int, float)) and np.isfinite(value):
-        return ("n", float(value))
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if math.isfinite(number) and abs(number) < 2 ** 63:
+            return ("n", number)
     if isinstance(value, str):
         return ("s", value)
-    raise ValueError(f"{where}: {value!r} is not a string, a finite number or a bool")
+    raise ValueError(f"{where}: {value!r:.80} is not a string, a finite number (|x| < 2^63) "
+                     f"or a bool")
 
 
 def check_value(value: Any, where: str) -> None:
@@ -130,12 +137,12 @@ def allowed_ids(where: Mapping[str, Any], index_ids: np.ndarray, table: FieldTab
         if not values:
             raise ValueError(f"where[{field!r}]: an empty list allows nothing")
         if field == "id":
-            try:
-                ids = np.asarray([int(v) for v in values if not isinstance(v, bool)], np.int64)
-            except (TypeError, ValueError):
-                raise ValueError(f"where['id']: expected integers, got {values[:5]!r}") from None
-            if len(ids) != len(values):
-                raise ValueError(f"where['id']: expected integers, got {values[:5]!r}")
+            bad = [v for v in values if isinstance(v, bool)
+                   or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 2 ** 63]
+            if bad:
+                raise ValueError(f"where['id']: expected integer ids ≥ 0, got "
+                                 f"{bad[:5]!r:.120}")
+            ids = np.asarray([int(v) for v in values], np.int64)
             missing = np.setdiff1d(ids, present)
             if len(missing):
                 raise ValueError(f"where['id']: ids not in the index: {missing[:10].tolist()}")
@@ -143,10 +150,13 @@ def allowed_ids(where: Mapping[str, Any], index_ids: np.ndarray, table: FieldTab
         elif field == "key":
             if keys is None:
                 raise ValueError("where['key']: this index has no gallery keys (items.json)")
-            unknown = [v for v in values if v not in keys]
+            if not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+                raise ValueError(f"where['key']: expected gallery keys (strings), got "
+                                 f"{values[:5]!r:.120}")
+            unknown = [v for v in values if str(v) not in keys]
             if unknown:
                 raise ValueError(f"where['key']: keys not in the gallery: {unknown[:10]!r}")
-            chosen = {int(keys[v]) for v in values}
+            chosen = {int(keys[str(v)]) for v in values}
         else:
             chosen = table.matching(str(field), values)
         allowed = chosen if allowed is None else allowed & chosen
@@ -186,6 +196,7 @@ def search(index: base.VectorIndex, queries: np.ndarray, k: int, allowed: np.nda
         short = []
         for row, q in enumerate(pending):
             found = hits.ids[row][keep[row]][:k]
+            ids[q], scores[q] = -1, -np.inf  # this round's answer replaces the last one's
             ids[q, :len(found)] = found
             scores[q, :len(found)] = hits.scores[row][keep[row]][:k]
             if len(found) < k:

@@ -19,8 +19,9 @@ Output, under --out (nothing else there is touched):
   <out>/text/          the captions' index (when the gallery has captions)
   <out>/build/         the build's working files (decoded pictures, embedding shards): a
                        rerun after a crash resumes from them; safe to delete once built
-Item ids in the index are the items' positions in the gallery (0, 1, …); items.json maps each
-to its "key" (the gallery's id) and fields. Bad pictures are reported together by name before
+Item ids in the index are the items' positions in the gallery (0, 1, …; with
+bad_images="skip", among the pictures kept); items.json maps each to its "key" (the gallery's
+id), fields and file. Bad pictures are reported together by name before
 any vector is computed (bad_images="skip": left out with a warning naming them).
 """
 
@@ -189,7 +190,7 @@ def decode_pictures(items: Sequence[Item], size: int, build_dir: str, bad_images
     if bad_images not in picture_files.BAD_IMAGE_POLICIES:
         raise ValueError(f"bad_images={bad_images!r}: expected one of "
                          f"{picture_files.BAD_IMAGE_POLICIES}")
-    digest = _digest(items, f"pixels:{size}")
+    digest = _digest(items, f"pixels:{size}:{bad_images}")
     info_path = os.path.join(build_dir, PIXELS_INFO)
     array_path = os.path.join(build_dir, PIXELS_FILE)
     if os.path.isfile(info_path) and os.path.isfile(array_path):
@@ -426,7 +427,7 @@ class GalleryRecords:
         if not path:
             raise ValueError(f"gallery item {i} has no file to re-rank it from (not in the "
                              f"gallery, or added without one)")
-        if path.endswith(".npz"):
+        if path.lower().endswith(".npz"):
             if self.spec is None:
                 raise ValueError(f"gallery item {i} ({path}) holds regions; this re-ranker "
                                  f"reads pictures")

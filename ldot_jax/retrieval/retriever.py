@@ -70,7 +70,10 @@ class Catalog:
         self.names = dict(zip((int(i) for i in ids), names))
         self.owners = dict(zip((int(i) for i in ids), (int(o) for o in owners)))
         items = items or {"ids": [], "keys": [], "fields": []}
-        self.keys = {str(k): int(i) for i, k in zip(items["ids"], items["keys"])}
+        # Gallery keys both ways (None: an item without one, e.g. added to a run's index).
+        self.keys = {str(k): int(i) for i, k in zip(items["ids"], items["keys"])
+                     if k is not None}
+        self.key_of = {i: k for k, i in self.keys.items()}
         self.fields = filters.FieldTable(dict(zip((int(i) for i in items["ids"]),
                                                   items["fields"])))
         # The file each item was embedded from (gallery builds), e.g. to show its picture.
@@ -93,24 +96,37 @@ class Catalog:
     def name(self, i: int) -> str:
         return self.names.get(int(i), str(int(i)) if i >= 0 else "")
 
+    def check_new_keys(self, keys) -> None:
+        """ValueError if any of `keys` is taken or repeated (nothing changes)."""
+        keys = [str(k) for k in keys]
+        taken = [k for k in keys if k in self.keys]
+        if taken or len(set(keys)) != len(keys):
+            raise ValueError(f"keys already in the gallery (or repeated): "
+                             f"{(taken or keys)[:10]}")
+
     def add(self, ids, names, keys=None, fields=None, owners=None, paths=None) -> None:
         """Records new items (ids i64[n]; keys: gallery ids, refused when already taken;
         paths: the files they came from, if any)."""
         ids = [int(i) for i in ids]
-        keys = [str(k) for k in keys] if keys is not None else None
+        keys = [None if k is None else str(k) for k in keys] if keys is not None else None
         if keys is not None:
-            taken = [k for k in keys if k in self.keys]
-            if taken or len(set(keys)) != len(keys):
-                raise ValueError(f"keys already in the gallery (or repeated): "
-                                 f"{(taken or keys)[:10]}")
+            self.check_new_keys([k for k in keys if k is not None])
         for n, i in enumerate(ids):
             self.names[i] = str(names[n])
             self.owners[i] = -1 if owners is None else int(owners[n])
-            if keys is not None:
+            if keys is not None and keys[n] is not None:
                 self.keys[keys[n]] = i
+                self.key_of[i] = keys[n]
             self.fields.add(i, dict(fields[n]) if fields is not None else {})
             if paths is not None and paths[n]:
                 self.paths[i] = str(paths[n])
+
+    def entries(self, ids) -> list[dict]:
+        """What the catalog holds of `ids` (to put them back with `add`)."""
+        return [{"id": int(i), "name": self.names.get(int(i), str(i)),
+                 "owner": self.owners.get(int(i), -1), "key": self.key_of.get(int(i)),
+                 "fields": self.fields.fields_of(int(i)), "path": self.paths.get(int(i))}
+                for i in ids]
 
     def remove(self, ids) -> None:
         gone = {int(i) for i in ids}
@@ -119,18 +135,19 @@ class Catalog:
             self.owners.pop(i, None)
             self.fields.remove(i)
             self.paths.pop(i, None)
-        self.keys = {k: i for k, i in self.keys.items() if i not in gone}
+            key = self.key_of.pop(i, None)
+            if key is not None:
+                self.keys.pop(key, None)
 
     def files(self) -> dict[str, str]:
-        """names.json (and items.json when the catalog has keys or fields), as saved with an
-        index."""
+        """names.json (and items.json when the catalog has keys, fields or paths), as saved
+        with an index."""
         ids = sorted(self.names)
         out = {"names.json": json.dumps({"ids": ids, "names": [self.names[i] for i in ids],
                                          "owners": [self.owners.get(i, -1) for i in ids]})}
-        key_of = {i: k for k, i in self.keys.items()}
-        if key_of or self.fields.fields or self.paths:
+        if self.keys or self.fields.fields or self.paths:
             out["items.json"] = json.dumps({
-                "ids": ids, "keys": [key_of.get(i, str(i)) for i in ids],
+                "ids": ids, "keys": [self.key_of.get(i) for i in ids],
                 "fields": [self.fields.fields_of(i) for i in ids],
                 "paths": [self.paths.get(i, "") for i in ids]})
         return out
@@ -352,12 +369,16 @@ class Retriever:
 
     def add_images(self, images, names: Sequence[str] | None = None,
                    keys: Sequence[str] | None = None, fields: Sequence[dict] | None = None,
-                   save: bool = True, paths: Sequence[str] | None = None) -> np.ndarray:
+                   save: bool = True, paths: Sequence[str] | None = None,
+                   batch: int = 32) -> np.ndarray:
         """Adds images (per-image inputs, as `image_inputs` takes) to the image index: their
-        vectors from the image tower, ids after the largest, and their names / gallery keys /
-        metadata fields in the catalog. Returns the new ids i64[n]. save: write the index
-        back to its directory (atomically: a crash leaves the old index or the new one)."""
+        vectors from the image tower (`batch` at a time: a service's largest warmed batch),
+        new ids (never one an earlier item had: info["next_id"]), and their names / gallery
+        keys / metadata fields / files in the catalog. Returns the new ids i64[n]. save: write
+        the index back to its directory (atomically: a crash leaves the old index or the new
+        one); if the save fails, the addition is undone and the error raised."""
         index = self._index("image")
+        catalog = self.catalogs.setdefault("image", Catalog())
         per_image = (self.image_input.split(images) if isinstance(images, Mapping)
                      else list(images))
         count = len(per_image)
@@ -369,29 +390,42 @@ class Retriever:
             for n, f in enumerate(fields):
                 for field, value in dict(f).items():
                     filters.check_value(value, f"fields[{n}][{field!r}]")
-        vectors = np.concatenate([self.encode_image(per_image[i:i + 64])
-                                  for i in range(0, count, 64)]) if count else None
+        if keys is not None:
+            catalog.check_new_keys(keys)
         if not count:
             return np.zeros(0, np.int64)
-        start = int(index.ids.max()) + 1 if len(index) else 0
+        vectors = np.concatenate([self.encode_image(per_image[i:i + batch])
+                                  for i in range(0, count, batch)])
+        start = _next_id(index)
         ids = np.arange(start, start + count, dtype=np.int64)
-        catalog = self.catalogs.setdefault("image", Catalog())
         if names is None:  # shown in results: the key, else the id
             names = [str(k) for k in (keys if keys is not None else ids)]
-        # The catalog refuses taken keys before anything changes.
-        catalog.add(ids, names, keys, fields, paths=paths)
         index.add(vectors, ids)
+        catalog.add(ids, names, keys, fields, paths=paths)
+        index.info["next_id"] = start + count
         if save:
-            self.save("image")
+            try:
+                self.save("image")
+            except BaseException:
+                index.delete(ids)
+                catalog.remove(ids)
+                index.info["next_id"] = start + count  # still never reused
+                raise
         return ids
 
     def delete(self, ids=None, keys: Sequence[str] | None = None, side: str = "image",
                save: bool = True) -> np.ndarray:
         """Removes items by index id or gallery key (an error names any not there; nothing is
-        removed then). Returns the removed ids; save as in add_images."""
+        removed then), and with images the captions of theirs the text index holds. Returns
+        the removed ids; save as in add_images (a failed save puts the items back when the
+        index keeps its vectors)."""
         index = self._index(side)
         catalog = self.catalogs.setdefault(side, Catalog())
-        chosen = [int(i) for i in (ids if ids is not None else [])]
+        chosen = []
+        for i in (ids if ids is not None else []):
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise ValueError(f"ids: {i!r} is not an integer id")
+            chosen.append(int(i))
         if keys is not None:
             unknown = [k for k in keys if str(k) not in catalog.keys]
             if unknown:
@@ -399,11 +433,36 @@ class Retriever:
             chosen += [catalog.keys[str(k)] for k in keys]
         chosen = np.unique(np.asarray(chosen, np.int64))
         index.positions_of(chosen)  # a KeyError names ids not in the index, before any change
-        index.delete(chosen)
-        catalog.remove(chosen)
+        changes = [(side, chosen)]
+        text = self.indexes.get("text")
+        if side == "image" and text is not None and "text" in self.catalogs:
+            owned = [i for i, owner in self.catalogs["text"].owners.items()
+                     if owner in set(chosen.tolist()) and i in set(text.ids.tolist())]
+            if owned:
+                changes.append(("text", np.asarray(sorted(owned), np.int64)))
+        undo = []
+        for name, gone in changes:
+            target, entries = self.indexes[name], self.catalogs.setdefault(name, Catalog())
+            target.info.setdefault("next_id", _next_id(target))
+            undo.append((name, gone, target.vectors_of(gone), entries.entries(gone)))
+            target.delete(gone)
+            entries.remove(gone)
         if save:
-            self.save(side)
+            try:
+                for name, _ in changes:
+                    self.save(name)
+            except BaseException:
+                for name, gone, vectors, entries in undo:
+                    if vectors is not None:
+                        self._put_back(name, gone, vectors, entries)
+                raise
         return chosen
+
+    def _put_back(self, side: str, ids, vectors, entries) -> None:
+        self.indexes[side].add(vectors, ids)
+        self.catalogs[side].add(ids, [e["name"] for e in entries],
+                                [e["key"] for e in entries], [e["fields"] for e in entries],
+                                [e["owner"] for e in entries], [e["path"] for e in entries])
 
     def save(self, side: str = "image") -> str:
         """Writes one side's index and catalog back to the directory it was loaded from
@@ -456,6 +515,13 @@ class Retriever:
             stub = self.image_input.split(jax.tree.map(np.asarray, dummy))
             for bucket in self.region_buckets:
                 self._encode(self.image_input.collate(stub, (bucket,)), "image", 1)
+
+
+def _next_id(index) -> int:
+    """The id the next added item gets: after every id the index has held (info["next_id"],
+    kept by additions and deletions), so a deleted item's id is never given to another."""
+    largest = int(index.ids.max()) + 1 if len(index) else 0
+    return max(largest, int(index.info.get("next_id", 0)))
 
 
 def _tokenizer(tokenizer, model_dir: str):

@@ -54,6 +54,11 @@ def main(argv=None) -> int:
                                     force=args.force)
     if args.reranker:
         from ldot_jax.retrieval import gallery
+        if not retriever.catalogs["image"].paths:
+            print(f"error: --reranker reads the candidates from the files a gallery lists; "
+                  f"{args.index} is not a gallery (ldot index build --gallery)",
+                  file=sys.stderr)
+            return 2
         retriever.reranker = gallery.gallery_reranker(args.reranker, retriever.catalogs["image"],
                                                       args.region_bucket)
         retriever.rerank_top = args.rerank_top

@@ -96,16 +96,26 @@ def test_a_second_preparation_waits_and_takes_over_from_a_holder_that_dies(tmp_p
     data = tmp_path / "data"
     holder = faults.start_paused("dataset_record#5", [data], tmp_path / "paused", PREPARE,
                                  **ONE_WORKER)
-    waiter = subprocess.Popen([sys.executable, "-c", PREPARE, str(data)], env=faults.env(
-        **ONE_WORKER), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "waiter.log"
+    with open(log, "w") as sink:
+        waiter = subprocess.Popen([sys.executable, "-c", PREPARE, str(data)], env=faults.env(
+            **ONE_WORKER), stdout=subprocess.DEVNULL, stderr=sink, text=True)
     try:
-        time.sleep(3)
+        # Until it says whom it waits for (its start-up takes seconds on a loaded machine),
+        # then a little longer: it must be waiting for the lock, not failing.
+        deadline = time.time() + 240
+        while "is being written by pid" not in log.read_text():
+            assert waiter.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the waiter never reported the holder"
+            time.sleep(0.2)
+        time.sleep(1)
         assert waiter.poll() is None  # waiting for the lock, not failing
     finally:
         faults.kill(holder)  # the kernel releases its lock: the waiter goes on
-    out, err = waiter.communicate(timeout=300)
+    waiter.wait(timeout=300)
+    err = log.read_text()
     assert waiter.returncode == 0, err[-3000:]
-    assert "is being written by pid" in err  # it said whom it waited for
+    assert f"is being written by pid {holder.pid}" in err  # it said whom it waited for
     same_data(load(data), reference)
     parent = os.path.dirname(version_dir(data))
     assert sorted(os.listdir(parent)) == [os.path.basename(version_dir(data))]

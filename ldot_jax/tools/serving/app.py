@@ -81,6 +81,20 @@ class Service:
     def close(self) -> None:
         self.batcher.close()
 
+    def check_health(self) -> dict:
+        """Recall against exact search of each index that keeps its vectors (the others say
+        why they cannot be measured here)."""
+        out = {}
+        for side, index in self.retriever.indexes.items():
+            if index is None:
+                continue
+            if index.vectors_of(index.ids[:1]) is None:
+                out[side] = {"measured": False, "why": f"the {index.type} index does not keep "
+                                                       f"its vectors"}
+            else:
+                out[side] = self.retriever.check_health(side)
+        return out
+
     def info(self) -> dict:
         r = self.retriever
         versions = {}
@@ -111,7 +125,7 @@ class Service:
 
 def _hits(retriever, results, target: str) -> list[list[dict]]:
     catalog = retriever.catalogs.get(target)
-    key_of = {i: k for k, i in catalog.keys.items()} if catalog is not None else {}
+    key_of = catalog.key_of if catalog is not None else {}
     out = []
     for ids, scores, names in zip(results.ids, results.scores, results.names):
         row = []
@@ -215,23 +229,27 @@ def make_app(service: Service) -> Starlette:
                     raise ValueError(f"keys already in the gallery (or repeated): "
                                      f"{(taken or new.keys)[:10]}")
                 paths = None
+                if service.added_dir is None and retriever.reranker is not None:
+                    raise requests.BadRequest(
+                        "items: this service re-ranks candidates from their files, and its "
+                        "index is not on local disk to keep new items' files beside it")
                 if service.added_dir is not None:
                     from ldot_jax.retrieval import gallery
                     paths = gallery.save_inputs(service.added_dir, new.keys, new.images)
                 return retriever.add_images(new.images, new.names, new.keys, new.fields,
-                                            paths=paths)
+                                            paths=paths, batch=service.limits.max_queries)
             ids = await run(batcher_lib.Call(add))
             return {"ids": ids.tolist()}
         return await answer("items", request, handle)
 
     async def health(request: Request) -> Response:
         async def handle(request):
+            measured = {}
             if request.method == "POST":
-                await run(batcher_lib.Call(lambda: {
-                    side: retriever.check_health(side) for side, index in
-                    retriever.indexes.items() if index is not None}))
+                measured = await run(batcher_lib.Call(service.check_health))
             return {"status": "ok", "indexes": service.indexes(),
-                    "queue": service.batcher.depth}
+                    "queue": service.batcher.depth, **({"measured": measured}
+                                                       if measured else {})}
         return await answer("health", request, handle)
 
     async def info(request: Request) -> Response:

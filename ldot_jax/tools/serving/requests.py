@@ -99,6 +99,9 @@ def image_of(value: Any, model_config, where: str) -> dict:
     region = model_config.region
     out = {}
     for key, width in (("region_feat", region.feat_dim), ("boxes", region.box_dim)):
+        if key not in value:
+            raise BadRequest(f"{where}.{key}: missing (this model reads regions: "
+                             f"\"region_feat\" and \"boxes\"), got keys {sorted(value)}")
         try:
             array = np.asarray(value.get(key), np.float32)
         except (TypeError, ValueError):
@@ -166,8 +169,8 @@ def search_request(body: dict, limits: Limits, model_config) -> SearchRequest:
         return SearchRequest("image_to_text", image_list(body, limits, model_config), k,
                              rerank_top, where)
     item = body["item"]
-    if isinstance(item, bool) or not isinstance(item, int):
-        raise BadRequest(f"item: expected an item id (an integer), got {item!r:.80}")
+    if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < 2 ** 63:
+        raise BadRequest(f"item: expected an item id (an integer ≥ 0), got {item!r:.80}")
     return SearchRequest("image_to_text", [], k, rerank_top, where, item)
 
 
@@ -228,7 +231,8 @@ def delete_request(body: dict) -> tuple[list[int] | None, list[str] | None]:
     values = ids if ids is not None else keys
     kind = int if ids is not None else str
     if not isinstance(values, list) or not values or not all(
-            isinstance(v, kind) and not isinstance(v, bool) for v in values):
+            isinstance(v, kind) and not isinstance(v, bool)
+            and (kind is str or 0 <= v < 2 ** 63) for v in values):
         raise BadRequest(f"{'ids' if ids is not None else 'keys'}: expected a non-empty list "
                          f"of {'integers' if ids is not None else 'strings'}")
     return (ids, None) if ids is not None else (None, keys)
