@@ -462,3 +462,28 @@ def test_query_normalization_follows_the_run_then_the_config(clip_model):
     assert not gallery.query_normalization(make(on, {"normalize": False}))
     assert gallery.query_normalization(make(on, {}))
     assert not gallery.query_normalization(make(off, {}))
+
+
+def test_a_gallery_on_cloud_storage(clip_model, pictures, picture_gallery, gcs_emulator,
+                                    tmp_path, monkeypatch):
+    """--out gs://…: the indexes are committed to the bucket (the work files stay in the local
+    cache), a Retriever reads them from there with the local build's answers, and updates are
+    saved back to the bucket."""
+    import gcs
+    from ldot_jax.core import paths
+    monkeypatch.setenv(paths.CACHE_ENV, str(tmp_path / "cache"))
+    _, jsonl, _ = pictures
+    out = f"{gcs.fresh_prefix()}/photos"
+    gallery.build_gallery(clip_model, jsonl, out, backend="exact", workers=1, progress=False)
+    assert paths.is_dir(paths.join(out, "image")) and not paths.is_dir(paths.join(out, "build"))
+    remote = Retriever.from_dirs(clip_model, out)
+    local = Retriever.from_dirs(clip_model, str(picture_gallery[0]))
+    want = local.search_text(["a red square"], k=5)
+    got = remote.search_text(["a red square"], k=5)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+    picture = gallery.image_file_input(remote.model.config,
+                                       str(HERE / "images" / PICTURES[0]))
+    assert remote.add_images([picture], keys=["cloud"]).tolist() == [9]
+    again = Retriever.from_dirs(clip_model, out)
+    assert len(again.indexes["image"]) == 10 and again.catalogs["image"].keys["cloud"] == 9

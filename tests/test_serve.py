@@ -271,6 +271,7 @@ def _browser():
 
 def _headless(browser, *flags, url):
     done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--disable-dev-shm-usage",
                            "--virtual-time-budget=20000", *flags, url],
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]

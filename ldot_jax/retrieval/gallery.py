@@ -19,6 +19,7 @@ Output, under --out (nothing else there is touched):
   <out>/text/          the captions' index (when the gallery has captions)
   <out>/build/         the build's working files (decoded pictures, embedding shards): a
                        rerun after a crash resumes from them; safe to delete once built
+                       (for a gs:// --out they stay in the local cache instead)
 Item ids in the index are the items' positions in the gallery (0, 1, …; with
 bad_images="skip", among the pictures kept); items.json maps each to its "key" (the gallery's
 id), fields and file. Bad pictures are reported together by name before
@@ -344,7 +345,10 @@ def build_gallery(model_dir: str, gallery: str, out_dir: str, backend: str = "sc
         raise GalleryError(f"{model_dir}'s image tower reads {input_name}: the gallery must "
                            f"list \"{wanted}\" files, it lists \"{items[0].kind}\"")
     out_dir = paths.absolute(out_dir)
-    build_dir = os.path.join(out_dir, BUILD_DIR)
+    # The work files stay on local disk: beside the output, or for a gs:// output in the cache.
+    build_dir = (paths.cache_dir("gallery-builds", hashlib.sha256(out_dir.encode()).hexdigest()
+                                 [:20]) if paths.is_remote(out_dir)
+                 else os.path.join(out_dir, BUILD_DIR))
     if normalize is None:
         normalize = query_normalization(loaded)
     if input_name == "pixels":
@@ -399,13 +403,12 @@ def build_gallery(model_dir: str, gallery: str, out_dir: str, backend: str = "sc
             index.info["items"] = "items.json"
             extras["items.json"] = items_json(items)
         if jax.process_index() == 0:
-            built[side] = index.save(os.path.join(out_dir, side), extras)
+            built[side] = index.save(paths.join(out_dir, side), extras)
         reports[side] = index.info.get("health", {})
         if "tuning" in index.info:
             tuned[side] = index.info["tuning"]
     extracted = {side: os.path.join(build_dir, "embeddings", side) for side in corpora}
     return index_build.BuiltIndexes(extracted, built, reports, tuned)
-
 
 
 class GalleryRecords:

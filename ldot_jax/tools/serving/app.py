@@ -35,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ldot_jax.core import paths
 from ldot_jax.models import towers
 from ldot_jax.retrieval import batcher as batcher_lib
 from ldot_jax.retrieval import encode
@@ -74,7 +75,7 @@ class Service:
         """Where the pictures / regions of items added through the API are kept (beside the
         image index, so the re-ranker and the page read them as the gallery's own)."""
         index_dir = self.retriever.index_dirs.get("image")
-        if index_dir is None or "://" in index_dir:
+        if index_dir is None or paths.is_remote(index_dir):
             return None
         return os.path.join(os.path.dirname(os.path.abspath(index_dir)), "added")
 
