@@ -60,3 +60,22 @@ def pictures(root):
                                       if i < 5 else {})}
             for i, name in enumerate(PICTURES)]
     return root, write_jsonl(root / "gallery.jsonl", rows), rows
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "square",
+         "left", "of"]
+
+
+def random_model(path, stage: str, seed: int):
+    """(model directory, model config) of the demo's `stage` (tiny) with random weights."""
+    from ldot_jax.configs import demo
+    from ldot_jax.training import train
+    kind, model_cfg, _ = train.model_and_config(demo.get_config(f"{stage},tiny"))
+    params = pretrained.init_params(kind, model_cfg, jax.random.key(seed))
+    return pretrained.save_pretrained(path, kind, model_cfg, params), model_cfg
+
+
+def vocab(path) -> str:
+    """A WordPiece vocab.txt of the few words the region tests' captions use."""
+    path.write_text("\n".join(WORDS) + "\n")
+    return str(path)

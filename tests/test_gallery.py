@@ -11,21 +11,18 @@ import os
 import pathlib
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ldot_jax
 from ldot_jax.checkpoints import pretrained
-from ldot_jax.configs import demo
 from ldot_jax.core import numerics
 from ldot_jax.data import images, picture_files
 from ldot_jax.index import base as index_base
 from ldot_jax.retrieval import filters, gallery
 from ldot_jax.retrieval.retriever import Retriever
 from ldot_jax.tools import index_cli
-from ldot_jax.training import train
 
 import faults
 import gallery_fixtures
@@ -142,14 +139,8 @@ def test_filters_on_a_picture_gallery(clip_model, picture_gallery):
 @pytest.fixture(scope="module")
 def region_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("regions")
-    config = demo.get_config("finetune,tiny")
-    kind, model_cfg, _ = train.model_and_config(config)
-    params = pretrained.init_params(kind, model_cfg, jax.random.key(3))
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red",
-                                "blue", "circle", "square", "left", "of"]) + "\n")
-    model_dir = pretrained.save_pretrained(root / "model", kind, model_cfg, params)
-    return model_dir, str(vocab), model_cfg
+    model_dir, model_cfg = gallery_fixtures.random_model(root / "model", "finetune", 3)
+    return model_dir, gallery_fixtures.vocab(root / "vocab.txt"), model_cfg
 
 
 @pytest.fixture(scope="module")

@@ -359,21 +359,10 @@ def test_the_serve_command_starts_answers_and_stops_on_sigterm(built, tmp_path):
 def region_service(tmp_path_factory):
     """A region gallery of 40 items from a tiny random LightningDOT model, with a tiny random
     re-ranker, served."""
-    import jax
-
-    from ldot_jax.checkpoints import pretrained
-    from ldot_jax.configs import demo
-    from ldot_jax.training import train
     root = tmp_path_factory.mktemp("region_serve")
-    models = {}
-    for stage, seed in (("finetune", 0), ("rerank", 1)):
-        kind, model_cfg, _ = train.model_and_config(demo.get_config(f"{stage},tiny"))
-        params = pretrained.init_params(kind, model_cfg, jax.random.key(seed))
-        models[stage] = (pretrained.save_pretrained(root / stage, kind, model_cfg, params),
-                         model_cfg)
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red",
-                                "blue", "circle", "square", "left", "of"]) + "\n")
+    models = {stage: gallery_fixtures.random_model(root / stage, stage, seed)
+              for stage, seed in (("finetune", 0), ("rerank", 1))}
+    vocab = gallery_fixtures.vocab(root / "vocab.txt")
     rng = np.random.default_rng(0)
     (root / "feats").mkdir()
     dim = models["finetune"][1].region.feat_dim

@@ -30,8 +30,6 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from ldot_jax.data import batching
-from ldot_jax.models import towers
 from ldot_jax.retrieval import encode
 
 DIRECTIONS = {"text_to_image": "text", "image_to_text": "image"}
@@ -163,20 +161,9 @@ class QueryBatcher:
         """Compiles every (batch size, bucket) the worker can use; returns how many programs
         the encoder holds after it."""
         r = self.retriever
-        sizes = [1 << i for i in range(self.max_batch.bit_length())]
-        for size in sizes:
-            if r.indexes.get("image") is not None:
-                for length in r.text_buckets:
-                    inputs = batching.collate_text([[0] * length] * size, (length,), size)
-                    r._encode(inputs, "text", size)
-            # The image tower: for image queries, and for items added while serving.
-            if r.indexes.get("text") is not None or r.indexes.get("image") is not None:
-                dummy = towers.image_tower(r.model.config.image_tower).dummy_input(
-                    r.model.config)
-                stub = r.image_input.split(jax.tree.map(np.asarray, dummy))
-                for bucket in r.region_buckets:
-                    r._encode(r.image_input.collate(stub * size, (bucket,), size), "image",
-                              size)
+        # The image tower too: for image queries, and for items added while serving.
+        r.warmup([1 << i for i in range(self.max_batch.bit_length())],
+                 images=r.indexes.get("text") is not None or r.indexes.get("image") is not None)
         return encode.encode_batch._cache_size()
 
     # -- the worker -------------------------------------------------------------------------

@@ -13,14 +13,19 @@ import tqdm
 from ldot_jax.core import parallel
 
 
+def fit_buckets(buckets, positions: int) -> tuple[int, ...]:
+    """The padded text lengths a position table of `positions` can read: those within it, or
+    its own length."""
+    return tuple(b for b in buckets if b <= positions) or (positions,)
+
+
 def fitting_text_buckets(model_config, buckets) -> tuple[int, ...]:
     """The text buckets (padded lengths) a model's text tower can read: those within its
     position table (CLIP's context of 77, a small model's 16), or that table's length."""
     text = getattr(model_config, "text", None)
     if text is None:  # no text tower of its own to bound the length
         return tuple(buckets)
-    positions = text.max_position_embeddings
-    return tuple(b for b in buckets if b <= positions) or (positions,)
+    return fit_buckets(buckets, text.max_position_embeddings)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "side"))

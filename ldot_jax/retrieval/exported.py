@@ -132,8 +132,8 @@ def export_serving(model_dir: str, out: str, reranker_dir: str | None = None,
             image = {k: v for k, v in arrays.items() if k not in text}
             return cross.apply({"params": params}, text, image, method=cross.score)
         cross_pixels = rerank.config.image_tower == "vit"
-        positions = rerank.config.transformer.max_position_embeddings
-        for length in [b for b in text_buckets if b <= positions] or [positions]:
+        for length in encode.fit_buckets(text_buckets,
+                                         rerank.config.transformer.max_position_embeddings):
             image = ([_spec("pixels", ("b", rerank.config.pixels.image_size,
                                        rerank.config.pixels.image_size, 3), np.uint8)]
                      if cross_pixels else

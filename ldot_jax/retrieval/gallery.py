@@ -459,8 +459,7 @@ def gallery_reranker(reranker_dir: str, catalog, region_bucket: int = 100,
     else:
         records = GalleryRecords(catalog, feat_dim=config.region.feat_dim)
         store = rerank.RecordImageStore(records, region_bucket)
-    positions = config.transformer.max_position_embeddings
-    buckets = tuple(b for b in (16, 24, 32, 48, 64) if b <= positions) or (positions,)
+    buckets = encode.fit_buckets((16, 24, 32, 48, 64), config.transformer.max_position_embeddings)
     return rerank.CrossEncoderReranker(cross, loaded.params, store,
                                        pairs_per_batch=pairs_per_batch, text_buckets=buckets)
 

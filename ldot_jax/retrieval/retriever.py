@@ -436,8 +436,9 @@ class Retriever:
         changes = [(side, chosen)]
         text = self.indexes.get("text")
         if side == "image" and text is not None and "text" in self.catalogs:
+            gone, present = set(chosen.tolist()), set(text.ids.tolist())
             owned = [i for i, owner in self.catalogs["text"].owners.items()
-                     if owner in set(chosen.tolist()) and i in set(text.ids.tolist())]
+                     if owner in gone and i in present]
             if owned:
                 changes.append(("text", np.asarray(sorted(owned), np.int64)))
         undo = []
@@ -503,18 +504,27 @@ class Retriever:
             raise ValueError(f"no {side} index loaded")
         return self.indexes[side]
 
-    def warmup(self) -> None:
-        """Compiles the single-query shapes of every bucket (so the first query is fast)."""
-        if self.indexes["image"] is not None:
-            for length in self.text_buckets:
-                self._encode(batching.collate_text([[0] * length], (length,)), "text", 1)
-        if self.indexes["text"] is not None:
-            # The image tower's smallest input, padded to each bucket.
+    def warmup(self, batch_sizes: Sequence[int] = (1,), images: bool | None = None) -> None:
+        """Compiles the query encoders for every bucket at each of `batch_sizes` (default a
+        single query, so the first query is fast; a server: every batch size it pads to).
+        images: also the image tower (default: when there is a text index to query with
+        images; a server adding items needs it with an image index alone)."""
+        if images is None:
+            images = self.indexes["text"] is not None
+        stub = None
+        if images:  # the image tower's smallest input, padded to each bucket
             dummy = towers.image_tower(self.model.config.image_tower).dummy_input(
                 self.model.config)
             stub = self.image_input.split(jax.tree.map(np.asarray, dummy))
-            for bucket in self.region_buckets:
-                self._encode(self.image_input.collate(stub, (bucket,)), "image", 1)
+        for size in batch_sizes:
+            if self.indexes["image"] is not None:
+                for length in self.text_buckets:
+                    self._encode(batching.collate_text([[0] * length] * size, (length,), size),
+                                 "text", size)
+            if stub is not None:
+                for bucket in self.region_buckets:
+                    self._encode(self.image_input.collate(stub * size, (bucket,), size),
+                                 "image", size)
 
 
 def _next_id(index) -> int:

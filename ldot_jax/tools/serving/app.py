@@ -136,8 +136,9 @@ def _hits(retriever, results, target: str) -> list[list[dict]]:
             hit = {"id": int(i), "name": name, "score": round(float(score), 6)}
             if i in key_of:
                 hit["key"] = key_of[i]
-            if catalog is not None and catalog.fields.fields_of(i):
-                hit["fields"] = catalog.fields.fields_of(i)
+            fields = catalog.fields.fields_of(i) if catalog is not None else {}
+            if fields:
+                hit["fields"] = fields
             if catalog is not None and i in catalog.paths:
                 hit["picture"] = f"/items/{i}/picture"
             row.append(hit)
