@@ -223,3 +223,20 @@ def test_scann_parameter_rule():
         ix.scann_params(10, 8, leaves=3)
     with pytest.raises(ValueError, match="leaves_to_search"):
         scann_index.ScannParams(num_leaves=10, leaves_to_search=11)
+
+
+def test_coarse_to_fine_parameter_rule():
+    """The coarse stage hashes with one dimension per block over a tree of 2√n leaves (the
+    full-dimension rule's √n otherwise); each is overridable, and a built index records it."""
+    rule = lambda n, **o: ix.HierarchicalIndex(768, 128, **o)._resolve_params(n, 768)  # noqa
+    large = rule(1_000_000)
+    assert (large.num_leaves, large.leaves_to_search, large.dims_per_block) == (2000, 100, 1)
+    assert large.hashing and large.training_sample_size == 250_000 and large.reorder == 250
+    assert rule(1_000_000, num_leaves=1000).num_leaves == 1000
+    assert rule(1_000_000, leaves_to_search=7).leaves_to_search == 7
+    assert rule(1_000_000, dims_per_block=2).dims_per_block == 2
+    small = rule(5_000)  # below the tree size: a two-leaf tree searched whole
+    assert (small.num_leaves, small.leaves_to_search, small.dims_per_block) == (2, 2, 1)
+    vectors_, _ = vectors.clustered(2_000, DIM, 1, seed=3)
+    built = ix.HierarchicalIndex(DIM, 16).add(vectors_, np.arange(2_000))
+    assert built.params()["scann"]["dims_per_block"] == 1

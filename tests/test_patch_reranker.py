@@ -168,6 +168,27 @@ def test_a_pixel_dual_encoder_warm_starts_the_patch_reranker(tmp_path):
     assert same(params["rank_output"], fresh["rank_output"])
 
 
+def test_a_patch_reranker_initializes_the_pixel_towers_vldeformer(tmp_path):
+    """VLDeformer on pixels: the text tower from the re-ranker's words and layers, the ViT
+    tower's trunk from its ViT; the projections keep their initialization."""
+    cross_config = _config()
+    cross_params = _random_params("uniter_itm", cross_config, seed=3)
+    directory = pretrained.save_pretrained(tmp_path / "rerank", "uniter_itm", cross_config,
+                                           cross_params)
+    dual_config = DualEncoderConfig(text=TEXT, image=VIT, project_dim=8, image_tower="vit",
+                                    pixels=PixelConfig(SIDE, PATCH))
+    fresh = _random_params("lightningdot", dual_config, seed=4)
+    params = initialize.from_pretrained(fresh, "lightningdot",
+                                        {"text": directory, "image": directory})
+    same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+    assert same(params["image_tower"]["visual"], cross_params["vit"])
+    bert = params["text_tower"]["bert"]
+    assert same(bert["embeddings"], cross_params["uniter"]["embeddings"])
+    assert same(bert["encoder"], cross_params["uniter"]["encoder"])
+    np.testing.assert_array_equal(params["image_tower"]["proj"], fresh["image_tower"]["proj"])
+    assert not np.array_equal(params["image_tower"]["visual"]["conv1"]["kernel"],
+                              fresh["image_tower"]["visual"]["conv1"]["kernel"])
+
 def test_distillation_from_a_patch_reranker_reads_each_picture_once(setup):
     """The distill task encodes the batch's pictures with the teacher's ViT once and gathers
     the tokens per candidate: the KL equals the teacher reading the pixels of every pair."""

@@ -105,6 +105,15 @@ def _cross_inputs(c: CrossEncoderConfig) -> tuple:
     return towers.dummy_text(), image
 
 
+def _cross_image_tower(params):
+    """A re-ranker → the image tower it initializes (VLDeformer): a patch re-ranker's own ViT
+    → the ViT tower's trunk (its projection starts fresh); a region re-ranker's single-stream
+    trunk → the region tower's."""
+    if "vit" in params:
+        return {"visual": params["vit"]}
+    return {"uniter": params["uniter"]}
+
+
 def _dual_warm_starts(path: tuple[str, ...]) -> dict[str, Callable[[Any], Any]]:
     """What the towers of a dual-encoder kind (at `path` in its params) initialize."""
     def dual(params):
@@ -153,7 +162,7 @@ KINDS: dict[str, ModelKind] = {k.name: k for k in (
                         "uniter.", torch_names.infer_uniter_itm),
               tasks=("itm",), dual_encoder=None,
               warm_starts={
-                  "cross": lambda p: p, "image": lambda p: {"uniter": p["uniter"]},
+                  "cross": lambda p: p, "image": _cross_image_tower,
                   # VLDeformer: the towers from the re-ranker
                   "text": lambda p: {"bert": {k: p["uniter"][k] for k in ("embeddings",
                                                                           "encoder")}}},

@@ -15,6 +15,10 @@ Stages (the first part of the argument):
   distill Thinking Fast and Slow: the towers (--config.init.model) learn the patch
           re-ranker's scores (--config.distill.teacher); --config.distill.residual=True makes
           the teacher's score the student's own plus the re-ranker's (its fused score).
+  rerank_full  the patch re-ranker as a full scorer (no residual to the dot score): the
+          teacher VLDeformer decomposes.
+  vldeformer  the same as distill, both towers initialized from the patch re-ranker
+          (--config.init.text and --config.init.image = its model directory).
 What it reaches (BENCHMARKS.md, "The pixel path"): val CT IR R@1 28.4 after the towers (the
 region towers: 44.7 at equal time); the patch re-ranker helps image → caption queries, not
 caption → image ones; distillation is level with more CMR steps.
@@ -66,6 +70,14 @@ def _rerank(c) -> None:
     demo._rerank(c)
 
 
+def _rerank_full(c) -> None:
+    """The patch re-ranker as a full scorer (VLDeformer's teacher): no residual to the dot
+    score (itm.residual_scale None), so its rank logit alone is trained to rank and its
+    all-pairs recall means something."""
+    _rerank(c)
+    c.itm.residual_scale = None
+
+
 def _distill(c) -> None:
     """Thinking Fast and Slow on pixels: the towers (--config.init.model) learn the patch
     re-ranker's scores (--config.distill.teacher) of each query's positive and hard
@@ -74,16 +86,27 @@ def _distill(c) -> None:
     c.model_kind = "lightningdot"
 
 
+def _vldeformer(c) -> None:
+    """VLDeformer on pixels: the towers initialized from the patch re-ranker itself
+    (--config.init.text / --config.init.image = its model directory: the text tower from its
+    words and layers, the ViT from its ViT; the projections start fresh) and decomposed by
+    CMR + distillation from it (--config.distill.teacher); the region demo's settings."""
+    demo._vldeformer(c)
+    c.model_kind = "lightningdot"
+
+
 STAGES = {"towers": ("scenes_small", "lightningdot", _towers),
           "rerank": ("scenes_small_uniter", None, _rerank),
-          "distill": ("scenes_small", "lightningdot", _distill)}
+          "rerank_full": ("scenes_small_uniter", None, _rerank_full),
+          "distill": ("scenes_small", "lightningdot", _distill),
+          "vldeformer": ("scenes_small", "lightningdot", _vldeformer)}
 
 
 def get_config(arg: str = "towers"):
     stage, options = base.parse_arg(arg, tuple(STAGES), "towers",
                                     "ldot_jax/configs/demo_pixels.py")
     preset, kind, apply_stage = STAGES[stage]
-    cross = stage == "rerank"
+    cross = stage.startswith("rerank")
     c = base.base_config(preset, kind)
     if cross:  # the re-ranker's own ViT, configured like the towers' image side
         c.model.image = ml_collections.ConfigDict(dict(c.model.transformer.to_dict()))
@@ -92,6 +115,8 @@ def get_config(arg: str = "towers"):
     c.train.checkpoint_every = c.train.eval_every = c.train.num_steps
     if "tiny" in options:
         demo._tiny(c, cross)
+        if stage == "rerank_full":  # _tiny rescales the residual for raw dot products
+            c.itm.residual_scale = None
         if cross:
             c.model.image = ml_collections.ConfigDict(dict(c.model.transformer.to_dict()))
         image = c.model.image

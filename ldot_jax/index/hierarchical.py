@@ -23,6 +23,19 @@ from ldot_jax.core import numerics
 from ldot_jax.index import base, scann_index
 
 VECTORS_FILE = "vectors.npy"
+# The coarse stage hashes with one dimension per block (ScaNN advises two, as ScannIndex
+# uses): over a 128-d prefix that is 128 codebooks, still cheaper than the full-dimension
+# index's 384, and the coarse ranking is so much closer to the exact prefix ranking that far
+# fewer candidates need the full-dimension rescoring, which is what a coarse-to-fine search
+# spends its time on. At 1M × 768 (Matryoshka-like, d_low 128, 2-core CPU, session 17) recall@10
+# 0.954 took 60 candidates at 38.6k queries/s with one dimension per block, 100 at 24.3k (and
+# 8 leaves instead of 2) with two (BENCHMARKS.md, issue 18).
+COARSE_DIMS_PER_BLOCK = 1
+# And twice the size rule's leaves (2√n): a tree over the prefix is cheap to train and search,
+# and smaller partitions mean fewer prefixes hashed per query. At 1M (as above) the fastest
+# setting reaching recall@10 0.95 ran at 41.8k queries/s with 2,000 leaves, 37.6k with 1,000;
+# at 0.99, 28.6k against 18.3k.
+COARSE_LEAVES_FACTOR = 2
 
 
 class HierarchicalIndex(scann_index.ScannIndex):
@@ -30,7 +43,8 @@ class HierarchicalIndex(scann_index.ScannIndex):
     with). candidates: coarse results re-scored at full dimension (at least k).
     normalize_prefix: L2-normalize prefixes (database and queries) for the coarse stage.
     params / overrides: the coarse ScaNN's (the size rule at dimension d_low, always with
-    hashing: the coarse stage is approximate by design)."""
+    hashing, one dimension per block and a tree of 2√n leaves unless overridden: the coarse
+    stage is approximate by design)."""
 
     type = "hierarchical"
 
@@ -68,6 +82,13 @@ class HierarchicalIndex(scann_index.ScannIndex):
     def _resolve_params(self, count, dim):
         rule = scann_index.scann_params(count, self.d_low, **self._overrides)
         rule = dataclasses.replace(rule, hashing=True)
+        if "dims_per_block" not in self._overrides:
+            rule = dataclasses.replace(rule, dims_per_block=COARSE_DIMS_PER_BLOCK)
+        if rule.num_leaves and "num_leaves" not in self._overrides:
+            leaves = COARSE_LEAVES_FACTOR * rule.num_leaves
+            searched = (rule.leaves_to_search if "leaves_to_search" in self._overrides
+                        else max(8, int(round(0.05 * leaves))))
+            rule = dataclasses.replace(rule, num_leaves=leaves, leaves_to_search=searched)
         if not rule.num_leaves and not self.normalize_prefix:
             # ScaNN applies its projection through the tree: below the rule's tree size, a
             # two-leaf tree searched whole (no partitioning in effect).
