@@ -189,6 +189,7 @@ def test_a_patch_reranker_initializes_the_pixel_towers_vldeformer(tmp_path):
     assert not np.array_equal(params["image_tower"]["visual"]["conv1"]["kernel"],
                               fresh["image_tower"]["visual"]["conv1"]["kernel"])
 
+
 def test_distillation_from_a_patch_reranker_reads_each_picture_once(setup):
     """The distill task encodes the batch's pictures with the teacher's ViT once and gathers
     the tokens per candidate: the KL equals the teacher reading the pixels of every pair."""

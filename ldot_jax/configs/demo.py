@@ -143,7 +143,7 @@ def _tiny(c, cross: bool) -> None:
     c.loss.normalize, c.loss.temperature = False, placeholder(float)
     if c.loss.matryoshka_dims:
         c.loss.matryoshka_dims = (4,)
-    if cross:  # raw dot products are not on the cosine scale
+    if cross and c.itm.residual_scale is not None:  # raw dot products: not the cosine scale
         c.itm.residual_scale = 1.0
 
 

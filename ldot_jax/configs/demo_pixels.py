@@ -115,8 +115,6 @@ def get_config(arg: str = "towers"):
     c.train.checkpoint_every = c.train.eval_every = c.train.num_steps
     if "tiny" in options:
         demo._tiny(c, cross)
-        if stage == "rerank_full":  # _tiny rescales the residual for raw dot products
-            c.itm.residual_scale = None
         if cross:
             c.model.image = ml_collections.ConfigDict(dict(c.model.transformer.to_dict()))
         image = c.model.image

@@ -87,7 +87,7 @@ class HierarchicalIndex(scann_index.ScannIndex):
         if rule.num_leaves and "num_leaves" not in self._overrides:
             leaves = COARSE_LEAVES_FACTOR * rule.num_leaves
             searched = (rule.leaves_to_search if "leaves_to_search" in self._overrides
-                        else max(8, int(round(0.05 * leaves))))
+                        else scann_index.tree_leaves_to_search(leaves))
             rule = dataclasses.replace(rule, num_leaves=leaves, leaves_to_search=searched)
         if not rule.num_leaves and not self.normalize_prefix:
             # ScaNN applies its projection through the tree: below the rule's tree size, a

@@ -63,6 +63,12 @@ class ScannParams:
                 raise ValueError(f"ScaNN {name}={getattr(self, name)}: expected ≥ 1")
 
 
+def tree_leaves_to_search(num_leaves: int) -> int:
+    """The size rule's partitions searched per query for a tree of `num_leaves`: 5%, at
+    least 8."""
+    return max(8, int(round(0.05 * num_leaves)))
+
+
 def scann_params(count: int, dim: int, **overrides) -> ScannParams:
     """The rule (ScaNN's guidance, tuned on `ldot bench search` over three corpus generators):
       count < 20k:        brute force (exact scoring of every vector, SIMD).
@@ -82,7 +88,7 @@ def scann_params(count: int, dim: int, **overrides) -> ScannParams:
     rule: dict = {"hashing": count >= BRUTE_FORCE_MAX}
     if count >= TREE_MIN:
         leaves = int(round(math.sqrt(count)))
-        rule.update(num_leaves=leaves, leaves_to_search=max(8, int(round(0.05 * leaves))),
+        rule.update(num_leaves=leaves, leaves_to_search=tree_leaves_to_search(leaves),
                     training_sample_size=min(count, max(TREE_SAMPLE, 40 * leaves)),
                     reorder=TREE_REORDER)
     rule.update({k: v for k, v in overrides.items() if v is not None})
