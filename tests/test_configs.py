@@ -60,3 +60,15 @@ def test_every_config_file_selects_by_an_evaluators_metric():
         metrics = evaluators.declared_metrics(cfg)
         assert metrics, f"{path.name}: no evaluation"
         assert cfg.train.best_metric in metrics, (path.name, cfg.train.best_metric, metrics)
+
+
+def test_the_pixel_demo_full_scorer_has_no_residual_even_tiny():
+    """demo_pixels.py:rerank_full trains the patch re-ranker's rank logit alone (no residual
+    to the dot score), also in its tiny form; the residual re-ranker keeps its scale."""
+    pixels = load_module(CONFIGS / "demo_pixels.py")
+    assert pixels.get_config("rerank_full").itm.residual_scale is None
+    assert pixels.get_config("rerank_full,tiny").itm.residual_scale is None
+    assert pixels.get_config("rerank").itm.residual_scale == 20.0
+    assert pixels.get_config("rerank,tiny").itm.residual_scale == 1.0
+    vldeformer = pixels.get_config("vldeformer")
+    assert vldeformer.model_kind == "lightningdot" and set(vldeformer.tasks) == {"distill"}
