@@ -226,14 +226,18 @@ def test_a_full_queue_is_503_and_shutdown_finishes_requests_in_flight(built):
     retriever = Retriever.from_dirs(model, str(out))
     service = app.Service(retriever, requests.Limits(max_queries=4), max_queue=1)
     server = Running(service)
-    gate = threading.Event()
+    gate, held = threading.Event(), threading.Event()
     try:
-        # The device thread busy with a held job; one request waits in the queue …
-        service.batcher.submit(batcher_lib.Call(gate.wait))
+        # The device thread busy with a held job (taken off the queue before the request is
+        # sent: while it still waits there, the queue is full already) …
+        service.batcher.submit(batcher_lib.Call(lambda: (held.set(), gate.wait())))
+        assert held.wait(30)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            # … one request waits in the queue …
             waiting = pool.submit(server.request, "POST", "/search", {"text": ["a"], "k": 2})
             deadline = time.time() + 30
             while service.batcher.depth < 1:
+                assert not waiting.done(), waiting.result()
                 assert time.time() < deadline
                 time.sleep(0.01)
             # … so the next is turned away.
