@@ -104,3 +104,44 @@ def test_caption_true_ranks_equal_a_brute_force(seed):
     assert all(full[f"ct_{m}"] >= full[m] for m in ("ir_r1", "ir_r5", "tr_r1", "ar"))
     with pytest.raises(ValueError, match=r"caption truth of shape \(37, 22\)"):
         recall.caption_true_ranks(text, image, truth[:, :22], 10)
+
+
+def test_caption_kinds_name_the_maker():
+    """Each caption maker's captions get its kind ("a red circle", both a partial caption and
+    a one-group count, is "partial")."""
+    rng = np.random.default_rng(0)
+    makers = {"relation": scenes._relation_caption, "count": scenes._count_caption,
+              "partial": scenes._partial_caption, "count_all": scenes._count_all_caption}
+    config = scenes.ScenesConfig()
+    for i in range(200):
+        objects = scenes.scene_objects(0, "train", i, config)[0]
+        for kind, make in makers.items():
+            text = make(objects, rng)
+            if text is None:
+                continue
+            one_object = kind == "count" and len(objects) == 1 and not text.startswith("there")
+            assert st.parse(text).kind == ("partial" if one_object else kind), text
+    assert list(st.kinds(["a red circle", "two red circles", "a red circle and a blue box",
+                          "one object colored red", "a red circle over a blue box"])) == [
+        "partial", "count", "count", "count_all", "relation"]
+    assert set(st.KINDS) == {"partial", "count", "count_all", "relation"}
+
+
+def test_caption_true_recall_by_kind():
+    ir = np.array([0, 3, 10, 0, 0, 7, 1])
+    kinds = np.array(["relation", "relation", "partial", "count", "relation", "partial",
+                      "count"])
+    by = recall.caption_true_by_kind(ir, kinds, st.KINDS)
+    assert by["ct_ir_r1_relation"] == pytest.approx(200 / 3)
+    assert by["ct_ir_r5_relation"] == pytest.approx(100.0)
+    assert by["ct_ir_r10_partial"] == pytest.approx(50.0)
+    assert by["ct_ir_r1_count"] == pytest.approx(50.0)
+    assert not any(key.endswith("_count_all") for key in by)  # no caption of that kind
+    # The kinds' recalls weighted by their captions are the overall one.
+    counts = {k: int((kinds == k).sum()) for k in ("relation", "partial", "count")}
+    overall = sum(by[f"ct_ir_r1_{k}"] * n for k, n in counts.items()) / len(ir)
+    assert overall == pytest.approx(recall.recall_at_k(ir)[1])
+    with pytest.raises(ValueError, match=r"caption kinds \['dog'\]"):
+        recall.caption_true_by_kind(ir, np.array(["dog"] * 7), st.KINDS)
+    with pytest.raises(ValueError, match="3 caption kinds for 7"):
+        recall.caption_true_by_kind(ir, kinds[:3], st.KINDS)

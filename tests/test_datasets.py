@@ -53,6 +53,37 @@ def test_scenes_generated_in_parallel_equal_the_generator(scenes_dir, monkeypatc
     assert data.tokenizer.decode(data.tokenizer.encode(caption)) == caption.replace(",", " ,")
 
 
+def test_a_split_over_the_memory_buffer_spills_without_tensorflow(scenes_dir, tmp_path,
+                                                                 monkeypatch):
+    """TFDS spills a split over its 1 GB buffer to bucket files through tf.io.gfile; without
+    TensorFlow (this venv has none) that failed after the whole generation. With the buffer
+    shrunk to 20 KB every split spills (the scenes' 130 train records are ~2 MB), and the
+    records are those of the in-memory preparation, in order; no bucket file is left."""
+    from tensorflow_datasets.core import shuffle
+    from ldot_jax.data import tfds_spill
+    assert not tfds_spill.tensorflow_installed()
+    in_memory = datasets.load("scenes", data_dir=scenes_dir, **TINY)
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 20_000)
+    spilled_dir = tmp_path / "spilled"
+    spilled = datasets.load("scenes", data_dir=str(spilled_dir), **TINY)
+    assert shuffle.tf is not tfds_spill.SHIM  # restored after the preparation
+    for split in ("train", "val", "test"):
+        assert len(spilled.split(split)) == len(in_memory.split(split))
+        for i in (0, 1, 63, 64, len(in_memory.split(split)) - 1):
+            if i >= len(in_memory.split(split)):
+                continue
+            got, want = spilled.split(split)[i], in_memory.split(split)[i]
+            assert got["image_id"] == want["image_id"]
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["region_feat"], want["region_feat"])
+    leftovers = [p for p in spilled_dir.rglob("*") if "bucket" in p.name or "tmp" in p.name]
+    assert not leftovers, leftovers
+    # Without the stand-in, the spill is what failed.
+    monkeypatch.setattr(tfds_spill, "tensorflow_installed", lambda: True)
+    with pytest.raises(ModuleNotFoundError, match="tensorflow"):
+        datasets.load("scenes", data_dir=str(tmp_path / "failing"), **TINY)
+
+
 def test_caption_table_is_cached(scenes_dir):
     data = datasets.load("scenes", data_dir=scenes_dir, **TINY)
     table = data.caption_table("val")

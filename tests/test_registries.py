@@ -172,12 +172,19 @@ def test_two_evaluators_write_both_metric_sets(data_dir, tmp_path):
     want = {f"{split}/{m}" for split in ("val", "test") for m in RECALL}
     # The scenes can tell which captions are true of which images: caption-true recall too
     # (built evaluators write it; the types declare what every dataset gets).
+    # and its IR R@1 per kind of caption the split has.
+    dataset = datasets.load_for_run(c.data)
+    kinds = {split: dataset.caption_kinds(split) for split in ("val", "test")}
+    by_kind = {split: {f"{split}/ct_ir_r1_{k}" for k in set(kinds[split])}
+               for split in ("val", "test")}
+    assert set(kinds["val"]) == {"partial", "count", "count_all", "relation"}
     true = {f"{split}/ct_{m}" for split in ("val", "test") for m in RECALL}
+    true |= by_kind["val"] | by_kind["test"]
     assert set(summary["eval"]) == want | true and want == set(evaluators.declared_metrics(c))
     rows = {r["step"]: r for r in metric_writer.read_jsonl(workdir, "eval")}
     assert sorted(rows) == [2, 4]
     assert {k for k in rows[2] if "/" in k} == {f"val/{m}" for m in RECALL} | {
-        f"val/ct_{m}" for m in RECALL}
+        f"val/ct_{m}" for m in RECALL} | by_kind["val"]
     assert {k for k in rows[4] if "/" in k} == want | true
     with checkpoint.TrainCheckpointer(f"{workdir}/{workdir_lib.CHECKPOINTS}",
                                       best_metric="val/ar") as ckpt:
@@ -191,13 +198,15 @@ def test_two_evaluators_write_both_metric_sets(data_dir, tmp_path):
     mesh = parallel.make_mesh()
     model = pretrained.build_model(loaded.kind, loaded.config)
     params = parallel.replicate(export.checkpoint_params(workdir, 4), mesh)
-    dataset = datasets.load_for_run(c.data)
     for split in ("val", "test"):
         captions = extract.eval_captions(dataset.caption_table(split), dataset.tokenizer,
                                          split, c)
         image_vectors, text_vectors, caption_image = extract.embed_split(
             model, params, dataset.split(split), captions, c, mesh)
-        expected = recall.retrieval_metrics(text_vectors, image_vectors, caption_image)
+        expected = recall.retrieval_metrics(
+            text_vectors, image_vectors, caption_image, truth=dataset.caption_truth(split),
+            kinds=kinds[split], kind_names=sorted(set(kinds[split])))
+        assert set(expected) == {k.split("/")[1] for k in want | true if k.startswith(split)}
         for metric, value in expected.items():
             np.testing.assert_allclose(summary["eval"][f"{split}/{metric}"], value, atol=1e-9,
                                        err_msg=f"{split}/{metric}")

@@ -234,8 +234,10 @@ def check_pretraining_runs_every_task_and_exports(uninterrupted):
     seen = {k for r in rows.values() for k in r if k.endswith("_loss")}
     assert {"cmr_loss", "vmlm_loss", "mrfr_loss", "mrckl_loss"} <= seen
     recall = {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "ar"}
-    # + caption-true recall: the scenes can tell which captions are true of which images.
-    assert set(summary["eval"]) == recall | {"ct_" + m for m in recall}
+    # + caption-true recall: the scenes can tell which captions are true of which images, and
+    # what each caption asks for (every image has captions of each kind).
+    by_kind = {f"ct_ir_r1_{k}" for k in ("partial", "count", "count_all", "relation")}
+    assert set(summary["eval"]) == recall | {"ct_" + m for m in recall} | by_kind
     assert glob.glob(os.path.join(workdir, metrics.TENSORBOARD, "events.out.tfevents.*"))
     saved = json.load(open(os.path.join(workdir, workdir_lib.CONFIG_FILE)))
     assert saved["tasks"] == {"cmr": 1, "vmlm": 1, "mrfr": 1, "mrckl": 1}

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from ldot_jax.core import fileutil, paths
-from ldot_jax.data import builder_base, scenes_truth, schema
+from ldot_jax.data import builder_base, scenes_truth, schema, tfds_spill
 from ldot_jax.data.jsonl import Jsonl
 from ldot_jax.data.karpathy import Karpathy
 from ldot_jax.data.multi30k import Multi30k
@@ -74,6 +74,14 @@ class RetrievalDataset:
         table = self.caption_table(name)
         objects = scenes_truth.split_objects(self.settings, name, len(table))
         return scenes_truth.truth([c for row in table for c in row["captions"]], objects)
+
+    def caption_kinds(self, name: str) -> np.ndarray | None:
+        """str[T]: what caption t of the split asks for (scenes_truth.KINDS: one object, a
+        count, a count by colour, a relation), for the generated scenes; else None."""
+        if self.name != Scenes.name:
+            return None
+        return scenes_truth.kinds([c for row in self.caption_table(name)
+                                   for c in row["captions"]])
 
     def split(self, name: str) -> Sequence[dict]:
         if name not in self.splits:
@@ -217,7 +225,9 @@ def prepare(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None,
                 os.rmdir(path)
             download_config = tfds.download.DownloadConfig(
                 manual_dir=os.path.expanduser(manual_dir) if manual_dir else None)
-            builder.download_and_prepare(download_config=download_config)
+            # A split over 1 GB spills to disk: without TensorFlow too (tfds_spill).
+            with tfds_spill.spill_without_tensorflow():
+                builder.download_and_prepare(download_config=download_config)
             if not builder.is_prepared():
                 raise RuntimeError(f"preparing {path} ended without a prepared dataset there")
             fileutil.pause_point("dataset_prepared")  # crash tests: data there, no vocabulary

@@ -29,6 +29,8 @@ import numpy as np
 from ldot_jax.data import scenes
 
 _ARTICLE = r"(?:an? )"
+# What a caption asks for (Caption.kind): what a caption-true recall breaks down by.
+KINDS = ("partial", "count", "count_all", "relation")
 
 
 @functools.cache
@@ -75,6 +77,17 @@ class Caption:
     groups: tuple | None = None          # sorted ((colour, shape, count), …)
     groups_lead: str | None = None       # "there is" / "there are" / None
     count_all: tuple | None = None       # (count, sorted colours)
+
+    @property
+    def kind(self) -> str:
+        """Which of KINDS the caption is, to break recall down by what it asks for: a
+        relation; a count of all objects by colour; one object named ("partial", also when
+        it reads as a one-group count too: "a red circle"); else a count of groups."""
+        if self.relation is not None:
+            return "relation"
+        if self.count_all is not None:
+            return "count_all"
+        return "partial" if self.partial is not None else "count"
 
     def holds(self, objects: Sequence) -> bool:
         """Whether the caption is true of a scene (a list of scenes.SceneObject)."""
@@ -170,6 +183,11 @@ def parse(text: str) -> Caption:
         raise ValueError(f"scenes caption {text!r} is not one the generator writes")
     return Caption(text, relation, partial, counted[1] if counted else None,
                    counted[0] if counted else None, count_all)
+
+
+def kinds(captions: Sequence[str]) -> np.ndarray:
+    """str[T]: each caption's Caption.kind (one of KINDS)."""
+    return np.array([parse(c).kind for c in captions], dtype=object)
 
 
 def truth(captions: Sequence[str], objects: Sequence[Sequence]) -> np.ndarray:

@@ -109,18 +109,42 @@ def caption_true_metrics(ir: np.ndarray, tr: np.ndarray,
     return out
 
 
+def caption_true_by_kind(ir: np.ndarray, kinds: np.ndarray, names: Sequence[str],
+                         ks: Sequence[int] = KS) -> dict[str, float]:
+    """{"ct_ir_r{K}_{kind}": percent} for every kind in `names` that some caption has: the
+    caption-true IR recall of the captions of each kind (e.g. scenes_truth.kinds), from the
+    IR ranks of `caption_true_ranks`; ir i64[T], kinds[T]. Shows what a model fails at (a
+    pixel tower that knows colours but not shapes is strong on counts of colours, weak on
+    single named objects)."""
+    ir, kinds = np.asarray(ir), np.asarray(kinds)
+    if ir.shape != kinds.shape:
+        raise ValueError(f"{len(kinds)} caption kinds for {len(ir)} caption ranks")
+    unknown = sorted(set(kinds.tolist()) - set(names))
+    if unknown:
+        raise ValueError(f"caption kinds {unknown} are not among {list(names)}")
+    out = {}
+    for name in names:
+        chosen = kinds == name
+        if chosen.any():
+            out.update({f"ct_ir_r{k}_{name}": v for k, v in recall_at_k(ir[chosen], ks).items()})
+    return out
+
+
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[int, float]:
     """{K: percent of ranks < K}."""
     return {k: 100.0 * float(np.mean(ranks < k)) for k in ks}
 
 
 def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.ndarray,
-                      ks: Sequence[int] = KS, truth: np.ndarray | None = None
+                      ks: Sequence[int] = KS, truth: np.ndarray | None = None,
+                      kinds: np.ndarray | None = None, kind_names: Sequence[str] = (),
                       ) -> dict[str, float]:
     """{"ir_r1", "ir_r5", "ir_r10", "tr_r1", …, "ar"} in percent, from the embeddings of every
     caption (f32[T, D]) and every image (f32[N, D]) of a split; caption_image i32[T] ∈ [0, N).
     With truth (bool[T, N], which captions are true of which images) also the caption-true
-    recall ("ct_ir_r1", …, "ct_ar"; caption_true_metrics)."""
+    recall ("ct_ir_r1", …, "ct_ar"; caption_true_metrics), and with kinds (str[T], each
+    caption's, among kind_names) its IR R@1 per kind ("ct_ir_r1_<kind>";
+    caption_true_by_kind)."""
     text = np.asarray(text, np.float32)
     image = np.asarray(image, np.float32)
     caption_image = np.asarray(caption_image)
@@ -139,5 +163,8 @@ def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.nda
     out.update({f"tr_r{k}": v for k, v in tr.items()})
     out["ar"] = float(np.mean(list(ir.values()) + list(tr.values())))
     if truth is not None:
-        out.update(caption_true_metrics(*caption_true_ranks(text, image, truth, max(ks)), ks))
+        ir_true, tr_true = caption_true_ranks(text, image, truth, max(ks))
+        out.update(caption_true_metrics(ir_true, tr_true, ks))
+        if kinds is not None:
+            out.update(caption_true_by_kind(ir_true, kinds, kind_names, ks=(1,)))
     return out

@@ -67,6 +67,7 @@ class EvalContext:
     models: LoadedModels
     _splits: dict = dataclasses.field(default_factory=dict)
     _truth: dict = dataclasses.field(default_factory=dict)
+    _kinds: dict = dataclasses.field(default_factory=dict)
 
     def caption_truth(self, name: str):
         """bool[T, N] caption-true-of-image of split `name` (the split's captions in order),
@@ -75,6 +76,14 @@ class EvalContext:
             judge = getattr(self.dataset, "caption_truth", None)
             self._truth[name] = judge(name) if judge else None
         return self._truth[name]
+
+    def caption_kinds(self, name: str):
+        """str[T] what each caption of split `name` asks for, or None when the dataset cannot
+        tell (the scenes can: scenes_truth.KINDS); computed once."""
+        if name not in self._kinds:
+            judge = getattr(self.dataset, "caption_kinds", None)
+            self._kinds[name] = judge(name) if judge else None
+        return self._kinds[name]
 
     def split(self, name: str):
         """(images, tokenized captions) of split `name`: every image and every caption once, each
