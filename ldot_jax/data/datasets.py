@@ -73,15 +73,19 @@ class RetrievalDataset:
             return None
         table = self.caption_table(name)
         objects = scenes_truth.split_objects(self.settings, name, len(table))
-        return scenes_truth.truth([c for row in table for c in row["captions"]], objects)
+        return scenes_truth.truth(self._captions(table), objects)
 
     def caption_kinds(self, name: str) -> np.ndarray | None:
         """str[T]: what caption t of the split asks for (scenes_truth.KINDS: one object, a
         count, a count by colour, a relation), for the generated scenes; else None."""
         if self.name != Scenes.name:
             return None
-        return scenes_truth.kinds([c for row in self.caption_table(name)
-                                   for c in row["captions"]])
+        return scenes_truth.kinds(self._captions(self.caption_table(name)))
+
+    @staticmethod
+    def _captions(table: Sequence[dict]) -> list[str]:
+        """Every caption of a caption table, in caption_table order (caption t)."""
+        return [c for row in table for c in row["captions"]]
 
     def split(self, name: str) -> Sequence[dict]:
         if name not in self.splits:

@@ -66,24 +66,24 @@ class EvalContext:
     dataset: Any
     models: LoadedModels
     _splits: dict = dataclasses.field(default_factory=dict)
-    _truth: dict = dataclasses.field(default_factory=dict)
-    _kinds: dict = dataclasses.field(default_factory=dict)
+    _judged: dict = dataclasses.field(default_factory=dict)
+
+    def _judge(self, method: str, name: str):
+        """dataset.<method>(name), once per (method, split); None if the dataset has none."""
+        if (method, name) not in self._judged:
+            judge = getattr(self.dataset, method, None)
+            self._judged[method, name] = judge(name) if judge else None
+        return self._judged[method, name]
 
     def caption_truth(self, name: str):
         """bool[T, N] caption-true-of-image of split `name` (the split's captions in order),
         or None when the dataset cannot tell; computed once."""
-        if name not in self._truth:
-            judge = getattr(self.dataset, "caption_truth", None)
-            self._truth[name] = judge(name) if judge else None
-        return self._truth[name]
+        return self._judge("caption_truth", name)
 
     def caption_kinds(self, name: str):
         """str[T] what each caption of split `name` asks for, or None when the dataset cannot
         tell (the scenes can: scenes_truth.KINDS); computed once."""
-        if name not in self._kinds:
-            judge = getattr(self.dataset, "caption_kinds", None)
-            self._kinds[name] = judge(name) if judge else None
-        return self._kinds[name]
+        return self._judge("caption_kinds", name)
 
     def split(self, name: str):
         """(images, tokenized captions) of split `name`: every image and every caption once, each
