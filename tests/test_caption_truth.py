@@ -145,3 +145,12 @@ def test_caption_true_recall_by_kind():
         recall.caption_true_by_kind(ir, np.array(["dog"] * 7), st.KINDS)
     with pytest.raises(ValueError, match="3 caption kinds for 7"):
         recall.caption_true_by_kind(ir, kinds[:3], st.KINDS)
+
+
+def test_kinds_without_truth_are_refused():
+    # Per-kind recall is caption-true recall: kinds alone must not be dropped in silence.
+    rng = np.random.default_rng(0)
+    text, image = rng.normal(size=(4, 3)), rng.normal(size=(2, 3))
+    with pytest.raises(ValueError, match="kinds given without truth"):
+        recall.retrieval_metrics(text, image, np.array([0, 0, 1, 1]),
+                                 kinds=np.array(["partial"] * 4), kind_names=st.KINDS)

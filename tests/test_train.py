@@ -29,6 +29,7 @@ from ldot_jax.evaluation import evaluators
 from ldot_jax.tools import export_cli, launch, mine_cli
 from ldot_jax.training import export as export_lib
 from ldot_jax.training import metric_writer as metrics, optim, tasks, train
+from ldot_jax.training.tasks import cmr
 
 CONFIGS = {"demo": (demo, ["pretrain", "finetune", "rerank", "distill", "vldeformer",
                          "pretrain,tiny", "finetune,tiny", "rerank,tiny", "distill,tiny"]),
@@ -169,9 +170,13 @@ def test_task_on_8_devices_equals_one_device(task):
     c.loss.matryoshka_dims = (4, 8)
     c.loss.temperature = 0.5
     c.loss.learn_temperature = True
+    c.loss.words_weight = 0.5
     kind, model_cfg, model = train.model_and_config(c)
     params = {"model": pretrained.init_params(kind, model_cfg, jax.random.key(0)),
-              **tasks.init_params(c, (task,))}
+              **tasks.init_params(c, (task,), model_cfg)}
+    if task == "cmr":  # a words head away from its zero start, so the image gets gradients
+        params["words"]["kernel"] = jax.random.normal(jax.random.key(4),
+                                                      params["words"]["kernel"].shape)
     batch = _random_batch(np.random.default_rng(1))
     key = jax.random.key(3)
 
@@ -191,13 +196,42 @@ def test_task_on_8_devices_equals_one_device(task):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                      grads8, grads1)
         assert float(jnp.abs(grads1["contrastive"]["log_scale"])) > 0
-        assert {"cmr_loss_4d", "temperature"} <= set(aux1)
+        assert float(jnp.abs(grads1["words"]["kernel"]).max()) > 0
+        assert {"cmr_loss_4d", "temperature", "words_loss"} <= set(aux1)
     else:
         (loss1, aux1), (loss8, aux8) = one, eight
     assert np.isfinite(float(loss1)) and float(loss1) > 0
     np.testing.assert_allclose(loss8, loss1, atol=1e-5, rtol=1e-5)
     for k in aux1:
         np.testing.assert_allclose(aux8[k], aux1[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_words_loss_equals_numpy():
+    """cmr.words_loss against a NumPy bag of words: each caption id once (a repeated id and
+    padding not), the binary cross-entropy summed over the vocabulary, invalid pairs out."""
+    rng = np.random.default_rng(7)
+    b, length, dim, vocab = 5, 6, 4, 9
+    ids = rng.integers(0, vocab, (b, length)).astype(np.int32)
+    ids[0, :3] = [2, 2, 5]  # a repeated id counts once
+    mask = (np.arange(length)[None] < np.array([[6], [3], [6], [1], [4]])).astype(np.int32)
+    valid = np.array([True, True, False, True, True])
+    head = {"kernel": rng.normal(size=(dim, vocab)).astype(np.float32),
+            "bias": rng.normal(size=vocab).astype(np.float32)}
+    image = rng.normal(size=(b, dim)).astype(np.float32)
+    got = cmr.words_loss(head, image, {"input_ids": ids, "attention_mask": mask}, valid)
+    unit = image / np.linalg.norm(image, axis=1, keepdims=True) * np.sqrt(dim)
+    logits = unit @ head["kernel"] + head["bias"]
+    losses = []
+    for row in np.flatnonzero(valid):
+        target = np.zeros(vocab)
+        target[ids[row, mask[row] > 0]] = 1
+        p = 1 / (1 + np.exp(-logits[row]))
+        losses.append(-(target * np.log(p) + (1 - target) * np.log(1 - p)).sum())
+    np.testing.assert_allclose(float(got), np.mean(losses), rtol=1e-5)
+    with pytest.raises(ValueError, match="words_weight=-1"):
+        tasks.LossConfig(words_weight=-1.0)
+    with pytest.raises(ValueError, match="sized by the model's config"):
+        tasks.LossConfig(words_weight=1.0).init_params()
 
 
 def test_vmlm_positions_gather_every_masked_token():

@@ -157,6 +157,10 @@ def retrieval_metrics(text: np.ndarray, image: np.ndarray, caption_image: np.nda
     # A NaN vector would rank first (or last) everywhere and give a good-looking recall.
     numerics.check_finite(text, "text vectors (caption, dim)")
     numerics.check_finite(image, "image vectors (image, dim)")
+    if kinds is not None and truth is None:
+        # Per-kind recall is caption-true recall: without truth there is none to split.
+        raise ValueError("retrieval_metrics: kinds given without truth (the per-kind recall "
+                         "is caption-true recall, which needs truth bool[T, N])")
     ir = recall_at_k(text_to_image_ranks(text, image, caption_image), ks)
     tr = recall_at_k(image_to_text_ranks(text, image, caption_image), ks)
     out = {f"ir_r{k}": v for k, v in ir.items()}

@@ -103,10 +103,14 @@ class RegionConfig:
         _check_positive(self, ("feat_dim", "box_dim", "num_classes"))
 
 
-POOLS = ("tok", "avg")
-# How pixels become patch tokens: open_clip's linear p × p patch embedding, or a convolutional
-# stem (Xiao et al. 2021) of log2(p) 3 × 3 stride-2 convolutions, then a 1 × 1 projection.
-STEMS = ("patch", "conv")
+# The image vector's source: the class token, the patch tokens' mean, their max per feature
+# (a pattern present anywhere, not averaged away with the background), or big_vision's
+# multihead attention pooling (a learned probe attends over the patch tokens).
+POOLS = ("tok", "avg", "max", "map")
+# How pixels become patch tokens: open_clip's linear p × p patch embedding, a convolutional
+# stem (Xiao et al. 2021) of log2(p) 3 × 3 stride-2 convolutions, then a 1 × 1 projection, or
+# a small CNN max-pooled over each patch's cell (models/vit.CnnStem).
+STEMS = ("patch", "conv", "cnn")
 # OpenAI CLIP's normalization of RGB values in [0, 1] (open_clip's OPENAI_DATASET_MEAN / STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -132,10 +136,13 @@ class PixelConfig:
     The tower's input is uint8 RGB [B, image_size, image_size, 3] (resized and center-cropped
     as data/images.py does); it normalizes them itself, (x / 255 - mean) / std per channel, so
     what is stored and sent to the devices stays uint8. pool: the image vector's source, the
-    class token ("tok") or the mean of the patch tokens ("avg"), as open_clip's pool_type.
-    stem: "patch" (open_clip's, the only one its checkpoints have) or "conv" (STEMS; the patch
-    size a power of 2); stem_channels: the conv stem's channels per stride-2 convolution,
-    log2(patch_size) of them (empty: width / 2^k, doubling up to the width).
+    class token ("tok") or the mean of the patch tokens ("avg"), as open_clip's pool_type, their
+    max per feature ("max"), or attention pooling ("map", big_vision's MAPHead). stem: "patch"
+    (open_clip's, the only one its checkpoints have), "conv" (the patch size a power of 2) or
+    "cnn" (the patch size a multiple of 4); stem_channels: the conv stem's channels per
+    stride-2 convolution, log2(patch_size) of them (empty: width / 2^k, doubling up to the
+    width), or the cnn stem's per 3 × 3 convolution, at least 2 (the first two of stride 2;
+    empty: width / 8, width / 4, width / 4, at least 8 each).
     """
 
     image_size: int = 224
@@ -167,9 +174,21 @@ class PixelConfig:
                 raise ValueError(f"PixelConfig.stem_channels={self.stem_channels}: expected "
                                  f"{self.conv_layers} positive ints (log2(patch_size="
                                  f"{p})), or none for the default")
+        elif self.stem == "cnn":
+            if self.patch_size % 4:
+                raise ValueError(f"PixelConfig.patch_size={self.patch_size}: the cnn stem "
+                                 f"works at a quarter of the image side and max-pools each "
+                                 f"patch's cell there, so the patch size must be a multiple "
+                                 f"of 4")
+            if self.stem_channels and (
+                    len(self.stem_channels) < 2
+                    or not all(isinstance(n, int) and n > 0 for n in self.stem_channels)):
+                raise ValueError(f"PixelConfig.stem_channels={self.stem_channels}: the cnn "
+                                 f"stem expects at least 2 positive ints (one per 3 × 3 "
+                                 f"convolution), or none for the default")
         elif self.stem_channels:
             raise ValueError(f"PixelConfig.stem_channels={self.stem_channels}: only the conv "
-                             f"stem has channels (stem={self.stem!r})")
+                             f"and cnn stems have channels (stem={self.stem!r})")
         _floats(self, "mean", 3)
         _floats(self, "std", 3)
         if min(self.std) <= 0:

@@ -52,6 +52,16 @@ def attention_bias(mask, dtype=jnp.float32):
     return ((1.0 - mask.astype(dtype)) * MASK_VALUE)[:, None, None, :]
 
 
+def max_over(x, axis: int):
+    """x.max(axis), its gradient all on the first maximal element (a one-hot of the argmax,
+    as PyTorch's max pooling). jnp.max's own gradient finds the maximal elements by equality
+    with the max, and finds none (0 / 0 = NaN) when XLA recomputes the operand in another
+    fusion with other rounding: seen on CPU at --xla_backend_optimization_level=0 (the tests'
+    setting) for a max over the ViT's patch tokens and over the cnn stem's cells."""
+    hot = jax.nn.one_hot(jnp.argmax(x, axis=axis), x.shape[axis], axis=axis, dtype=x.dtype)
+    return (x * hot).sum(axis=axis)
+
+
 def dense(config: TransformerConfig, features: int, name: str | None = None) -> nn.Dense:
     return nn.Dense(features, dtype=config.compute_dtype, param_dtype=config.params_dtype,
                     kernel_init=nn.initializers.normal(config.initializer_range), name=name)

@@ -2,13 +2,14 @@
 
 uint8 RGB [B, S, S, 3] → (x / 255 − mean) / std → non-overlapping p × p patches, each
 linearly embedded ("conv1", no bias) → [class token; patches] + learned positions → LN_pre →
-pre-LN blocks → LN_post → pool (class token, or the patches' mean) → `proj` (no bias).
-With PixelConfig.stem "conv", the patch embedding is a convolutional stem instead (ConvStem).
+pre-LN blocks → LN_post → pool (class token, the patches' mean or max, or attention pooling)
+→ `proj` (no bias). With PixelConfig.stem "conv" or "cnn", the patch embedding is a
+convolutional stem instead (ConvStem, CnnStem).
 
 Params (open_clip's `visual.*` names): visual/{conv1/kernel [p, p, 3, W], class_embedding [W],
 positional_embedding [1 + g², W] (g = S / p), ln_pre, transformer/resblocks_{n}/…, ln_post},
-proj [W, P]; the conv stem's: visual/stem/{conv_{i} [3, 3, C_{i-1}, C_i], norm_{i}, proj
-[C_k, W]} in place of conv1.
+proj [W, P]; the conv and cnn stems': visual/stem/{conv_{i} [3, 3, C_{i-1}, C_i], norm_{i},
+proj [C_k, W]} in place of conv1; pool "map": map_head/… (MAPHead).
 
 Shapes: B batch, S image side, p patch, g patches per side, W width, P projection dim.
 """
@@ -26,9 +27,9 @@ from jax.sharding import PartitionSpec as P
 from ldot_jax.core import numerics
 from ldot_jax.models.config import PixelConfig, TransformerConfig
 from ldot_jax.models.inputs import check_pixels, pixel_fields
-from ldot_jax.models.layers import layer_norm
+from ldot_jax.models.layers import attend, dense, layer_norm, max_over
 from ldot_jax.models.outputs import TowerOutput
-from ldot_jax.models.prenorm import PreLNEncoder
+from ldot_jax.models.prenorm import Mlp, PreLNEncoder
 
 def normalize_pixels(pixels, config: PixelConfig):
     """uint8[B, S, S, 3] → f32[B, S, S, 3]: (x / 255 − mean) / std, as torchvision's ToTensor
@@ -70,17 +71,38 @@ class PatchEmbed(nn.Module):
         return patches @ kernel.reshape(p * p * channels, c.hidden_size).astype(c.compute_dtype)
 
 
-def conv3x3_stride2(x, kernel):
-    """f[B, H, H, C] x [3, 3, C, D] → [B, H/2, H/2, D]: a 3 × 3 convolution with stride 2 and
-    zero padding 1 (lax.conv_general_dilated's), as 9 strided slices and one matmul. Under a
-    mesh with Explicit axes JAX has no sharding rule for a convolution's kernel gradient; slices
-    and a matmul keep the batch sharding with none needed."""
+def conv3x3(x, kernel, stride: int = 2):
+    """f[B, H, H, C] x [3, 3, C, D] → [B, H/stride, H/stride, D]: a 3 × 3 convolution with
+    stride 1 or 2 and zero padding 1 (lax.conv_general_dilated's), as 9 strided slices and one
+    matmul. Under a mesh with Explicit axes JAX has no sharding rule for a convolution's kernel
+    gradient; slices and a matmul keep the batch sharding with none needed."""
     side, channels = x.shape[1], x.shape[3]
-    if side % 2:
-        raise ValueError(f"conv3x3_stride2: image side {side} is odd")
+    if stride not in (1, 2):
+        raise ValueError(f"conv3x3: stride {stride}, expected 1 or 2")
+    if side % stride:
+        raise ValueError(f"conv3x3: image side {side} is odd (stride 2)")
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    taps = [padded[:, dy:dy + side:2, dx:dx + side:2] for dy in range(3) for dx in range(3)]
+    taps = [padded[:, dy:dy + side:stride, dx:dx + side:stride]
+            for dy in range(3) for dx in range(3)]
     return jnp.concatenate(taps, axis=-1) @ kernel.reshape(9 * channels, kernel.shape[-1])
+
+
+def _conv_layer(module: nn.Module, c: TransformerConfig, i: int, x, out: int, stride: int):
+    """conv_{i} (3 × 3, no bias) → norm_{i} (LayerNorm over channels) → GELU, as params of
+    `module` (called inside its compact __call__)."""
+    kernel = module.param(f"conv_{i}", nn.initializers.lecun_normal(),
+                          (3, 3, x.shape[-1], out), c.params_dtype)
+    x = conv3x3(x, kernel.astype(x.dtype), stride)
+    return nn.gelu(layer_norm(c, f"norm_{i}")(x), approximate=False)
+
+
+def _project_tokens(module: nn.Module, c: TransformerConfig, x):
+    """[B, g, g, C] → [B, g², W]: the grid row-major, through `proj` (a 1 × 1 convolution)."""
+    batch, grid, _, channels = x.shape
+    x = _batch_reshape(x, (batch, grid * grid, channels))
+    proj = module.param("proj", nn.initializers.lecun_normal(), (channels, c.hidden_size),
+                        c.params_dtype)
+    return x @ proj.astype(x.dtype)
 
 
 class ConvStem(nn.Module):
@@ -105,15 +127,86 @@ class ConvStem(nn.Module):
         c = self.config
         x = images.astype(c.compute_dtype)
         for i, out in enumerate(self.channels()):
-            kernel = self.param(f"conv_{i}", nn.initializers.lecun_normal(),
-                                (3, 3, x.shape[-1], out), c.params_dtype)
-            x = nn.gelu(layer_norm(c, f"norm_{i}")(conv3x3_stride2(x, kernel.astype(x.dtype))),
-                        approximate=False)
-        batch, grid, _, channels = x.shape
-        x = _batch_reshape(x, (batch, grid * grid, channels))
-        proj = self.param("proj", nn.initializers.lecun_normal(), (channels, c.hidden_size),
-                          c.params_dtype)
-        return x @ proj.astype(x.dtype)
+            x = _conv_layer(self, c, i, x, out, stride=2)
+        return _project_tokens(self, c, x)
+
+
+class CnnStem(nn.Module):
+    """A small CNN in place of the patch embedding: 3 × 3 convolutions (each LayerNorm over
+    channels and GELU), the first two of stride 2 (S → S/4), the rest of stride 1; then the max
+    over each patch's (p/4) × (p/4) cell of that map, and a 1 × 1 projection to the width.
+
+    Why: a linear patch embedding must learn a shape once per position inside the patch, and
+    learns the scenes' 10–20 px shapes barely faster than guessing (BENCHMARKS.md, "What the
+    pixel towers miss"); convolutions see a shape the same wherever it is, and the max keeps a
+    small object's response whole instead of averaging it with the background. Params:
+    stem/{conv_{i} [3, 3, C_{i-1}, C_i], norm_{i}, proj [C_k, W]}.
+    """
+
+    config: TransformerConfig
+    pixels: PixelConfig
+
+    def channels(self) -> tuple:
+        width = self.config.hidden_size
+        return self.pixels.stem_channels or (max(8, width // 8), max(8, width // 4),
+                                             max(8, width // 4))
+
+    @nn.compact
+    def __call__(self, images):
+        """images: f[B, S, S, 3] → [B, g², W]."""
+        c, grid = self.config, self.pixels.grid
+        x = images.astype(c.compute_dtype)
+        for i, out in enumerate(self.channels()):
+            x = _conv_layer(self, c, i, x, out, stride=2 if i < 2 else 1)
+        batch, side, _, channels = x.shape
+        cell = side // grid
+        cells = _batch_reshape(x, (batch, grid, cell, grid, cell, channels))
+        x = max_over(max_over(cells, 4), 2)
+        return _project_tokens(self, c, x)
+
+
+class MAPHead(nn.Module):
+    """big_vision's multihead attention pooling (SigLIP's MAPHead): a learned probe attends
+    over the patch tokens, then x + MLP(LN(x)). tokens [B, L, W] → [B, W].
+    Params: probe [W], query/key_value/out_proj (Dense), ln, mlp/{c_fc, c_proj}."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens):
+        c = self.config
+        batch, length, width = tokens.shape
+        probe = self.param("probe", nn.initializers.normal(width ** -0.5), (width,),
+                           c.params_dtype)
+        # Built from the tokens, so it is sharded like the batch under a mesh.
+        query = jnp.zeros_like(tokens[:, :1]) + probe.astype(tokens.dtype)
+        heads = (c.num_heads, c.head_dim)
+        query = _batch_reshape(dense(c, width, "query")(query), (batch, 1, *heads))
+        key, value = jnp.split(dense(c, 2 * width, "key_value")(tokens), 2, axis=-1)
+        key = _batch_reshape(key, (batch, length, *heads))
+        value = _batch_reshape(value, (batch, length, *heads))
+        bias = jnp.zeros((1, 1, 1, length), jnp.float32)  # every patch token is real
+        pooled = attend(c, query, key, value, bias)
+        pooled = dense(c, width, "out_proj")(_batch_reshape(pooled, (batch, 1, width)))
+        pooled = pooled + Mlp(c, name="mlp")(layer_norm(c, "ln")(pooled))
+        return pooled[:, 0]
+
+
+def pool_tokens(module: nn.Module, states, pixels: PixelConfig):
+    """The image vector's source from the ViT's states [B, 1 + g², W] → [B, W], by
+    pixels.pool (PixelConfig): the class token, the patch tokens' mean, max or MAPHead."""
+    if pixels.pool == "tok":
+        return states[:, 0]
+    patches = states[:, 1:]
+    if pixels.pool == "avg":
+        return patches.mean(axis=1)
+    if pixels.pool == "max":
+        return max_over(patches, 1)
+    return MAPHead(module.config, name="map_head")(patches)
+
+
+# The stems other than open_clip's linear patch embedding ("patch", conv1), by PixelConfig.stem.
+STEM_MODULES = {"conv": ConvStem, "cnn": CnnStem}
 
 
 class VisionTransformer(nn.Module):
@@ -129,8 +222,8 @@ class VisionTransformer(nn.Module):
         check_pixels(pixels, pc)
         width, scale = c.hidden_size, c.hidden_size ** -0.5
         images = normalize_pixels(pixels, pc)
-        if pc.stem == "conv":
-            x = ConvStem(c, pc, name="stem")(images)
+        if pc.stem in STEM_MODULES:
+            x = STEM_MODULES[pc.stem](c, pc, name="stem")(images)
         else:
             x = PatchEmbed(c, pc.patch_size, name="conv1")(images)
         cls = self.param("class_embedding", nn.initializers.normal(scale), (width,),
@@ -168,7 +261,7 @@ class ViTTower(nn.Module):
         c = self.config
         states = VisionTransformer(c, self.pixels, name="visual")(pixel_fields(image),
                                                                   deterministic)
-        pooled = states[:, 0] if self.pixels.pool == "tok" else states[:, 1:].mean(axis=1)
+        pooled = pool_tokens(self, states, self.pixels)
         proj = self.param("proj", nn.initializers.normal(c.hidden_size ** -0.5),
                           (c.hidden_size, self.project_dim), c.params_dtype)
         embedding = (pooled @ proj.astype(pooled.dtype)).astype(jnp.float32)

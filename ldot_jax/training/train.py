@@ -161,7 +161,7 @@ def init_state(config, kind: str, model_config, tx, mesh,
         sources = {k: config.init.get(k) for k in initialize.TARGETS}
         params = initialize.from_pretrained(params, kind, sources)
     params = {"model": params,
-              **jax.device_get(tasks.init_params(config, tuple(config.tasks)))}
+              **jax.device_get(tasks.init_params(config, tuple(config.tasks), model_config))}
     params = parallel.replicate(params, mesh)
     with jax.set_mesh(mesh):
         opt_state = jax.jit(tx.init)(params)

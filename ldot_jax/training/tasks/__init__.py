@@ -118,7 +118,8 @@ def pipeline_flags(names) -> dict[str, bool]:
     return {flag: flag in wanted for flag in sorted(flags)}
 
 
-def init_params(config, names) -> dict:
+def init_params(config, names, model_config=None) -> dict:
     """The trainable parameters of the tasks `names` themselves (their config sections'
-    `init_params()`, e.g. {"contrastive": {"log_scale"}} with a learned temperature)."""
-    return TaskSetup(None, None, task_configs(config, names)).init_params()
+    `init_params(model_config)`, e.g. {"contrastive": {"log_scale"}} with a learned
+    temperature; model_config: the trained model's, which sizes a head such as "words")."""
+    return TaskSetup(None, None, task_configs(config, names)).init_params(model_config)

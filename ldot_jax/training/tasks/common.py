@@ -81,13 +81,15 @@ class TaskSetup:
         value = self.configs.get(section)
         return cls() if value is None else value
 
-    def init_params(self) -> dict:
+    def init_params(self, model_config=None) -> dict:
         """The tasks' own trainable parameters ({"contrastive": …} with a learned
-        temperature): what every section's config contributes with `init_params()`."""
+        temperature, {"words": …} with loss.words_weight): what every section's config
+        contributes with `init_params(model_config)` (default: the model's config)."""
+        model_config = model_config or getattr(self.model, "config", None)
         out = {}
         for value in self.configs.values():
             if hasattr(value, "init_params"):
-                out.update(value.init_params())
+                out.update(value.init_params(model_config))
         return out
 
 
@@ -102,6 +104,9 @@ class LossConfig:
     matryoshka_dims / weights: the loss also on these embedding prefixes (HiVLP), each weighted;
       the full dimension is always included with weight 1 unless listed.
     sigmoid_bias: initial bias of the sigmoid loss (learned with the temperature).
+    words_weight: > 0 adds caption-word prediction from the image vector, this weighted
+      (`cmr.words_loss`: a linear head, params["words"], says which vocabulary ids the paired
+      caption holds; a bag-of-words form of VirTex / CapPa's captioning signal, no decoder).
     """
 
     contrastive: contrastive.ContrastiveConfig = contrastive.ContrastiveConfig()
@@ -110,8 +115,12 @@ class LossConfig:
     matryoshka_dims: tuple[int, ...] = ()
     matryoshka_weights: tuple[float, ...] = ()
     sigmoid_bias: float = -10.0
+    words_weight: float = 0.0
 
     def __post_init__(self):
+        if not (np.isfinite(self.words_weight) and self.words_weight >= 0):
+            raise ValueError(f"loss.words_weight={self.words_weight}: expected a finite "
+                             f"number >= 0")
         if self.learn_temperature and self.temperature is None:
             raise ValueError("loss.learn_temperature needs loss.temperature (its initial value)")
         if self.temperature is not None and self.temperature <= 0:
@@ -131,16 +140,29 @@ class LossConfig:
                                   "chunk_size") if k in c}),
             temperature=c.get("temperature"), learn_temperature=c.get("learn_temperature", False),
             matryoshka_dims=tuple(c.get("matryoshka_dims", ()) or ()),
-            matryoshka_weights=tuple(c.get("matryoshka_weights", ()) or ()))
+            matryoshka_weights=tuple(c.get("matryoshka_weights", ()) or ()),
+            words_weight=float(c.get("words_weight", 0.0)))
 
-    def init_params(self) -> dict:
-        """The loss's own trainable parameters ({} unless the temperature is learned)."""
-        if not self.learn_temperature:
-            return {}
-        out = {"log_scale": jnp.asarray(np.log(1.0 / self.temperature), jnp.float32)}
-        if self.contrastive.kind == "sigmoid":
-            out["bias"] = jnp.asarray(self.sigmoid_bias, jnp.float32)
-        return {"contrastive": out}
+    def init_params(self, model_config=None) -> dict:
+        """The loss's own trainable parameters: {"contrastive": {"log_scale"[, "bias"]}} when
+        the temperature is learned, {"words": {"kernel" f32[P, V], "bias" f32[V]}} with
+        words_weight (P, V: model_config's project_dim and text vocabulary)."""
+        out = {}
+        if self.learn_temperature:
+            learned = {"log_scale": jnp.asarray(np.log(1.0 / self.temperature), jnp.float32)}
+            if self.contrastive.kind == "sigmoid":
+                learned["bias"] = jnp.asarray(self.sigmoid_bias, jnp.float32)
+            out["contrastive"] = learned
+        if self.words_weight:
+            if model_config is None:
+                raise ValueError("loss.words_weight: the words head is sized by the model's "
+                                 "config (project_dim, text.vocab_size); none was given")
+            dim, vocab = model_config.project_dim, model_config.text.vocab_size
+            # A zero kernel: the head starts as the prior (each id in 1 of V captions), so the
+            # first steps' image gradients are the contrastive loss's alone.
+            out["words"] = {"kernel": jnp.zeros((dim, vocab), jnp.float32),
+                            "bias": jnp.full((vocab,), -np.log(vocab), jnp.float32)}
+        return out
 
     def prefixes(self, full_dim: int) -> dict[int, float]:
         """{embedding prefix size: its weight}: the full size first (weight 1 unless listed),
