@@ -28,8 +28,7 @@ from ldot_jax.data import datasets, mined_negatives
 from ldot_jax.evaluation import evaluators
 from ldot_jax.tools import export_cli, launch, mine_cli
 from ldot_jax.training import export as export_lib
-from ldot_jax.training import metric_writer as metrics, optim, tasks, train
-from ldot_jax.training.tasks import cmr
+from ldot_jax.training import losses, metric_writer as metrics, optim, tasks, train
 
 CONFIGS = {"demo": (demo, ["pretrain", "finetune", "rerank", "distill", "vldeformer",
                          "pretrain,tiny", "finetune,tiny", "rerank,tiny", "distill,tiny"]),
@@ -207,7 +206,7 @@ def test_task_on_8_devices_equals_one_device(task):
 
 
 def test_words_loss_equals_numpy():
-    """cmr.words_loss against a NumPy bag of words: each caption id once (a repeated id and
+    """losses.words_loss against a NumPy bag of words: each caption id once (a repeated id and
     padding not), the binary cross-entropy summed over the vocabulary, invalid pairs out."""
     rng = np.random.default_rng(7)
     b, length, dim, vocab = 5, 6, 4, 9
@@ -218,16 +217,16 @@ def test_words_loss_equals_numpy():
     head = {"kernel": rng.normal(size=(dim, vocab)).astype(np.float32),
             "bias": rng.normal(size=vocab).astype(np.float32)}
     image = rng.normal(size=(b, dim)).astype(np.float32)
-    got = cmr.words_loss(head, image, {"input_ids": ids, "attention_mask": mask}, valid)
+    got = losses.words_loss(head, image, {"input_ids": ids, "attention_mask": mask}, valid)
     unit = image / np.linalg.norm(image, axis=1, keepdims=True) * np.sqrt(dim)
     logits = unit @ head["kernel"] + head["bias"]
-    losses = []
+    per_pair = []
     for row in np.flatnonzero(valid):
         target = np.zeros(vocab)
         target[ids[row, mask[row] > 0]] = 1
         p = 1 / (1 + np.exp(-logits[row]))
-        losses.append(-(target * np.log(p) + (1 - target) * np.log(1 - p)).sum())
-    np.testing.assert_allclose(float(got), np.mean(losses), rtol=1e-5)
+        per_pair.append(-(target * np.log(p) + (1 - target) * np.log(1 - p)).sum())
+    np.testing.assert_allclose(float(got), np.mean(per_pair), rtol=1e-5)
     with pytest.raises(ValueError, match="words_weight=-1"):
         tasks.LossConfig(words_weight=-1.0)
     with pytest.raises(ValueError, match="sized by the model's config"):

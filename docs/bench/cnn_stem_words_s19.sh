@@ -4,7 +4,7 @@
 # batch 256, val evaluated by the training evaluation at the last step, all 5,000 captions)
 # with
 #   cnn        model.pixels.stem=cnn (models/vit.CnnStem), 450 steps;
-#   cnn_words  the same + loss.words_weight=0.1 (training/tasks/cmr.words_loss);
+#   cnn_words  the same + loss.words_weight=0.1 (training/losses.words_loss);
 #   patch_words  the pixel demo's ViT (16-px linear patches) + loss.words_weight=0.1, 900 steps
 #              (the demo's own run without it: BENCHMARKS.md, session 17–18 rows).
 #

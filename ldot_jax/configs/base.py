@@ -96,7 +96,7 @@ def _loss() -> ml_collections.ConfigDict:
     s.learn_temperature = False
     s.matryoshka_dims = ()
     s.matryoshka_weights = ()
-    # > 0: the image vector also predicts its caption's words (cmr.words_loss), this weighted.
+    # > 0: the image vector also predicts its caption's words (losses.words_loss), this weighted.
     s.words_weight = 0.0
     return s
 

@@ -116,6 +116,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _positive_ints(values) -> bool:
+    return all(isinstance(n, int) and n > 0 for n in values)
+
+
 def _floats(config, key: str, count: int) -> None:
     """Coerces a field holding `count` numbers to a tuple of floats (JSON gives lists)."""
     value = getattr(config, key)
@@ -168,9 +172,8 @@ class PixelConfig:
             if p & (p - 1):
                 raise ValueError(f"PixelConfig.patch_size={p}: the conv stem halves the image "
                                  f"per convolution, so the patch size must be a power of 2")
-            if self.stem_channels and (
-                    len(self.stem_channels) != self.conv_layers
-                    or not all(isinstance(n, int) and n > 0 for n in self.stem_channels)):
+            if self.stem_channels and (len(self.stem_channels) != self.conv_layers
+                                       or not _positive_ints(self.stem_channels)):
                 raise ValueError(f"PixelConfig.stem_channels={self.stem_channels}: expected "
                                  f"{self.conv_layers} positive ints (log2(patch_size="
                                  f"{p})), or none for the default")
@@ -180,9 +183,8 @@ class PixelConfig:
                                  f"works at a quarter of the image side and max-pools each "
                                  f"patch's cell there, so the patch size must be a multiple "
                                  f"of 4")
-            if self.stem_channels and (
-                    len(self.stem_channels) < 2
-                    or not all(isinstance(n, int) and n > 0 for n in self.stem_channels)):
+            if self.stem_channels and (len(self.stem_channels) < 2
+                                       or not _positive_ints(self.stem_channels)):
                 raise ValueError(f"PixelConfig.stem_channels={self.stem_channels}: the cnn "
                                  f"stem expects at least 2 positive ints (one per 3 × 3 "
                                  f"convolution), or none for the default")

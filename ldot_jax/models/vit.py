@@ -192,9 +192,10 @@ class MAPHead(nn.Module):
         return pooled[:, 0]
 
 
-def pool_tokens(module: nn.Module, states, pixels: PixelConfig):
+def pool_tokens(states, pixels: PixelConfig, config: TransformerConfig):
     """The image vector's source from the ViT's states [B, 1 + g², W] → [B, W], by
-    pixels.pool (PixelConfig): the class token, the patch tokens' mean, max or MAPHead."""
+    pixels.pool (PixelConfig): the class token, the patch tokens' mean, max or MAPHead (a
+    submodule of the module whose compact call this is)."""
     if pixels.pool == "tok":
         return states[:, 0]
     patches = states[:, 1:]
@@ -202,7 +203,7 @@ def pool_tokens(module: nn.Module, states, pixels: PixelConfig):
         return patches.mean(axis=1)
     if pixels.pool == "max":
         return max_over(patches, 1)
-    return MAPHead(module.config, name="map_head")(patches)
+    return MAPHead(config, name="map_head")(patches)
 
 
 # The stems other than open_clip's linear patch embedding ("patch", conv1), by PixelConfig.stem.
@@ -261,7 +262,7 @@ class ViTTower(nn.Module):
         c = self.config
         states = VisionTransformer(c, self.pixels, name="visual")(pixel_fields(image),
                                                                   deterministic)
-        pooled = pool_tokens(self, states, self.pixels)
+        pooled = pool_tokens(states, self.pixels, c)
         proj = self.param("proj", nn.initializers.normal(c.hidden_size ** -0.5),
                           (c.hidden_size, self.project_dim), c.params_dtype)
         embedding = (pooled @ proj.astype(pooled.dtype)).astype(jnp.float32)

@@ -10,9 +10,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ldot_jax.core import numerics
 
-def _weighted_mean(values, weights):
-    """Sum(values * weights) / max(sum(weights), 1)."""
+
+def weighted_mean(values, weights):
+    """Sum(values * weights) / max(sum(weights), 1): the mean over the rows that count."""
     weights = weights.astype(values.dtype)
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -50,7 +52,7 @@ def masked_lm_loss(logits, labels, ignore_index: int = -1):
     safe = jnp.where(valid, labels, 0)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
-    return _weighted_mean(nll, valid)
+    return weighted_mean(nll, valid)
 
 
 def mrfr_loss(prediction, target, weights):
@@ -61,7 +63,7 @@ def mrfr_loss(prediction, target, weights):
     Returns: f32[] = sum over masked regions of ||pred - target||² / (n_masked · F).
     """
     squared = jnp.sum(jnp.square(prediction.astype(jnp.float32) - target), axis=-1)
-    return _weighted_mean(squared, weights) / prediction.shape[-1]
+    return weighted_mean(squared, weights) / prediction.shape[-1]
 
 
 def mrc_kl_loss(logits, soft_labels, weights):
@@ -75,7 +77,7 @@ def mrc_kl_loss(logits, soft_labels, weights):
     log_q = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     # p·(log p − log q), with 0·log 0 = 0 as torch's xlogy.
     kl = jax.scipy.special.xlogy(soft_labels, soft_labels) - soft_labels * log_q
-    return _weighted_mean(jnp.sum(kl, axis=-1), weights) / logits.shape[-1]
+    return weighted_mean(jnp.sum(kl, axis=-1), weights) / logits.shape[-1]
 
 
 def distillation_loss_per_row(student, teacher, mask, temperature: float):
@@ -105,7 +107,7 @@ def itm_loss(logits, labels, weights):
     """
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(log_probs, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    return _weighted_mean(nll, weights)
+    return weighted_mean(nll, weights)
 
 
 def rank_hinge_loss(positive, negative, weights, margin: float):
@@ -122,7 +124,7 @@ def rank_hinge_loss(positive, negative, weights, margin: float):
     if negative.ndim == 2:
         positive = positive[:, None]
     hinge = jax.nn.relu(margin - positive + negative)
-    return _weighted_mean(hinge, weights)
+    return weighted_mean(hinge, weights)
 
 
 def listwise_rank_loss(positive, negative, found, valid):
@@ -139,4 +141,31 @@ def listwise_rank_loss(positive, negative, found, valid):
     logits = jnp.where(keep, logits, -jnp.inf)
     nll = -jax.nn.log_softmax(logits, axis=-1)[:, 0]
     rows = valid.astype(bool) & jnp.any(found, axis=1)
-    return _weighted_mean(jnp.where(rows, nll, 0.0), rows)
+    return weighted_mean(jnp.where(rows, nll, 0.0), rows)
+
+
+def words_loss(head, image, text, valid):
+    """Caption words from the image vector: the sigmoid cross-entropy of the head's logits
+    u @ kernel + bias (f32[B, V]; u the image vector scaled to norm √P) against which
+    vocabulary ids the paired caption holds (each id once, padding not), summed over the
+    vocabulary, averaged over the valid pairs.
+
+    head: {"kernel" f32[P, V], "bias" f32[V]}; image f32[B, P]; text {"input_ids" i32[B, L],
+    "attention_mask" [B, L]}; valid bool[B]. Why: the in-batch contrastive loss separates a
+    batch's pictures by whatever differs most (on the scenes, colours) and teaches what
+    differs less (shapes) slowly; naming every word of the caption asks for all of it. Why
+    norm √P: the head reads the direction the retrieval compares, with entries of order 1,
+    so Adam's steps of order lr on the zero-initialized kernel move the logits in tens of
+    steps (on a unit vector, the head would take thousands to leave its prior).
+    """
+    unit = numerics.l2_normalize(image) * jnp.sqrt(jnp.float32(image.shape[-1]))
+    logits = unit @ head["kernel"] + head["bias"]
+    ids, real = text["input_ids"], text["attention_mask"] > 0
+    length = ids.shape[1]
+    earlier = jnp.arange(length)[None, :] < jnp.arange(length)[:, None]  # [j, k]: k before j
+    repeated = ((ids[:, :, None] == ids[:, None, :]) & earlier[None] & real[:, None, :]).any(2)
+    present = real & ~repeated  # each id of the caption once
+    at_ids = jnp.take_along_axis(logits, ids, axis=1)  # [B, L]
+    # BCE(z, y) = softplus(z) - y z, the y = 1 terms read at the caption's ids.
+    per_pair = jax.nn.softplus(logits).sum(1) - jnp.where(present, at_ids, 0.0).sum(1)
+    return weighted_mean(per_pair, valid)

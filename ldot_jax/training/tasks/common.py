@@ -105,7 +105,7 @@ class LossConfig:
       the full dimension is always included with weight 1 unless listed.
     sigmoid_bias: initial bias of the sigmoid loss (learned with the temperature).
     words_weight: > 0 adds caption-word prediction from the image vector, this weighted
-      (`cmr.words_loss`: a linear head, params["words"], says which vocabulary ids the paired
+      (`losses.words_loss`: a linear head, params["words"], says which vocabulary ids the paired
       caption holds; a bag-of-words form of VirTex / CapPa's captioning signal, no decoder).
     """
 

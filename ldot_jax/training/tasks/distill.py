@@ -99,7 +99,7 @@ def _direction_loss(setup: common.TaskSetup, params, batch, teacher_inputs, dire
     if cfg.residual:
         teacher = teacher + jax.lax.stop_gradient(student)
     per_row = losses.distillation_loss_per_row(student, teacher, mask, cfg.temperature)
-    return jnp.sum(per_row * valid) / jnp.maximum(jnp.sum(valid), 1)
+    return losses.weighted_mean(per_row, valid)
 
 
 def loss(params, batch, rng, setup: common.TaskSetup):
