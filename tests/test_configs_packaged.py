@@ -26,3 +26,23 @@ def test_flags_are_rewritten_in_both_spellings(tmp_path, monkeypatch):
                                  "--config", "pretrain.py", "--config.seed=3"])
     assert out == [f"--config={here}/demo.py:rerank", "--workdir=w",
                    "--config", f"{here}/pretrain.py", "--config.seed=3"]
+
+
+def test_a_repeated_config_override_is_refused_before_training(tmp_path, capsys):
+    """ml_collections appends a repeated tuple override to the first one's value (stem
+    channels (32, 64, 128) then (32, 64, 128, 128) ran a 7-convolution stem), so `ldot train`
+    refuses any key given twice, in either spelling, and names it."""
+    from ldot_jax.tools import train_cli
+    argv = ["--config=ldot_jax/configs/demo_pixels.py:towers", f"--workdir={tmp_path}/run",
+            "--config.model.pixels.stem_channels=(32,64,128)", "--config.seed", "3",
+            "--config.model.pixels.stem_channels=(32,64,128,128)", "--config.seed=4",
+            "--config.train.num_steps=2"]
+    assert configs.repeated_overrides(argv) == ["config.model.pixels.stem_channels",
+                                                "config.seed"]
+    assert configs.repeated_overrides(["--config.a=1", "--noconfig.b", "--config.b"]) == [
+        "config.b"]
+    assert configs.repeated_overrides(argv[:4]) == []
+    assert train_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--config.model.pixels.stem_channels, --config.seed given more than once" in err
+    assert not os.path.exists(tmp_path / "run")

@@ -4,7 +4,8 @@ picture holds? The diagnostic behind BENCHMARKS.md's "What the pixel towers miss
 shapes, so this asks whether the tower learns shapes at all when told them.
 
     .venv/bin/python docs/bench/shape_probe_s18.py RUN [--steps 400] [--tower vit|cnn]
-        [--patch 16] [--stem patch|conv|cnn] [--pool avg|max|map|tok] [--width 128]
+        [--patch 16] [--stem patch|conv|cnn] [--stem-channels 32,64,128]
+        [--pool avg|max|map|tok] [--width 128]
         [--layers 2] [--lr 1e-3] [--labels classes|shapes]
 
 RUN: a scenes towers run (its data is read: the stored 64 × 64 pictures). The tower (the
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=16)
     parser.add_argument("--stem", choices=STEMS, default="patch")
     parser.add_argument("--pool", choices=POOLS, default="avg")
+    parser.add_argument("--stem-channels", default="",
+                        help="comma-separated channels of the conv / cnn stem (empty: default)")
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -91,11 +94,12 @@ def main() -> None:
         model = CNN()
     else:
         width = args.width
+        channels = tuple(int(c) for c in args.stem_channels.split(",") if c)
         model = ViTTower(TransformerConfig(
             hidden_size=width, num_layers=args.layers, num_heads=4, intermediate_size=4 * width,
             hidden_dropout=0.0, attention_dropout=0.0, vocab_size=1, max_position_embeddings=1),
             PixelConfig(image_size=train_x.shape[1], patch_size=args.patch, pool=args.pool,
-                        stem=args.stem), project_dim=SHAPES * COLORS)
+                        stem=args.stem, stem_channels=channels), project_dim=SHAPES * COLORS)
     params = model.init(jax.random.key(0), {"pixels": jnp.asarray(train_x[:2])})["params"]
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0, args.lr, 30, args.steps),
                             weight_decay=0.0)

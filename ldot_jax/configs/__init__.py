@@ -25,6 +25,20 @@ def resolve(spec: str) -> str:
     return spec
 
 
+def repeated_overrides(argv: list[str]) -> list[str]:
+    """The `--config.KEY` overrides that `argv` gives more than once, in order of first use.
+
+    Why: ml_collections does not let the last one win for every type (a repeated tuple
+    override, e.g. `--config.model.pixels.stem_channels`, is appended to the first one's
+    value), so a command that repeats a key does not say what it runs."""
+    seen: dict[str, int] = {}
+    for arg in argv:
+        if arg.startswith("--config.") or arg.startswith("--noconfig."):
+            key = arg.split("=", 1)[0].removeprefix("--no").removeprefix("--")
+            seen[key] = seen.get(key, 0) + 1
+    return [key for key, count in seen.items() if count > 1]
+
+
 def resolve_flags(argv: list[str]) -> list[str]:
     """The same arguments with `--config=SPEC` / `--config SPEC` resolved (see `resolve`)."""
     out, i = [], 0

@@ -52,6 +52,12 @@ def _main(argv):
 def main(argv: list[str] | None = None) -> int:
     """Runs training with `argv` (default: sys.argv[1:]); packaged config names resolved."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    repeated = configs.repeated_overrides(argv)
+    if repeated:
+        print(f"ldot train: {', '.join('--' + k for k in repeated)} given more than once; give "
+              f"each config override once (ml_collections appends a repeated tuple override "
+              f"to the first instead of replacing it)", file=sys.stderr)
+        return 2
     app.run(_main, argv=["ldot train", *configs.resolve_flags(argv)])
     return 0
 
