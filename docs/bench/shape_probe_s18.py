@@ -5,7 +5,7 @@ shapes, so this asks whether the tower learns shapes at all when told them.
 
     .venv/bin/python docs/bench/shape_probe_s18.py RUN [--steps 400] [--tower vit|cnn]
         [--patch 16] [--stem patch|conv|cnn] [--stem-channels 32,64,128]
-        [--pool avg|max|map|tok] [--width 128]
+        [--pool avg|max|map|tok] [--width 128] [--init-range 0.02]
         [--layers 2] [--lr 1e-3] [--labels classes|shapes]
 
 RUN: a scenes towers run (its data is read: the stored 64 × 64 pictures). The tower (the
@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--init-range", type=float, default=0.02,
+                        help="the ViT's dense and embedding init std (the scenes towers: 0.1)")
     parser.add_argument("--labels", choices=("classes", "shapes"), default="classes")
     args = parser.parse_args()
     dataset = index_build.open_dataset(workdir_lib.load_config(args.run))
@@ -97,7 +99,8 @@ def main() -> None:
         channels = tuple(int(c) for c in args.stem_channels.split(",") if c)
         model = ViTTower(TransformerConfig(
             hidden_size=width, num_layers=args.layers, num_heads=4, intermediate_size=4 * width,
-            hidden_dropout=0.0, attention_dropout=0.0, vocab_size=1, max_position_embeddings=1),
+            hidden_dropout=0.0, attention_dropout=0.0, vocab_size=1, max_position_embeddings=1,
+            initializer_range=args.init_range),
             PixelConfig(image_size=train_x.shape[1], patch_size=args.patch, pool=args.pool,
                         stem=args.stem, stem_channels=channels), project_dim=SHAPES * COLORS)
     params = model.init(jax.random.key(0), {"pixels": jnp.asarray(train_x[:2])})["params"]
