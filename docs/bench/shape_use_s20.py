@@ -1,5 +1,5 @@
-"""Do a scenes towers run's vectors carry shape? The diagnostic behind BENCHMARKS.md's "Mined
-negatives teach the pixel towers shapes" (issue 19, session 20).
+"""Do a scenes towers run's vectors carry shape? The diagnostic behind BENCHMARKS.md's "More
+steps and mined negatives teach the pixel towers some shape" (issue 19, session 20).
 
     .venv/bin/python docs/bench/shape_use_s20.py RUN [--split val]
 
@@ -32,15 +32,8 @@ from ldot_jax.core import parallel
 from ldot_jax.core import workdir as workdir_lib
 from ldot_jax.data import scenes, scenes_truth
 from ldot_jax.retrieval import extract, index_build
-
-SHAPES, COLORS = len(scenes.SHAPES), len(scenes.COLORS)
-
-
-def top_n(scores: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over rows with a truth of the share of its n true labels among its n best."""
-    shares = [t[np.argsort(-s, kind="stable")[:int(t.sum())]].mean()
-              for s, t in zip(scores, truth) if t.any()]
-    return round(float(np.mean(shares)), 3)
+# The probe's scoring and sizes (a sibling script: Python puts this directory on the path).
+from shape_probe_s18 import COLORS, SHAPES, top_n
 
 
 def ridge_2fold(x: np.ndarray, y: np.ndarray, lam: float = 1e-2) -> np.ndarray:
@@ -85,8 +78,8 @@ def main() -> None:
     words = [c for record in table for c in record["captions"]]
     if len(words) != len(texts):
         raise RuntimeError(f"{len(words)} caption texts for {len(texts)} caption vectors")
-    named = [(t, scenes_truth.parse(c).partial) for t, c in enumerate(words)
-             if scenes_truth.parse(c).kind == "partial"]
+    parsed = [(t, scenes_truth.parse(c)) for t, c in enumerate(words)]
+    named = [(t, p.partial) for t, p in parsed if p.kind == "partial"]
     rows = np.array([t for t, _ in named])
     color = np.array([list(scenes.COLORS).index(p.color) for _, p in named])
     shape = np.array([scenes.SHAPES.index(p.shape) for _, p in named])
